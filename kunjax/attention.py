@@ -1,0 +1,66 @@
+"""Paged attention in pure JAX, plus the dense reference it is tested against.
+
+Every row of a step is a segment of one sequence: Q query tokens (a prefill chunk, or one decode
+token) at known positions. Its context lives in pages of the per-layer pool, listed by the row's
+block table. We gather those pages into a contiguous (S = pages * page_size) context, then apply a
+causal + length (+ optional sliding-window) mask. Gathering is the portable formulation that works on
+CPU and GPU; the number of gathered pages is bucketed per step so short contexts stay cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully masked padding rows give a harmless uniform softmax, never NaN
+
+
+def write_kv(pool: jnp.ndarray, new: jnp.ndarray, slots: jnp.ndarray) -> jnp.ndarray:
+    """Scatters new K or V (R, Q, KV, hd) into pool (P, page_size, KV, hd) at flat slots (R, Q).
+
+    Padding tokens point at slots of the reserved null page 0, which no request owns.
+    """
+    p, ps, kv, hd = pool.shape
+    flat = pool.reshape(p * ps, kv, hd)
+    flat = flat.at[slots.reshape(-1)].set(new.reshape(-1, kv, hd).astype(pool.dtype))
+    return flat.reshape(p, ps, kv, hd)
+
+
+def _attend(q, k, v, mask, scale):
+    """q (R, Q, H, hd); k, v (R, S, KV, hd); mask (R, Q, S) -> (R, Q, H, hd)."""
+    r, nq, h, hd = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(r, nq, kvh, h // kvh, hd)
+    scores = jnp.einsum("rqkgd,rskd->rkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("rkgqs,rskd->rqkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(r, nq, h, hd).astype(q.dtype)
+
+
+def context_mask(positions, ctx_lens, num_keys: int, sliding_window: Optional[int]):
+    """(R, Q, S) boolean mask: key j is visible to a query at position p iff j <= p, j < ctx_len."""
+    kpos = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :]
+    pos = positions[:, :, None]
+    mask = (kpos <= pos) & (kpos < ctx_lens[:, None, None])
+    if sliding_window is not None:
+        mask &= pos - kpos < sliding_window
+    return mask
+
+
+def paged_attention(q, k_pool, v_pool, block_tables, positions, ctx_lens, scale, sliding_window=None):
+    """q (R, Q, H, hd); pools (P, page_size, KV, hd); block_tables (R, Pb); positions (R, Q); ctx_lens (R,)."""
+    r = q.shape[0]
+    _, ps, kvh, hd = k_pool.shape
+    k = k_pool[block_tables].reshape(r, -1, kvh, hd)
+    v = v_pool[block_tables].reshape(r, -1, kvh, hd)
+    mask = context_mask(positions, ctx_lens, k.shape[1], sliding_window)
+    return _attend(q, k, v, mask, scale)
+
+
+def dense_attention(q, k, v, positions, ctx_lens, scale, sliding_window=None):
+    """Reference: k, v already contiguous per row, (R, S, KV, hd)."""
+    mask = context_mask(positions, ctx_lens, k.shape[1], sliding_window)
+    return _attend(q, k, v, mask, scale)

@@ -1,0 +1,1 @@
+"""Checkpoint formats: Hugging Face safetensors directories, orbax directories, GGUF files."""

@@ -1,0 +1,68 @@
+"""Orbax checkpoints: a directory with config.json (kunjax's ModelConfig), the tokenizer files and
+an orbax PyTree checkpoint of the parameters under `params/`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kunjax.config import ModelConfig
+from kunjax.model import Params
+
+MARKER = "kunjax_config.json"
+
+
+def is_orbax_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, MARKER))
+
+
+def save_orbax(path: str, cfg: ModelConfig, params: Params, tokenizer_dir: Optional[str] = None) -> None:
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, MARKER), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    if tokenizer_dir:
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.exists(src):
+                shutil.copy(src, os.path.join(path, name))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(path, "params"), params, force=True)
+
+
+def load_orbax_config(path: str) -> ModelConfig:
+    with open(os.path.join(path, MARKER)) as f:
+        return ModelConfig.from_dict(json.load(f))
+
+
+def load_orbax_params(path: str, cfg: ModelConfig, dtype=np.float32, sharding=None) -> Params:
+    """Restores straight into the target dtype and placement (no intermediate host copy of the tree)."""
+    path = os.path.abspath(path)
+    shapes = init_params_abstract(cfg)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding), shapes)
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(os.path.join(path, "params"), target)
+
+
+def init_params_abstract(cfg: ModelConfig):
+    """Shape-only parameter tree (no random numbers drawn)."""
+    from kunjax.model import layer_shapes
+
+    d, v = cfg.hidden_size, cfg.vocab_size
+    tree = {
+        "embed": jax.ShapeDtypeStruct((v, d), np.float32),
+        "layers": [{k: jax.ShapeDtypeStruct(s, np.float32) for k, s in layer_shapes(cfg).items()}
+                   for _ in range(cfg.num_layers)],
+        "final_norm": jax.ShapeDtypeStruct((d,), np.float32),
+    }
+    if not cfg.tie_word_embeddings:
+        tree["lm_head"] = jax.ShapeDtypeStruct((d, v), np.float32)
+    return tree

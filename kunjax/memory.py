@@ -1,0 +1,64 @@
+"""Measured device memory: what XLA really holds, never a counter the code keeps itself.
+
+On GPU `device.memory_stats()` reports the allocator's `bytes_in_use` and `bytes_limit`. On CPU it
+is missing, so we sum the shards of `jax.live_arrays()` that live on the device, and an explicit
+per-device budget (`--hbm_bytes`) stands in for HBM size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+
+def live_bytes_by_device() -> dict[jax.Device, int]:
+    out: dict[jax.Device, int] = {}
+    for arr in jax.live_arrays():
+        if arr.is_deleted():
+            continue
+        for shard in arr.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+def device_live_bytes(device: jax.Device) -> int:
+    return live_bytes_by_device().get(device, 0)
+
+
+def device_stats(device: jax.Device) -> Optional[dict]:
+    try:
+        return device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        return None
+
+
+@dataclasses.dataclass
+class DeviceMemory:
+    device: str
+    live_bytes: int  # sum of live jax arrays on this device
+    bytes_in_use: Optional[int]  # allocator view (GPU/TPU), None on CPU
+    bytes_limit: Optional[int]
+    peak_bytes_in_use: Optional[int]
+
+
+def snapshot(devices) -> list[DeviceMemory]:
+    live = live_bytes_by_device()
+    out = []
+    for d in devices:
+        st = device_stats(d) or {}
+        out.append(DeviceMemory(str(d), live.get(d, 0), st.get("bytes_in_use"), st.get("bytes_limit"),
+                                st.get("peak_bytes_in_use")))
+    return out
+
+
+def device_budget(device: jax.Device, hbm_bytes: Optional[int], fraction: float) -> Optional[int]:
+    """The memory this instance may use on `device`: the explicit budget, else a fraction of the
+    allocator's limit; None when neither is known (CPU without --hbm_bytes)."""
+    if hbm_bytes:
+        return int(hbm_bytes)
+    st = device_stats(device)
+    if st and st.get("bytes_limit"):
+        return int(st["bytes_limit"] * fraction)
+    return None

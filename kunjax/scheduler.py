@@ -1,0 +1,195 @@
+"""Continuous batching with chunked prefill: plain Python over requests and a page allocator.
+
+Each call of `schedule()` returns the rows of exactly one step, either a prefill step (chunks of
+prompts under a token budget) or a decode step (one token for every running request). Prefill and
+decode alternate while both have work, so a burst of prompts cannot stall running streams for more
+than one step. When pages run out during decode, the most recently arrived request is preempted by
+recompute: its pages are freed and it goes back to the head of the queue with its generated tokens,
+which are recomputed as part of its prompt (the vLLM baseline policy).
+
+The scheduler knows nothing about JAX; the same object drives the real runner and a simulator.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import Optional
+
+from kunjax.kv_cache import OutOfPages, PageAllocator, pages_for
+from kunjax.request import FinishReason, Request, Status
+from kunjax.runner import Row
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32  # running requests (decode batch) at most
+    max_num_batched_tokens: int = 512  # prefill token budget per step
+    max_prefill_rows: int = 4  # prompts chunked into one prefill step at most
+    max_queue: int = 4096  # waiting requests; beyond this add_request refuses
+
+
+@dataclasses.dataclass
+class ScheduledStep:
+    rows: list[Row]
+    prefill: bool
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, page_size: int, max_model_len: int):
+        self.config = config
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_model_len = max_model_len
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._last_was_prefill = False
+        self.num_preemptions = 0
+        self.num_recomputed_tokens = 0
+
+    # ---- admission -------------------------------------------------------------------------
+    def max_tokens_fit(self, req: Request) -> bool:
+        """Could this request ever run to its max_tokens with the whole cache to itself?"""
+        total = len(req.prompt_token_ids) + req.params.max_tokens
+        return pages_for(total, self.page_size) <= self.allocator.num_usable
+
+    def add(self, req: Request) -> None:
+        if len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(f"queue full ({self.config.max_queue} waiting requests)")
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, req: Request, reason: FinishReason = FinishReason.ABORT) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.finish(req, reason)
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        if req.pages:
+            self.allocator.free(req.pages)
+            req.pages = []
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.monotonic()
+
+    # ---- pages -----------------------------------------------------------------------------
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = pages_for(num_tokens, self.page_size) - len(req.pages)
+        if need <= 0:
+            return True
+        try:
+            req.pages.extend(self.allocator.allocate(need))
+            return True
+        except OutOfPages:
+            return False
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.allocator.free(victim.pages)
+        victim.pages = []
+        self.num_recomputed_tokens += victim.num_computed
+        victim.num_computed = 0
+        victim.num_preemptions += 1
+        victim.status = Status.WAITING
+        self.waiting.appendleft(victim)
+        self.num_preemptions += 1
+        log.info("preempted %s (recompute %d tokens); free pages %d/%d", victim.request_id,
+                 victim.num_tokens, self.allocator.num_free, self.allocator.num_usable)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> Optional[ScheduledStep]:
+        decode_ready = [r for r in self.running if r.num_pending == 1]
+        has_prefill = any(r.num_pending > 1 for r in self.running) or bool(self.waiting)
+        if has_prefill and not (decode_ready and self._last_was_prefill):
+            step = self._schedule_prefill()
+            if step is not None:
+                self._last_was_prefill = True
+                return step
+        if decode_ready:
+            self._last_was_prefill = False
+            return self._schedule_decode()
+        return None
+
+    def _schedule_prefill(self) -> Optional[ScheduledStep]:
+        budget = self.config.max_num_batched_tokens
+        rows: list[Row] = []
+        for req in [r for r in self.running if r.num_pending > 1]:
+            if budget <= 0 or len(rows) >= self.config.max_prefill_rows:
+                break
+            n = min(req.num_pending, budget)
+            if not self._grow(req, req.num_computed + n):
+                n = min(n, len(req.pages) * self.page_size - req.num_computed)
+                if n <= 0:
+                    continue
+            rows.append(Row(req, req.num_computed, n))
+            budget -= n
+        while (self.waiting and budget > 0 and len(rows) < self.config.max_prefill_rows
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            # Admit only when the whole (re)prompt fits, so an admitted prompt never stalls half-way.
+            if pages_for(req.num_tokens, self.page_size) > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            n = min(req.num_pending, budget)
+            self._grow(req, req.num_computed + n)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            rows.append(Row(req, req.num_computed, n))
+            budget -= n
+        return ScheduledStep(rows, prefill=True) if rows else None
+
+    def _schedule_decode(self) -> Optional[ScheduledStep]:
+        ready = sorted((r for r in self.running if r.num_pending == 1), key=lambda r: r.arrival_time)
+        rows: list[Row] = []
+        for req in ready:
+            if req.status != Status.RUNNING:
+                continue  # preempted below as a victim
+            while not self._grow(req, req.num_tokens):
+                victim = max(self.running, key=lambda r: r.arrival_time)
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req.status == Status.RUNNING:
+                rows.append(Row(req, req.num_computed, 1))
+        return ScheduledStep(rows, prefill=False) if rows else None
+
+    # ---- after the step --------------------------------------------------------------------
+    def postprocess(self, step: ScheduledStep, tokens, eos_ids: tuple[int, ...]) -> list[Request]:
+        """Appends sampled tokens; finishes requests on length / EOS / stop ids. Returns the rows'
+        requests that got a new token."""
+        now = time.monotonic()
+        updated = []
+        for row, tok in zip(step.rows, tokens):
+            req = row.request
+            req.num_computed = row.start + row.n
+            if not row.samples or req.status != Status.RUNNING:
+                continue
+            tok = int(tok)
+            req.output_token_ids.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            updated.append(req)
+            p = req.params
+            if (not p.ignore_eos and tok in eos_ids) or tok in p.stop_token_ids:
+                self._finish_running(req, FinishReason.STOP)
+            elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                self._finish_running(req, FinishReason.LENGTH)
+        return updated
+
+    def _finish_running(self, req: Request, reason: FinishReason) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self.finish(req, reason)
