@@ -20,12 +20,13 @@ NEG_INF = -1e30  # finite, so fully masked padding rows give a harmless uniform 
 def write_kv(pool: jnp.ndarray, new: jnp.ndarray, slots: jnp.ndarray) -> jnp.ndarray:
     """Scatters new K or V (R, Q, KV, hd) into pool (P, page_size, KV, hd) at flat slots (R, Q).
 
-    Padding tokens point at slots of the reserved null page 0, which no request owns.
+    Padding tokens point at slots of the reserved null page 0, which no request owns. The scatter
+    indexes (page, offset) on the 4-D pool directly: scattering into a flattened (P*page_size)
+    view makes XLA copy the whole pool every step instead of updating the donated buffer in place.
     """
-    p, ps, kv, hd = pool.shape
-    flat = pool.reshape(p * ps, kv, hd)
-    flat = flat.at[slots.reshape(-1)].set(new.reshape(-1, kv, hd).astype(pool.dtype))
-    return flat.reshape(p, ps, kv, hd)
+    ps = pool.shape[1]
+    flat = slots.reshape(-1)
+    return pool.at[flat // ps, flat % ps].set(new.reshape(-1, *pool.shape[2:]).astype(pool.dtype))
 
 
 def _attend(q, k, v, mask, scale):

@@ -22,8 +22,8 @@ from kunjax import compile_stats, memory
 from kunjax.kv_cache import PageAllocator, allocate_pools, page_bytes, pages_for
 from kunjax.loader import LoadedModel
 from kunjax.request import FinishReason, Request, RequestOutput, SamplingParams, Status, validate_prompt
-from kunjax.runner import Buckets, ModelRunner
-from kunjax.scheduler import Scheduler, SchedulerConfig
+from kunjax.runner import Buckets, InFlight, ModelRunner
+from kunjax.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from kunjax.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,29 @@ def activation_reserve(cfg, ec: EngineConfig, max_model_len: int, itemsize: int)
 
 class LLMEngine:
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(),
-                 device: Optional[jax.Device] = None):
+                 device: Optional[jax.Device] = None, mesh: Optional[jax.sharding.Mesh] = None):
+        """`mesh`: a 1-D ("tp",) mesh to shard this instance over (tensor parallel, sharding.rules);
+        the params are placed on it if they are not already. None: one device, as loaded."""
         self.model = model
         self.cfg = model.config
         self.config = config
         self.tokenizer = model.tokenizer
-        leaves = jax.tree.leaves(model.params)
-        self.device = device or next(iter(leaves[0].devices()))
+        self.mesh = mesh
+        self.tp = 1
+        step = None
+        params = model.params
+        if mesh is not None:
+            from sharding import rules, step as sharded_step
+
+            self.tp = mesh.size
+            params = rules.shard_params(params, mesh, self.cfg)  # the model object stays untouched
+            step = sharded_step.make_step_fn(mesh, params, self.cfg)
+        leaves = jax.tree.leaves(params)
+        if mesh is not None:  # a device this process can measure (multi-process meshes span hosts)
+            local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+            self.device = device or local[0]
+        else:
+            self.device = device or next(iter(leaves[0].devices()))
         self.dtype = leaves[0].dtype
         self.max_model_len = min(config.max_model_len or 4096, self.cfg.max_position_embeddings)
         self.page_size = config.page_size
@@ -68,10 +84,17 @@ class LLMEngine:
         max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
         sc = config.scheduler
         self.buckets = Buckets(max_rows=sc.max_num_seqs, max_prefill_rows=sc.max_prefill_rows,
-                               max_chunk=sc.max_num_batched_tokens, max_pages_per_seq=max_pages_per_seq)
+                               max_chunk=sc.max_num_batched_tokens, max_pages_per_seq=max_pages_per_seq,
+                               page_size=self.page_size)
+        if mesh is not None:
+            from sharding.rules import kv_sharding
+
+            kv_place = kv_sharding(mesh)  # split on kv heads
+        else:
+            kv_place = jax.sharding.SingleDeviceSharding(self.device)
         kv = allocate_pools(self.cfg, self.num_pages, self.page_size, self.dtype, range(self.cfg.num_layers),
-                            sharding=jax.sharding.SingleDeviceSharding(self.device))
-        self.runner = ModelRunner(self.cfg, model.params, kv, self.page_size, self.buckets)
+                            sharding=kv_place)
+        self.runner = ModelRunner(self.cfg, params, kv, self.page_size, self.buckets, step=step)
         self.allocator = PageAllocator(self.num_pages)
         self.scheduler = Scheduler(sc, self.allocator, self.page_size, self.max_model_len)
         self.eos_ids = tuple(self.cfg.eos_token_ids) or tuple(getattr(self.tokenizer, "eos_token_ids", ()))
@@ -90,8 +113,11 @@ class LLMEngine:
                              "pass num_pages or hbm_bytes (--hbm_bytes on the command line)")
         used = memory.device_live_bytes(self.device)  # parameters, measured
         reserve = activation_reserve(self.cfg, self.config, self.max_model_len, jnp.dtype(self.dtype).itemsize)
-        per_page = page_bytes(self.cfg, self.page_size, self.dtype)
+        per_page = page_bytes(self.cfg, self.page_size, self.dtype) // self.tp  # kv heads split over tp
         pages = (budget - used - reserve) // per_page
+        # More pages than max_num_seqs full-length sequences can never be used at once.
+        useful = self.config.scheduler.max_num_seqs * pages_for(self.max_model_len, self.page_size) + 1
+        pages = min(pages, useful)
         if pages < 2:
             raise ValueError(f"memory budget {budget / 2**20:.0f} MiB leaves no room for KV pages: parameters "
                              f"take {used / 2**20:.0f} MiB and the activation reserve {reserve / 2**20:.0f} MiB")
@@ -109,6 +135,24 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("prompt: this model has no tokenizer (no tokenizer.json); send prompt_token_ids")
         return self.tokenizer.encode(prompt)
+
+    def encode_chat(self, messages) -> list[int]:
+        """Renders chat messages with the model's template (kunjax.chat) and tokenizes the result
+        without adding special tokens again, as Hugging Face's apply_chat_template does."""
+        from kunjax.chat import render_chat
+
+        if self.tokenizer is None:
+            raise ValueError("messages: this model has no tokenizer")
+        text = render_chat(self.model.chat_template, messages, add_generation_prompt=True,
+                           bos_token=self._token_str(self.tokenizer.bos_token_id),
+                           eos_token=self._token_str((self.tokenizer.eos_token_ids or (None,))[0]))
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _token_str(self, token_id) -> str:
+        backend = getattr(self.tokenizer, "backend", None)
+        if token_id is None or backend is None:
+            return ""
+        return backend.id_to_token(token_id) or ""
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raises ValueError naming the field for anything this engine can never serve."""
@@ -154,10 +198,25 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduler iteration: one jitted step, one host sync. Returns outputs of requests
         that got tokens or finished."""
+        return self.finish_step(self.dispatch_step())
+
+    def dispatch_step(self) -> Optional[tuple[ScheduledStep, InFlight]]:
+        """Schedules and enqueues one step on the device without waiting for it (async dispatch),
+        so a controller can start every instance's step before blocking on any. None: no work."""
         step = self.scheduler.schedule()
         if step is None:
+            return None
+        return step, self.runner.dispatch(step.rows, step.prefill)
+
+    def finish_step(self, pending: Optional[tuple[ScheduledStep, InFlight]]) -> list[RequestOutput]:
+        """Waits for a dispatched step's tokens and applies them (finish, stream outputs)."""
+        if pending is None:
             return []
-        tokens = self.runner.step(step.rows, step.prefill)
+        step, inflight = pending
+        return self.apply_step(step, self.runner.collect(inflight))
+
+    def apply_step(self, step: ScheduledStep, tokens: np.ndarray) -> list[RequestOutput]:
+        """Applies a step's sampled tokens (host side only)."""
         self.num_steps += 1
         updated = self.scheduler.postprocess(step, tokens, self.eos_ids)
         return [self._output(req, [req.output_token_ids[-1]]) for req in updated]

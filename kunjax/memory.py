@@ -8,18 +8,23 @@ per-device budget (`--hbm_bytes`) stands in for HBM size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import jax
 
 
 def live_bytes_by_device() -> dict[jax.Device, int]:
+    """Per-device bytes of all live arrays. Reads shard shapes from the sharding rather than
+    touching `addressable_shards[i].data`, which would create (and keep) per-shard array objects
+    that then show up in `jax.live_arrays()` themselves."""
     out: dict[jax.Device, int] = {}
     for arr in jax.live_arrays():
         if arr.is_deleted():
             continue
-        for shard in arr.addressable_shards:
-            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+        shard_bytes = math.prod(arr.sharding.shard_shape(arr.shape)) * arr.dtype.itemsize
+        for dev in arr.sharding.addressable_devices:
+            out[dev] = out.get(dev, 0) + shard_bytes
     return out
 
 

@@ -62,20 +62,32 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
+    """The padded shapes a step can take. Few on purpose: each is one executable to compile.
+
+    Decode steps bucket the gathered context (Pb pages, at least `min_context` tokens) because
+    decode cost is dominated by reading KV; prefill steps always gather the longest context, since
+    their cost is dominated by the chunk's matmuls and a Pb axis would multiply their shapes.
+    """
+
     max_rows: int
     max_prefill_rows: int
     max_chunk: int  # max query tokens of a prefill row
     max_pages_per_seq: int
-    min_chunk: int = 16
+    page_size: int = 16
+    min_chunk: int = 32
+    min_context: int = 256
 
     def rows(self, n: int, prefill: bool) -> int:
         return pow2_bucket(n, 1, self.max_prefill_rows if prefill else self.max_rows)
 
     def query(self, n: int) -> int:
-        return 1 if n == 1 else pow2_bucket(n, self.min_chunk, self.max_chunk)
+        return 1 if n == 1 else pow2_bucket(n, min(self.min_chunk, self.max_chunk), self.max_chunk)
 
-    def pages(self, n: int) -> int:
-        return pow2_bucket(n, 1, self.max_pages_per_seq)
+    def pages(self, n: int, prefill: bool = False) -> int:
+        if prefill:
+            return self.max_pages_per_seq
+        lo = min(pages_for(self.min_context, self.page_size), self.max_pages_per_seq)
+        return pow2_bucket(n, lo, self.max_pages_per_seq)
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         """Every (R, Q, Pb) the scheduler can produce: what warm-up compiles."""
@@ -87,21 +99,32 @@ class Buckets:
             return out + [hi]
 
         shapes = []
-        pbs = pow2s(1, self.max_pages_per_seq)
-        for pb in pbs:
+        lo = min(pages_for(self.min_context, self.page_size), self.max_pages_per_seq)
+        for pb in pow2s(lo, self.max_pages_per_seq):
             for r in pow2s(1, self.max_rows):
                 shapes.append((r, 1, pb))
-            for q in pow2s(self.min_chunk, self.max_chunk):
-                for r in pow2s(1, self.max_prefill_rows):
-                    shapes.append((r, q, pb))
+        for q in pow2s(min(self.min_chunk, self.max_chunk), self.max_chunk):
+            for r in pow2s(1, self.max_prefill_rows):
+                shapes.append((r, q, self.max_pages_per_seq))
         return sorted(set(shapes))
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step whose sampled tokens are not read yet."""
+
+    tokens: jax.Array  # (R,) padded rows
+    num_rows: int
 
 
 class ModelRunner:
     """Owns an instance's parameters and KV pools and runs one padded step at a time."""
 
-    def __init__(self, cfg: ModelConfig, params: Params, kv: list, page_size: int, buckets: Buckets):
+    def __init__(self, cfg: ModelConfig, params: Params, kv: list, page_size: int, buckets: Buckets,
+                 step: Optional[Any] = None):
         self.cfg = cfg
+        # The jitted step; a mesh instance passes one with pinned shardings (sharding.step).
+        self.step_fn = step or step_fn
         self.params = params
         self.kv = kv
         self.page_size = page_size
@@ -112,7 +135,7 @@ class ModelRunner:
         ps = self.page_size
         R = self.buckets.rows(len(rows), prefill)
         Q = self.buckets.query(max(r.n for r in rows)) if prefill else 1
-        Pb = self.buckets.pages(max(pages_for(r.start + r.n, ps) for r in rows))
+        Pb = self.buckets.pages(max(pages_for(r.start + r.n, ps) for r in rows), prefill)
         b = {
             "tokens": np.zeros((R, Q), np.int32),
             "positions": np.zeros((R, Q), np.int32),
@@ -148,9 +171,25 @@ class ModelRunner:
 
     def step(self, rows: Sequence[Row], prefill: bool) -> np.ndarray:
         """Runs the rows; returns the sampled token of each row (one host sync)."""
-        batch = self.build_batch(rows, prefill)
-        self.kv, tokens, self.last_logits = step_fn(self.params, self.kv, batch, cfg=self.cfg)
-        return np.asarray(tokens)[:len(rows)]
+        return self.collect(self.dispatch(rows, prefill))
+
+    def dispatch(self, rows: Sequence[Row], prefill: bool) -> "InFlight":
+        """Enqueues the step on the device and returns at once (JAX async dispatch); the sampled
+        tokens start copying to the host in the background."""
+        return self.dispatch_batch(self.build_batch(rows, prefill), len(rows))
+
+    def dispatch_batch(self, batch: dict[str, np.ndarray], num_rows: int) -> "InFlight":
+        self.kv, tokens, self.last_logits = self.step_fn(self.params, self.kv, batch, cfg=self.cfg)
+        try:
+            tokens.copy_to_host_async()
+        except Exception:  # not every array type supports it; collect() syncs anyway
+            pass
+        return InFlight(tokens, num_rows)
+
+    @staticmethod
+    def collect(inflight: "InFlight") -> np.ndarray:
+        """Blocks until the step's tokens are on the host."""
+        return np.asarray(inflight.tokens)[:inflight.num_rows]
 
     def warmup(self, shapes: Optional[Sequence[tuple[int, int, int]]] = None) -> int:
         """Compiles the step for every bucket shape (AOT through the jit cache). Returns compiles done."""
@@ -165,6 +204,6 @@ class ModelRunner:
                 "counters": np.zeros((R,), np.int32),
             }
             # Runs for real on the null page only (all slots point at page 0), so pools stay valid.
-            self.kv, tokens, _ = step_fn(self.params, self.kv, batch, cfg=self.cfg)
+            self.kv, tokens, _ = self.step_fn(self.params, self.kv, batch, cfg=self.cfg)
         jax.block_until_ready(self.kv)
         return compile_stats.compile_count() - before

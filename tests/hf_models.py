@@ -33,8 +33,9 @@ FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
 def make_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = make_config(family)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32,
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
                                                           attn_implementation="eager")
+    randomize_extras(model, seed + 1)
     model.eval()
     return model
 
@@ -55,3 +56,14 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 @torch.no_grad()
 def hf_last_logits(model, prompt: list[int]):
     return model(torch.tensor([prompt])).logits[0, -1].float().numpy()
+
+
+@torch.no_grad()
+def randomize_extras(model, seed: int = 1) -> None:
+    """HF initialises norms to 1 and biases to 0; perturb them so those code paths are really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        elif "norm" in name:
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))

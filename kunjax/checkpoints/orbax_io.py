@@ -22,7 +22,8 @@ def is_orbax_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, MARKER))
 
 
-def save_orbax(path: str, cfg: ModelConfig, params: Params, tokenizer_dir: Optional[str] = None) -> None:
+def save_orbax(path: str, cfg: ModelConfig, params: Params, tokenizer_dir: Optional[str] = None,
+               chat_template: Optional[str] = None) -> None:
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, MARKER), "w") as f:
@@ -32,6 +33,9 @@ def save_orbax(path: str, cfg: ModelConfig, params: Params, tokenizer_dir: Optio
             src = os.path.join(tokenizer_dir, name)
             if os.path.exists(src):
                 shutil.copy(src, os.path.join(path, name))
+    if chat_template:
+        with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+            f.write(chat_template)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(path, "params"), params, force=True)
 

@@ -1,0 +1,204 @@
+"""Engine speed, measured side by side in one run: kunjax vs Hugging Face transformers on the same
+weights, and kunjax's decode step vs the memory-bandwidth bound.
+
+    python -m tools.bench_engine                       # ~125M-parameter Llama-shaped model, f32, CPU
+    python -m tools.bench_engine --preset=1b --dtype=bfloat16   # on a GPU
+    python -m tools.bench_engine --model=smollm2-135m  # a real checkpoint (HF reference loads it too)
+
+Decode tokens/s is measured on steady-state decode steps only (after every prompt is prefilled);
+prefill tokens/s on full prefill chunks. The bandwidth bound of a decode step is
+(parameter bytes + KV bytes read) / memory bandwidth, where the bandwidth is measured in this run
+by a large on-device reduction.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+PRESETS = {
+    # ~125M parameters: Llama-shaped, GQA, vocab 32000
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, vocab_size=32000),
+    # ~1.2B: Llama 3.2 1B shape
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("preset", "100m", "random-weight model shape: " + ", ".join(PRESETS))
+    flags.DEFINE_string("model", None, "benchmark a real checkpoint instead (smollm2-135m, .gguf, HF dir)")
+    flags.DEFINE_string("dtype", "float32", "float32 | bfloat16")
+    flags.DEFINE_list("batch_sizes", ["1", "32"], "decode batch sizes")
+    flags.DEFINE_integer("prompt_len", 128, "prompt tokens before decode")
+    flags.DEFINE_integer("decode_steps", 32, "timed decode steps")
+    flags.DEFINE_integer("prefill_len", 512, "prompt tokens for the prefill measurement")
+    flags.DEFINE_integer("prefill_prompts", 4, "prompts in the prefill measurement")
+    flags.DEFINE_bool("hf", True, "also measure Hugging Face transformers (torch) on the same weights")
+
+
+def measure_bandwidth(nbytes: int = 1 << 29) -> float:
+    """Bytes/s of a streaming read on the default device (a sum over a large array)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: jnp.sum(a))
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def kunjax_bench(lm, batch_sizes, prompt_len, decode_steps, prefill_len, prefill_prompts):
+    import jax
+    import numpy as np
+
+    from kunjax.engine import EngineConfig, LLMEngine
+    from kunjax.kv_cache import page_bytes
+    from kunjax.request import SamplingParams
+    from kunjax.scheduler import SchedulerConfig
+
+    cfg = lm.config
+    rng = np.random.default_rng(0)
+    max_b = max(batch_sizes)
+    max_len = max(prompt_len + decode_steps + 8, prefill_len + 8)
+    max_len = 1 << (max_len - 1).bit_length()
+    sc = SchedulerConfig(max_num_seqs=max(max_b, prefill_prompts), max_num_batched_tokens=prefill_len,
+                         max_prefill_rows=1)
+    eng = LLMEngine(lm, EngineConfig(page_size=16, num_pages=(max(max_b, prefill_prompts) + 1) * max_len // 16 + 2,
+                                     max_model_len=max_len, scheduler=sc))
+    results = {}
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.params))
+    for b in batch_sizes:
+        prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(b)]
+        for p in prompts:
+            eng.add_request(p, SamplingParams(max_tokens=decode_steps * 2 + 4, ignore_eos=True))
+        while any(r.num_pending > 1 for r in eng.scheduler.running) or eng.scheduler.waiting:
+            eng.step()
+        for _ in range(3):  # warm the decode shape
+            eng.step()
+        t = time.perf_counter()
+        for _ in range(decode_steps):
+            eng.step()
+        dt = (time.perf_counter() - t) / decode_steps
+        ctx = prompt_len + 3 + decode_steps // 2
+        kv_read = b * ctx * page_bytes(cfg, 1, lm.params["embed"].dtype)
+        results[f"decode_b{b}"] = dict(step_s=dt, tok_s=b / dt, bytes=param_bytes + kv_read)
+        for r in list(eng.scheduler.running):
+            eng.abort(r.request_id)
+    prompts = [rng.integers(0, cfg.vocab_size, prefill_len).tolist() for _ in range(prefill_prompts + 1)]
+    eng.generate(prompts[:1], SamplingParams(max_tokens=1))  # compile the prefill shape
+    t = time.perf_counter()
+    eng.generate(prompts[1:], SamplingParams(max_tokens=1))
+    dt = time.perf_counter() - t
+    results["prefill"] = dict(tok_s=prefill_len * prefill_prompts / dt)
+    return results
+
+
+def hf_bench(model, batch_sizes, prompt_len, decode_steps, prefill_len, prefill_prompts):
+    import torch
+
+    results = {}
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for b in batch_sizes:
+            ids = torch.randint(0, vocab, (b, prompt_len), generator=g).to(device)
+            kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0)
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+            sync()
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+            sync()
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1, **kw)
+            sync()
+            dt = (time.perf_counter() - t - t1) / decode_steps
+            results[f"decode_b{b}"] = dict(step_s=dt, tok_s=b / dt)
+        ids = torch.randint(0, vocab, (1, prefill_len), generator=g).to(device)
+        model(ids)
+        sync()
+        t = time.perf_counter()
+        for _ in range(prefill_prompts):
+            model(ids)
+        sync()
+        results["prefill"] = dict(tok_s=prefill_len * prefill_prompts / (time.perf_counter() - t))
+    return results
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    import torch
+    import transformers
+
+    from kunjax.loader import load_model
+
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+    tdtype = torch.float32 if FLAGS.dtype == "float32" else torch.bfloat16
+    torch.set_num_threads(os.cpu_count() or 1)
+    if FLAGS.model:
+        lm = load_model(FLAGS.model, dtype=FLAGS.dtype)
+        hf_model = None
+        if FLAGS.hf and (FLAGS.model.endswith(".gguf") or FLAGS.model == "smollm2-135m"):
+            from kunjax.checkpoints.gguf import smollm2_path
+
+            path = smollm2_path() if FLAGS.model == "smollm2-135m" else FLAGS.model
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=tdtype)
+        elif FLAGS.hf:
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(FLAGS.model, dtype=tdtype)
+        name = FLAGS.model
+    else:
+        torch.manual_seed(0)
+        hcfg = transformers.LlamaConfig(**PRESETS[FLAGS.preset], max_position_embeddings=4096,
+                                        tie_word_embeddings=False)
+        hf_model = transformers.LlamaForCausalLM(hcfg).to(tdtype)
+        tmp = tempfile.mkdtemp()
+        hf_model.save_pretrained(tmp)
+        lm = load_model(tmp, dtype=FLAGS.dtype)
+        name = f"random Llama {FLAGS.preset}"
+    if hf_model is not None:
+        hf_model.eval()
+        if torch.cuda.is_available():
+            hf_model = hf_model.cuda()
+    import jax
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm.params))
+    bw = measure_bandwidth()
+    ours = kunjax_bench(lm, batch_sizes, FLAGS.prompt_len, FLAGS.decode_steps, FLAGS.prefill_len, FLAGS.prefill_prompts)
+    ref = hf_bench(hf_model, batch_sizes, FLAGS.prompt_len, FLAGS.decode_steps, FLAGS.prefill_len,
+                   FLAGS.prefill_prompts) if hf_model is not None else {}
+    print(f"\nmodel: {name}, {n_params / 1e6:.1f}M parameters, {FLAGS.dtype}, backend {jax.default_backend()} "
+          f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU threads")
+    print(f"measured memory bandwidth: {bw / 1e9:.1f} GB/s; prompt {FLAGS.prompt_len} tokens, "
+          f"{FLAGS.decode_steps} timed decode steps\n")
+    print(f"{'measure':<16}{'kunjax tok/s':>14}{'HF tok/s':>12}{'kunjax/HF':>11}{'step ms':>10}{'bound ms':>10}{'step/bound':>12}")
+    for key in [f"decode_b{b}" for b in batch_sizes] + ["prefill"]:
+        k = ours[key]
+        h = ref.get(key, {}).get("tok_s")
+        hs = f"{h:.1f}" if h else "-"
+        ratio = f"{k['tok_s'] / h:.2f}" if h else "-"
+        row = f"{key:<16}{k['tok_s']:>14.1f}{hs:>12}{ratio:>11}"
+        if "step_s" in k:
+            bound = k["bytes"] / bw
+            row += f"{k['step_s'] * 1e3:>10.2f}{bound * 1e3:>10.2f}{k['step_s'] / bound:>12.2f}"
+        print(row)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
