@@ -1,0 +1,118 @@
+"""Chat templates: a model's Jinja2 template turned into a prompt string, like HF's apply_chat_template.
+
+Templates are rendered in a sandboxed, immutable Jinja2 environment with the same settings and
+helpers Hugging Face gives them (`trim_blocks`, `lstrip_blocks`, the `loopcontrols` extension,
+`raise_exception(msg)`, `strftime_now(fmt)`, a `tojson` filter that keeps non-ASCII text and
+accepts `indent` / `separators` / `sort_keys`, and a no-op `{% generation %}` block), so a
+template that works with transformers renders the same string here.
+
+Messages are validated first: a list of dicts, each with a `role` in {system, user, assistant,
+tool} and a string `content` (other keys such as `name` or `tool_call_id` are passed through to
+the template). Anything else raises ValueError naming the message and the problem.
+
+Fallback: a model without a chat template (`template=None`) gets a plain format, one line per
+message `"{role}: {content}\\n"`, then `"assistant:"` when `add_generation_prompt` is set. It is
+only a convenience for base models and is not what any instruct model was trained on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import datetime
+from typing import Any, Optional, Sequence
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class TemplateError(ValueError):
+    """Raised by a template's `raise_exception(...)` or when a template fails to compile or render."""
+
+
+def validate_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages must not be empty")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be an object with 'role' and 'content', got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
+        if "content" not in m:
+            raise ValueError(f"messages[{i}].content is missing")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(m['content']).__name__}")
+        out.append(dict(m))
+    return out
+
+
+def _raise_exception(message: str):
+    raise TemplateError(f"chat template error: {message}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """`{% generation %}...{% endgeneration %}` (assistant-mask marker in some templates): renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(template: str):
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        return _environment().from_string(template)
+    except TemplateSyntaxError as e:
+        raise TemplateError(f"chat template does not compile: {e}") from e
+
+
+def render_fallback(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant:" if add_generation_prompt else "")
+
+
+def render_chat(template: Optional[str], messages: Sequence[dict], add_generation_prompt: bool = True,
+                bos_token: str = "", eos_token: str = "", **kwargs: Any) -> str:
+    """Renders `messages` with the model's chat template (see the module docstring for the fallback
+    used when `template` is None). Extra keyword arguments (e.g. `tools`) go to the template."""
+    msgs = validate_messages(messages)
+    if template is None:
+        return render_fallback(msgs, add_generation_prompt)
+    from jinja2.exceptions import TemplateError as JinjaError
+
+    try:
+        return _compile(template).render(messages=msgs, add_generation_prompt=add_generation_prompt,
+                                         bos_token=bos_token, eos_token=eos_token, **kwargs)
+    except TemplateError:
+        raise
+    except JinjaError as e:
+        raise TemplateError(f"chat template failed to render: {e}") from e
