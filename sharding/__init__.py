@@ -1,0 +1,1 @@
+"""Device partitioning into instances, logical-axis sharding rules, per-mesh jitted steps."""

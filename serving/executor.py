@@ -1,0 +1,264 @@
+"""The one thread that owns every device array: it runs the cluster loop and nothing else touches JAX.
+
+The gRPC front validates a request, then hands it over through a bounded inbox (full -> the caller
+answers RESOURCE_EXHAUSTED); cancellations go through an unbounded side queue so they are never
+refused. Each iteration the executor (1) admits everything in the inbox, (2) applies cancellations,
+so a cancelled request's pages are free before the next step is scheduled, (3) runs one cluster
+step (every instance dispatched before any is awaited), (4) hands the outputs back to the
+requests' asyncio queues with one `call_soon_threadsafe` per event loop. Nothing that goes wrong
+in a step brings the thread down: the affected requests fail with an error and serving goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from kunjax.cluster import Cluster
+from kunjax.request import RequestOutput, SamplingParams
+from kunjax.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """Delivered to a request's queue instead of an output; `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass
+class Event:
+    output: Optional[RequestOutput]  # None with an error
+    time: float  # time.monotonic() when the executor produced it
+    instance: int = -1
+    error: Optional[RequestError] = None
+
+
+@dataclasses.dataclass
+class Submission:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # receives lists of Event
+    received: float = dataclasses.field(default_factory=time.monotonic)
+    instance: int = -1  # set when admitted
+
+
+@dataclasses.dataclass
+class LoopTiming:
+    """Executor time split: admission/cancel handling, cluster.step (itself split in its timing),
+    delivering outputs to the front, and idle waiting."""
+
+    admin_s: float = 0.0
+    step_s: float = 0.0
+    deliver_s: float = 0.0
+    idle_s: float = 0.0
+    tokens: int = 0
+
+
+class Executor:
+    def __init__(self, cluster: Cluster, max_queue: int = 1024, metrics: Any = None,
+                 memory_interval_s: float = 1.0):
+        self.cluster = cluster
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.memory_interval_s = memory_interval_s
+        self._inbox: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._cancels: collections.deque[str] = collections.deque()
+        self._calls: collections.deque[tuple[Callable, concurrent.futures.Future]] = collections.deque()
+        self._wake = threading.Event()
+        self._subs: dict[str, Submission] = {}
+        self._stop = False
+        self._abort_all = False
+        self.waiting = 0  # published after each iteration (read by the front for admission)
+        self.timing = LoopTiming()
+        self._thread = threading.Thread(target=self._run, name="kunjax-executor", daemon=True)
+        self._last_memory = 0.0
+
+    # ---- called from other threads ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def inbox_size(self) -> int:
+        return self._inbox.qsize()
+
+    def queued(self) -> int:
+        return self._inbox.qsize() + self.waiting
+
+    def submit(self, sub: Submission) -> None:
+        """Raises QueueFull when the bounded queue is full or the server is stopping."""
+        if self._stop:
+            raise QueueFull("server is shutting down")
+        if self.queued() >= self.max_queue:
+            raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+        try:
+            self._inbox.put_nowait(sub)
+        except queue.Full:
+            raise QueueFull(f"queue full ({self.max_queue} requests waiting)") from None
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        self._cancels.append(request_id)
+        self._wake.set()
+
+    def call(self, fn: Callable[[Cluster], Any]) -> concurrent.futures.Future:
+        """Runs fn(cluster) on the executor thread between steps (status, later: memory controls)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.append((fn, fut))
+        self._wake.set()
+        return fut
+
+    def stop(self, abort_inflight: bool = True, timeout: Optional[float] = 30.0) -> None:
+        """Stops after aborting (or, with abort_inflight=False, finishing) every request."""
+        self._stop = True
+        self._abort_all = abort_inflight
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- the executor thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                t0 = time.perf_counter()
+                self._admit()
+                self._apply_cancels()
+                self._run_calls()
+                if self._stop and (self._abort_all or not self.cluster.has_unfinished()):
+                    break
+                t1 = time.perf_counter()
+                self.timing.admin_s += t1 - t0
+                if not self.cluster.has_unfinished():
+                    self._publish(force=False)
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    self.timing.idle_s += time.perf_counter() - t1
+                    continue
+                self._step()
+        except BaseException:  # pragma: no cover - last resort: never leave clients hanging
+            log.exception("executor loop died")
+        finally:
+            self._fail_all("ABORTED", "server is shutting down")
+            for fn, fut in list(self._calls):
+                fut.cancel()
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                sub = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.cluster.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
+                sub.instance = self.cluster.instance_of(sub.request_id)
+                self._subs[sub.request_id] = sub
+            except QueueFull as e:
+                self._send(sub, [Event(None, time.monotonic(), error=RequestError("RESOURCE_EXHAUSTED", str(e)))])
+            except ValueError as e:
+                self._send(sub, [Event(None, time.monotonic(), error=RequestError("INVALID_ARGUMENT", str(e)))])
+            except Exception as e:  # never let one request take the loop down
+                log.exception("add_request failed for %s", sub.request_id)
+                self._send(sub, [Event(None, time.monotonic(), error=RequestError("INTERNAL", str(e)))])
+
+    def _apply_cancels(self) -> None:
+        while self._cancels:
+            rid = self._cancels.popleft()
+            sub = self._subs.pop(rid, None)
+            out = self.cluster.abort(rid)
+            if sub is not None and out is not None:
+                self._send(sub, [Event(out, time.monotonic(), sub.instance)])
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, fut = self._calls.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.cluster))
+                except Exception as e:
+                    fut.set_exception(e)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            outs = self.cluster.step()
+        except Exception as e:
+            log.exception("cluster step failed; failing its requests")
+            self._fail_all("INTERNAL", f"step failed: {e}")
+            return
+        t1 = time.perf_counter()
+        now = time.monotonic()
+        per_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        for out in outs:
+            sub = self._subs.get(out.request_id)
+            if sub is None:
+                continue
+            self.timing.tokens += len(out.new_token_ids)
+            per_loop[sub.loop].append((sub.queue, Event(out, now, sub.instance)))
+            if out.finished:
+                del self._subs[out.request_id]
+        for loop, items in per_loop.items():
+            self._deliver(loop, items)
+        t2 = time.perf_counter()
+        self.timing.step_s += t1 - t0
+        self.timing.deliver_s += t2 - t1
+        if self.metrics is not None:
+            self.metrics.step.observe(t1 - t0)
+        self._publish(force=False)
+
+    def _publish(self, force: bool) -> None:
+        st = None
+        self.waiting = sum(len(e.scheduler.waiting) for e in self.cluster.engines)
+        if self.metrics is None:
+            return
+        now = time.monotonic()
+        with_memory = force or now - self._last_memory >= self.memory_interval_s
+        if with_memory:
+            self._last_memory = now
+        st = self.cluster.status(with_memory=with_memory)
+        self.metrics.update_instances(st, self._inbox.qsize())
+
+    def _fail_all(self, code: str, message: str) -> None:
+        now = time.monotonic()
+        for rid, sub in list(self._subs.items()):
+            try:
+                self.cluster.abort(rid)
+            except Exception:
+                log.exception("abort of %s failed", rid)
+            self._send(sub, [Event(None, now, error=RequestError(code, message))])
+        self._subs.clear()
+        while True:
+            try:
+                sub = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._send(sub, [Event(None, now, error=RequestError(code, message))])
+
+    @staticmethod
+    def _send(sub: Submission, events: list) -> None:
+        Executor._deliver(sub.loop, [(sub.queue, e) for e in events])
+
+    @staticmethod
+    def _deliver(loop: asyncio.AbstractEventLoop, items: list) -> None:
+        def put_all():
+            for q, ev in items:
+                q.put_nowait(ev)
+        try:
+            loop.call_soon_threadsafe(put_all)
+        except RuntimeError:  # the loop is closed: the client side is gone
+            pass

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the server, in their own registry (several servers may live in one process).
+
+JetStream's set (queue length, TTFT/TPOT histograms, slots used) plus measured memory: KV utilisation
+per instance and live bytes per device, read by the executor thread that owns the arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("kunjax_time_to_first_token_seconds", "From gRPC receipt to the first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("kunjax_time_per_output_token_seconds",
+                              "Mean time between output tokens after the first, per request",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("kunjax_request_latency_seconds", "From receipt to the last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.step = Histogram("kunjax_iteration_seconds", "One executor iteration (all instances' steps)",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("kunjax_requests", "Finished requests by finish reason", ["finish_reason"],
+                                registry=r)
+        self.rejected = Counter("kunjax_requests_rejected", "Requests refused before running, by gRPC code",
+                                ["code"], registry=r)
+        self.tokens = Counter("kunjax_generated_tokens", "Generated tokens", registry=r)
+        self.queue = Gauge("kunjax_queue_length", "Requests received and not yet running", registry=r)
+        self.running = Gauge("kunjax_running_requests", "Requests running on the instances", registry=r)
+        self.kv_util = Gauge("kunjax_kv_utilization", "Used / usable KV pages", ["instance"], registry=r)
+        self.pages_free = Gauge("kunjax_kv_pages_free", "Free KV pages", ["instance"], registry=r)
+        self.live_bytes = Gauge("kunjax_device_live_bytes", "Bytes of live jax arrays", ["device"], registry=r)
+        self.bytes_in_use = Gauge("kunjax_device_bytes_in_use", "Allocator bytes in use (GPU/TPU)", ["device"],
+                                  registry=r)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+    def update_instances(self, status: dict, queued: int) -> None:
+        self.queue.set(status["waiting"] + queued)
+        self.running.set(status["running"])
+        for s in status["instances"]:
+            used = s["pages_total"] - s["pages_free"]
+            self.kv_util.labels(str(s["id"])).set(used / max(1, s["pages_total"]))
+            self.pages_free.labels(str(s["id"])).set(s["pages_free"])
+        for m in status.get("memory", []):
+            self.live_bytes.labels(m["device"]).set(m["live_bytes"])
+            if m.get("bytes_in_use") is not None:
+                self.bytes_in_use.labels(m["device"]).set(m["bytes_in_use"])

@@ -1,0 +1,311 @@
+"""gRPC front (grpc.aio): validates requests, streams tokens, and never touches a device array.
+
+    client -> Generate (validate, tokenize) -> Executor inbox (bounded) -> executor thread
+           <- per-request asyncio.Queue   <- outputs of each cluster step
+
+Validation errors are INVALID_ARGUMENT with the engine's message (it names the field); a full queue
+is RESOURCE_EXHAUSTED; a cancelled call or an expired deadline aborts the request on the executor,
+which frees its pages before it schedules the next step. TTFT is measured from the moment the
+handler received the call. Also served: grpc.health.v1 and server reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any, Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kunjax.cluster import Cluster
+from kunjax.request import SamplingParams
+from kunjax.scheduler import QueueFull
+from serving.executor import Event, Executor, Submission
+from serving.metrics import Metrics
+from serving.options import ServerOptions
+from serving.proto import kunjax_pb2 as pb
+from serving.proto import kunjax_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+
+FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "abort": pb.FINISH_REASON_ABORT,
+          "error": pb.FINISH_REASON_ERROR}
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, cluster: Cluster, executor: Executor, options: ServerOptions, metrics: Metrics):
+        self.cluster = cluster
+        self.executor = executor
+        self.options = options
+        self.metrics = metrics
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}"
+
+    # ---- request parsing (front thread; reads only constants of the cluster) ------------------
+    def parse(self, req: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """Raises ValueError naming the offending field."""
+        forms = [n for n, present in (("prompt", bool(req.prompt)), ("prompt_token_ids", len(req.prompt_token_ids) > 0),
+                                      ("messages", len(req.messages) > 0)) if present]
+        if len(forms) != 1:
+            what = "none" if not forms else " and ".join(forms)
+            raise ValueError(f"prompt: set exactly one of prompt, prompt_token_ids, messages (got {what}); "
+                             f"an empty prompt is not allowed")
+        if req.prompt:
+            ids = self.cluster.encode(req.prompt)
+        elif req.messages:
+            ids = self._chat_ids(req)
+        else:
+            ids = list(req.prompt_token_ids)
+        for name in ("temperature", "top_p"):
+            if req.HasField(name) and not math.isfinite(getattr(req, name)):
+                raise ValueError(f"{name} must be a finite number")
+        params = SamplingParams(
+            max_tokens=req.max_tokens if req.HasField("max_tokens") else self.options.default_max_tokens,
+            temperature=req.temperature if req.HasField("temperature") else 0.0,
+            top_p=req.top_p if req.HasField("top_p") else 1.0,
+            top_k=req.top_k if req.HasField("top_k") else 0,
+            seed=req.seed if req.HasField("seed") else None,
+            stop_token_ids=tuple(req.stop_token_ids), stop=tuple(s for s in req.stop if s),
+            ignore_eos=req.ignore_eos)
+        self.cluster.validate(ids, params)
+        return ids, params
+
+    def _chat_ids(self, req: pb.GenerateRequest) -> list[int]:
+        model = self.cluster.engines[0].model
+        template = getattr(model, "chat_template", None)
+        if not template:
+            raise ValueError("messages: model has no chat template; send prompt or prompt_token_ids")
+        try:
+            from kunjax.chat import render_chat
+        except ImportError:
+            raise ValueError("messages: model has no chat template renderer (kunjax.chat missing)") from None
+        tok = self.cluster.tokenizer
+        if tok is None:
+            raise ValueError("messages: this model has no tokenizer")
+        special = {}
+        for name, ids in (("bos_token", [tok.bos_token_id] if tok.bos_token_id is not None else []),
+                          ("eos_token", list(tok.eos_token_ids[:1]))):
+            try:
+                special[name] = tok.decode(ids, skip_special_tokens=False) if ids else ""
+            except Exception:
+                special[name] = ""
+        rendered = render_chat(template, [{"role": m.role, "content": m.content} for m in req.messages], **special)
+        # The template writes its own special tokens (BOS included where the model wants one).
+        return list(tok.encode(rendered, add_special_tokens=False))
+
+    def _request_id(self, req: pb.GenerateRequest) -> str:
+        if req.HasField("request_id"):
+            if not req.request_id or len(req.request_id) > 256:
+                raise ValueError("request_id must be 1..256 characters")
+            return req.request_id
+        return f"{self._prefix}-{next(self._ids)}"
+
+    # ---- the stream ------------------------------------------------------------------------
+    async def _run(self, req: pb.GenerateRequest, context):
+        """Yields Events of one request; aborts the call with the right status on errors."""
+        received = time.monotonic()
+        try:
+            rid = self._request_id(req)
+            ids, params = self.parse(req)
+        except ValueError as e:
+            self.metrics.rejected.labels("INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        q: asyncio.Queue = asyncio.Queue()
+        sub = Submission(rid, ids, params, asyncio.get_running_loop(), q, received=received)
+        try:
+            self.executor.submit(sub)
+        except QueueFull as e:
+            self.metrics.rejected.labels("RESOURCE_EXHAUSTED").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        done = False
+        try:
+            while True:
+                ev: Event = await q.get()
+                if ev.error is not None:
+                    done = True
+                    self.metrics.rejected.labels(ev.error.code).inc()
+                    await context.abort(getattr(grpc.StatusCode, ev.error.code), ev.error.message)
+                yield sub, ev
+                if ev.output.finished:
+                    done = True
+                    return
+        finally:
+            if not done:  # cancelled, deadline, or the client went away: free the pages
+                self.executor.cancel(rid)
+
+    def _usage(self, sub: Submission, ev: Event, first: Optional[float], n: int) -> pb.Usage:
+        out = ev.output
+        ttft = (first - sub.received) if first is not None else None
+        e2e = ev.time - sub.received
+        self.metrics.requests.labels(out.finish_reason or "unknown").inc()
+        self.metrics.e2e.observe(e2e)
+        if ttft is not None:
+            self.metrics.ttft.observe(ttft)
+        if first is not None and n > 1:
+            self.metrics.tpot.observe((ev.time - first) / (n - 1))
+        return pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids),
+                        ttft_ms=1e3 * ttft if ttft is not None else 0.0, e2e_ms=1e3 * e2e, instance=sub.instance)
+
+    async def Generate(self, request, context):
+        first = None
+        async for sub, ev in self._run(request, context):
+            out = ev.output
+            if out.new_token_ids and first is None:
+                first = ev.time
+            self.metrics.tokens.inc(len(out.new_token_ids))
+            msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text_delta)
+            if out.finished:
+                msg.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_ERROR)
+                msg.usage.CopyFrom(self._usage(sub, ev, first, len(out.token_ids)))
+            yield msg
+
+    async def Complete(self, request, context):
+        first = None
+        text = []
+        async for sub, ev in self._run(request, context):
+            out = ev.output
+            if out.new_token_ids and first is None:
+                first = ev.time
+            self.metrics.tokens.inc(len(out.new_token_ids))
+            text.append(out.text_delta)
+            if out.finished:
+                return pb.CompleteResponse(request_id=out.request_id, token_ids=out.token_ids, text="".join(text),
+                                           finish_reason=FINISH.get(out.finish_reason, pb.FINISH_REASON_ERROR),
+                                           usage=self._usage(sub, ev, first, len(out.token_ids)))
+        await context.abort(grpc.StatusCode.INTERNAL, "request ended without a final output")
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, executor: Executor, model_name: str, options: ServerOptions):
+        self.executor = executor
+        self.model_name = model_name
+        self.options = options
+
+    async def Status(self, request, context):
+        if not self.executor.alive:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "executor is not running")
+        fut = self.executor.call(lambda c: c.status(with_memory=not request.skip_memory))
+        st = await asyncio.wrap_future(fut)
+        return status_to_proto(st, self.model_name, self.executor, self.options)
+
+
+def status_to_proto(st: dict, model_name: str, executor: Executor, options: ServerOptions) -> pb.StatusResponse:
+    msg = pb.StatusResponse(model=model_name, running=st["running"], waiting=st["waiting"],
+                            queued=executor.inbox_size(),
+                            pages_total=st["pages_total"], pages_free=st["pages_free"], compiles=st["compiles"],
+                            overload_policy=options.overload_policy,
+                            max_model_len=executor.cluster.max_model_len)
+    for k, v in st.get("timing", {}).items():
+        msg.timing[k] = float(v)
+    for k, v in dataclasses.asdict(executor.timing).items():
+        msg.timing[k] = float(v)
+    for s in st["instances"]:
+        msg.instances.add(**s)
+    for g in st["groups"]:
+        msg.groups.add(**g)
+    for m in st.get("memory", []):
+        msg.memory.add(**{k: v for k, v in m.items() if v is not None})
+    return msg
+
+
+class KunjaxServer:
+    """The gRPC server plus its executor; start/stop inside a running asyncio loop."""
+
+    def __init__(self, cluster: Cluster, options: ServerOptions = ServerOptions(), metrics: Optional[Metrics] = None,
+                 model_name: str = ""):
+        self.cluster = cluster
+        self.options = options
+        self.metrics = metrics or Metrics()
+        self.executor = Executor(cluster, options.max_queue, self.metrics)
+        self.model_name = model_name or cluster.engines[0].model.name
+        self.server: Optional[grpc.aio.Server] = None
+        self.health = health.aio.HealthServicer()
+        self.port: Optional[int] = None
+
+    async def start(self) -> int:
+        self.executor.start()
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GenerationServicer_to_server(
+            GenerationServicer(self.cluster, self.executor, self.options, self.metrics), self.server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.executor, self.model_name, self.options), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if not self.port:
+            raise RuntimeError(f"could not bind {self.options.host}:{self.options.port}")
+        await self.server.start()
+        for svc in ("", GENERATION_SERVICE, ADMIN_SERVICE):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on port %d", self.model_name, self.port)
+        return self.port
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        """Graceful: health goes NOT_SERVING, new calls are refused, in-flight streams get `grace`
+        seconds to finish; what is left is cancelled (its pages freed) and the executor stops."""
+        grace = self.options.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.stop)
+
+    async def wait(self) -> None:
+        if self.server is not None:
+            await self.server.wait_for_termination()
+
+
+class ServerThread:
+    """Runs a KunjaxServer on its own event loop in a background thread (tests, notebooks)."""
+
+    def __init__(self, cluster: Cluster, options: ServerOptions = ServerOptions(), metrics: Optional[Metrics] = None):
+        self.server = KunjaxServer(cluster, options, metrics)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._main, name="kunjax-grpc", daemon=True)
+
+    def _main(self):
+        asyncio.set_event_loop(self.loop)
+
+        async def boot():
+            try:
+                await self.server.start()
+            except BaseException as e:
+                self._error = e
+            finally:
+                self._started.set()
+        self.loop.run_until_complete(boot())
+        if self._error is None:
+            self.loop.run_forever()
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def executor(self) -> Executor:
+        return self.server.executor
+
+    def stop(self, grace: float = 1.0) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
+        fut.result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

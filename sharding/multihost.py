@@ -1,0 +1,145 @@
+"""Multi-controller serving: process 0 decides, every process executes the same programs in order.
+
+JAX's multi-controller runtime requires every process to launch the same jitted programs in the
+same order. The control plane (gRPC front, scheduler, dispatcher) runs only on process 0; before
+each iteration it sends the batches it is about to run, {instance: padded batch arrays}, over a
+small TCP side channel to the followers, which replay them on the same instances. Instances span
+all processes (sharding.mesh), so each step is one SPMD program across hosts and its sampled
+tokens, replicated over the instance mesh, are readable on process 0 without a further gather.
+
+Wire format: length-prefixed frames; a frame is a JSON header ({"op": "step", "steps": [[instance,
+num_rows], ...]}) followed by one `np.savez` archive of the batch arrays (no pickle).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import socket
+import struct
+import time
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct("!Q")
+
+
+def initialize(coordinator_address: str, num_processes: int, process_id: int, cpu_collectives: str = "gloo") -> None:
+    import jax
+
+    # Only affects the CPU backend (collectives across processes); must precede backend start-up.
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    log.info("process %d/%d up: %d global devices, %d local", jax.process_index(), jax.process_count(),
+             jax.device_count(), jax.local_device_count())
+
+
+def default_control_port(coordinator_address: str) -> int:
+    return int(coordinator_address.rsplit(":", 1)[1]) + 1
+
+
+def _send_frame(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
+    h = json.dumps(header).encode()
+    sock.sendall(_LEN.pack(len(h)) + h + _LEN.pack(len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("control channel closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_frame(sock: socket.socket) -> tuple[dict, bytes]:
+    header = json.loads(_recv_exact(sock, _LEN.unpack(_recv_exact(sock, _LEN.size))[0]))
+    payload = _recv_exact(sock, _LEN.unpack(_recv_exact(sock, _LEN.size))[0])
+    return header, payload
+
+
+class ControllerChannel:
+    """Process 0's end: a StepBroadcaster for kunjax.cluster.Cluster."""
+
+    def __init__(self, port: int, num_followers: int, host: str = ""):
+        self.num_followers = num_followers
+        self._listener = socket.create_server((host, port), reuse_port=False)
+        self._socks: list[socket.socket] = []
+
+    def accept(self, timeout: float = 600.0) -> None:
+        self._listener.settimeout(timeout)
+        while len(self._socks) < self.num_followers:
+            s, addr = self._listener.accept()
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._socks.append(s)
+            log.info("follower connected from %s", addr)
+
+    def send_steps(self, batches: dict[int, tuple[dict[str, np.ndarray], int]]) -> None:
+        arrays = {f"{i}/{k}": v for i, (b, _) in batches.items() for k, v in b.items()}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        header = {"op": "step", "steps": [[i, n] for i, (_, n) in batches.items()]}
+        for s in self._socks:
+            _send_frame(s, header, buf.getvalue())
+
+    def close(self) -> None:
+        for s in self._socks:
+            try:
+                _send_frame(s, {"op": "stop"})
+                s.close()
+            except OSError:
+                pass
+        self._socks = []
+        self._listener.close()
+
+
+class FollowerChannel:
+    def __init__(self, host: str, port: int, timeout: float = 600.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.create_connection((host, port), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def recv(self) -> Optional[dict[int, tuple[dict[str, np.ndarray], int]]]:
+        """The next iteration's batches; None when the controller stops."""
+        header, payload = _recv_frame(self.sock)
+        if header["op"] == "stop":
+            return None
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        out = {}
+        for i, n in header["steps"]:
+            prefix = f"{i}/"
+            out[i] = ({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, n)
+        return out
+
+
+def follow(cluster, channel: FollowerChannel) -> int:
+    """Replays the controller's steps on this process until it stops; returns the steps run."""
+    steps = 0
+    while True:
+        try:
+            batches = channel.recv()
+        except ConnectionError:
+            log.warning("controller went away; follower stops")
+            break
+        if batches is None:
+            break
+        inflight = [cluster.engines[i].runner.dispatch_batch(b, n) for i, (b, n) in batches.items()]
+        for fl in inflight:
+            fl.tokens.block_until_ready()
+        steps += len(inflight)
+    return steps

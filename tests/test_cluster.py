@@ -1,0 +1,94 @@
+"""Cluster runtime: N instances stepped together, dispatch policy, status, abort."""
+
+import numpy as np
+import pytest
+
+from kunjax.cluster import Cluster, MostFreePages, RoundRobin
+from kunjax.engine import EngineConfig, LLMEngine
+from kunjax.loader import load_model
+from kunjax.request import SamplingParams
+from kunjax.scheduler import SchedulerConfig
+
+CONFIG = EngineConfig(page_size=16, num_pages=128, max_model_len=128,
+                      scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_rows=4))
+PROMPTS = [f"prompt {i}" for i in range(6)]  # short: one 16-token prefill chunk
+
+
+@pytest.fixture(scope="module")
+def host_model():
+    return load_model("tiny", "float32", place=lambda a: np.asarray(a, np.float32))
+
+
+@pytest.fixture(scope="module")
+def cluster(host_model):
+    return Cluster.build(host_model, CONFIG, num_instances=2, tp=2)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return LLMEngine(load_model("tiny", "float32"), CONFIG)
+
+
+def test_cluster_matches_single_engine(cluster, reference):
+    params = SamplingParams(max_tokens=8)
+    want = [o.token_ids for o in reference.generate(PROMPTS, params)]
+    outs = cluster.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == want
+    st = cluster.status()
+    assert all(s["steps"] > 0 for s in st["instances"]), "both instances should have served requests"
+    assert st["pages_free"] == st["pages_total"]
+
+
+def test_most_free_pages_policy(cluster):
+    ids = [cluster.add_request("x" * 40, SamplingParams(max_tokens=4)) for _ in range(4)]
+    where = [cluster.instance_of(i) for i in ids]
+    assert sorted(where) == [0, 0, 1, 1]
+    while cluster.has_unfinished():
+        cluster.step()
+    st = cluster.status()
+    assert st["pages_free"] == st["pages_total"]
+
+
+def test_round_robin_policy(host_model):
+    engines = [object(), object(), object()]
+    rr = RoundRobin()
+    assert [rr.choose(engines, 1) for _ in range(4)] == [0, 1, 2, 0]
+
+
+def test_abort_frees_pages(cluster):
+    rid = cluster.add_request("hello", SamplingParams(max_tokens=100))
+    for _ in range(3):
+        cluster.step()
+    inst = cluster.status()["instances"][cluster.instance_of(rid)]
+    assert inst["pages_free"] < inst["pages_total"]
+    out = cluster.abort(rid)
+    assert out.finished and out.finish_reason == "abort"
+    st = cluster.status()
+    assert st["pages_free"] == st["pages_total"] and not cluster.has_unfinished()
+
+
+def test_status_and_timing(cluster):
+    st = cluster.status()
+    assert len(st["instances"]) == 2 and st["groups"] == []
+    assert [len(s["devices"]) for s in st["instances"]] == [2, 2]
+    assert len(st["memory"]) == 4 and all(m["live_bytes"] > 0 for m in st["memory"])
+    t = st["timing"]
+    assert t["steps"] >= t["iterations"] > 0 and t["wait_device_s"] > 0
+
+
+def test_duplicate_request_id_rejected(cluster):
+    cluster.add_request("a", SamplingParams(max_tokens=2), request_id="dup")
+    with pytest.raises(ValueError, match="already in use"):
+        cluster.add_request("b", SamplingParams(max_tokens=2), request_id="dup")
+    while cluster.has_unfinished():
+        cluster.step()
+
+
+def test_policy_prefers_free_instance(cluster):
+    eng0 = cluster.engines[0]
+    rid = cluster.add_request("z" * 60, SamplingParams(max_tokens=60), request_id="big")
+    assert cluster.instance_of(rid) == 0
+    cluster.step()
+    assert MostFreePages().choose(cluster.engines, 5) == 1
+    assert eng0.allocator.num_free < cluster.engines[1].allocator.num_free
+    cluster.abort(rid)

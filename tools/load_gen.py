@@ -1,0 +1,263 @@
+"""Load generator for the kunjax gRPC server (asyncio): synthetic arrivals or a trace replay.
+
+    # Poisson arrivals at 20 req/s (gamma arrivals with --burstiness < 1 are burstier)
+    python -m tools.load_gen --target localhost:50051 --rate 20 --num_requests 200 \
+        --input_len 32 --output_len 32
+    # replay the Azure conversation trace, 10x faster, lengths clipped to the model's context
+    python -m tools.load_gen --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv \
+        --trace_offset 9342 --trace_limit 200 --time_scale 10 --max_input_len 96 --max_output_len 32
+
+Prompts are random token ids (`prompt_token_ids`, ids in [--min_token_id, --max_token_id)) with
+ignore_eos, so every request produces exactly its output length. TTFT is measured at the client
+from sending the call to the first streamed token; TPOT is (last - first token) / (tokens - 1).
+Traces: Azure LLM inference CSV (TIMESTAMP, ContextTokens, GeneratedTokens), BurstGPT CSV
+(Timestamp, Request tokens, Response tokens) and Mooncake JSONL (timestamp ms, input_length,
+output_length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Arrival:
+    t: float  # seconds from the start
+    input_len: int
+    output_len: int
+
+
+@dataclasses.dataclass
+class Result:
+    ok: bool
+    input_len: int
+    output_len: int = 0
+    ttft: Optional[float] = None
+    tpot: Optional[float] = None
+    e2e: Optional[float] = None
+    itl: list = dataclasses.field(default_factory=list)
+    server_ttft_ms: Optional[float] = None
+    error: str = ""
+
+
+def synthetic_arrivals(n: int, rate: float, burstiness: float, input_len: int, output_len: int,
+                       rng: np.random.Generator, len_jitter: float = 0.0) -> list[Arrival]:
+    """Gamma inter-arrival times with mean 1/rate and shape `burstiness` (1 = Poisson); rate=inf
+    sends everything at t=0."""
+    if math.isinf(rate):
+        gaps = np.zeros(n)
+    else:
+        gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
+        gaps[0] = 0.0
+    ts = np.cumsum(gaps)
+
+    def jitter(x):
+        if len_jitter <= 0:
+            return x
+        return max(1, int(round(x * rng.uniform(1 - len_jitter, 1 + len_jitter))))
+    return [Arrival(float(t), jitter(input_len), jitter(output_len)) for t in ts]
+
+
+def load_trace(path: str, offset: int = 0, limit: Optional[int] = None) -> list[Arrival]:
+    rows: list[tuple[float, int, int]] = []
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            for line in f:
+                d = json.loads(line)
+                rows.append((d["timestamp"] / 1000.0, int(d["input_length"]), int(d["output_length"])))
+    else:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            for r in reader:
+                if "TIMESTAMP" in r:  # Azure 2023
+                    ts = datetime.datetime.fromisoformat(r["TIMESTAMP"][:26]).timestamp()
+                    rows.append((ts, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
+                elif "Timestamp" in r:  # BurstGPT
+                    rows.append((float(r["Timestamp"]), int(r["Request tokens"]), int(r["Response tokens"])))
+                else:
+                    raise ValueError(f"{path}: unknown trace columns {list(r)}")
+    rows = rows[offset:offset + limit if limit else None]
+    if not rows:
+        raise ValueError(f"{path}: no rows at offset {offset}")
+    t0 = rows[0][0]
+    return [Arrival(t - t0, i, o) for t, i, o in rows]
+
+
+def pct(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
+
+
+async def run_load(target: str, arrivals: list[Arrival], *, max_concurrency: Optional[int] = None,
+                   min_token_id: int = 10, max_token_id: int = 250, seed: int = 0, timeout: float = 600.0) -> dict:
+    import grpc
+
+    from serving.client import AsyncClient
+
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(min_token_id, max_token_id, size=a.input_len).tolist() for a in arrivals]
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    results: list[Result] = []
+
+    async with AsyncClient(target) as client:
+        before = await client.status(skip_memory=True)
+
+        async def one(a: Arrival, ids):
+            if sem is not None:
+                await sem.acquire()
+            r = Result(ok=False, input_len=a.input_len)
+            t_send = time.perf_counter()
+            last_t = None
+            first_t = None
+            n = 0
+            try:
+                async for chunk in client.generate(prompt_token_ids=ids, max_tokens=a.output_len, ignore_eos=True,
+                                                   timeout=timeout):
+                    now = time.perf_counter()
+                    if chunk.token_ids:
+                        if first_t is None:
+                            first_t = now
+                        elif last_t is not None:
+                            r.itl.append(now - last_t)
+                        last_t = now
+                        n += len(chunk.token_ids)
+                    if chunk.finish_reason:
+                        r.server_ttft_ms = chunk.usage.ttft_ms
+                r.ok = True
+            except grpc.aio.AioRpcError as e:
+                r.error = e.code().name
+            finally:
+                if sem is not None:
+                    sem.release()
+            r.output_len = n
+            if first_t is not None:
+                r.ttft = first_t - t_send
+                r.e2e = last_t - t_send
+                if n > 1:
+                    r.tpot = (last_t - first_t) / (n - 1)
+            results.append(r)
+
+        start = time.perf_counter()
+        tasks = []
+        for a, ids in zip(arrivals, prompts):
+            delay = a.t - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(a, ids)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        after = await client.status(skip_memory=True)
+    return summarize(results, duration, before, after)
+
+
+def summarize(results: list[Result], duration: float, before=None, after=None) -> dict:
+    ok = [r for r in results if r.ok]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    out_tokens = sum(r.output_len for r in ok)
+    in_tokens = sum(r.input_len for r in ok)
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    tpot = [r.tpot for r in ok if r.tpot is not None]
+    e2e = [r.e2e for r in ok if r.e2e is not None]
+    itl = [x for r in ok for x in r.itl]
+    s = {
+        "requests": len(results), "completed": len(ok), "errors": errors, "duration_s": duration,
+        "request_throughput": len(ok) / duration, "output_tokens_per_s": out_tokens / duration,
+        "total_tokens_per_s": (in_tokens + out_tokens) / duration,
+        "server_ttft_ms_p50": pct([r.server_ttft_ms for r in ok if r.server_ttft_ms is not None], 50),
+    }
+    for name, xs in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl), ("e2e_ms", e2e)):
+        s[f"{name}_mean"] = 1e3 * float(np.mean(xs)) if xs else float("nan")
+        for q in (50, 90, 99):
+            s[f"{name}_p{q}"] = 1e3 * pct(xs, q)
+    if after is not None:
+        t = {k: v - before.timing.get(k, 0.0) for k, v in after.timing.items()}  # this run only
+        s["server_timing"] = t
+        s["server_compiles"] = after.compiles - before.compiles
+        if t.get("tokens"):
+            busy = t.get("schedule_dispatch_s", 0) + t.get("wait_device_s", 0) + t.get("postprocess_s", 0)
+            s["server_us_per_token"] = {
+                "host_schedule_dispatch": 1e6 * t.get("schedule_dispatch_s", 0) / t["tokens"],
+                "wait_device": 1e6 * t.get("wait_device_s", 0) / t["tokens"],
+                "postprocess": 1e6 * t.get("postprocess_s", 0) / t["tokens"],
+                "deliver": 1e6 * t.get("deliver_s", 0) / t["tokens"],
+                "busy_total": 1e6 * busy / t["tokens"],
+            }
+            if t.get("iterations"):
+                s["server_ms_per_iteration"] = 1e3 * busy / t["iterations"]
+                s["server_steps_per_iteration"] = t.get("steps", 0) / t["iterations"]
+    return s
+
+
+def print_summary(s: dict) -> None:
+    print(f"requests {s['completed']}/{s['requests']} in {s['duration_s']:.2f}s  errors {s['errors'] or 'none'}")
+    print(f"throughput: {s['request_throughput']:.2f} req/s, {s['output_tokens_per_s']:.1f} output tok/s, "
+          f"{s['total_tokens_per_s']:.1f} total tok/s")
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        print(f"{name:8s} mean {s[f'{name}_mean']:9.2f}  p50 {s[f'{name}_p50']:9.2f}  p90 {s[f'{name}_p90']:9.2f}  "
+              f"p99 {s[f'{name}_p99']:9.2f}")
+    if "server_us_per_token" in s:
+        u = s["server_us_per_token"]
+        print("server us/token: " + ", ".join(f"{k} {v:.0f}" for k, v in u.items()))
+        print(f"server ms/iteration {s['server_ms_per_iteration']:.2f}, "
+              f"instance steps/iteration {s['server_steps_per_iteration']:.2f}, "
+              f"idle {s['server_timing'].get('idle_s', 0):.2f}s, compiles during run {s['server_compiles']}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.load_gen", description="kunjax gRPC load generator")
+    ap.add_argument("--target", default="localhost:50051")
+    ap.add_argument("--rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
+    ap.add_argument("--num_requests", type=int, default=100)
+    ap.add_argument("--input_len", type=int, default=32)
+    ap.add_argument("--output_len", type=int, default=32)
+    ap.add_argument("--len_jitter", type=float, default=0.0, help="uniform +-fraction on synthetic lengths")
+    ap.add_argument("--trace", help="trace file (Azure CSV, BurstGPT CSV, Mooncake JSONL)")
+    ap.add_argument("--trace_offset", type=int, default=0)
+    ap.add_argument("--trace_limit", type=int, default=None)
+    ap.add_argument("--time_scale", type=float, default=1.0, help="divide trace times by this (speed-up)")
+    ap.add_argument("--max_input_len", type=int, default=None, help="clip prompt lengths (small models)")
+    ap.add_argument("--max_output_len", type=int, default=None, help="clip output lengths")
+    ap.add_argument("--max_concurrency", type=int, default=None)
+    ap.add_argument("--min_token_id", type=int, default=10)
+    ap.add_argument("--max_token_id", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--json", help="write the summary here")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    if args.trace:
+        arrivals = load_trace(args.trace, args.trace_offset, args.trace_limit)
+        for a in arrivals:
+            a.t /= args.time_scale
+    else:
+        arrivals = synthetic_arrivals(args.num_requests, args.rate, args.burstiness, args.input_len,
+                                      args.output_len, rng, args.len_jitter)
+    for a in arrivals:
+        a.input_len = max(1, min(a.input_len, args.max_input_len or a.input_len))
+        a.output_len = max(1, min(a.output_len, args.max_output_len or a.output_len))
+    s = asyncio.run(run_load(args.target, arrivals, max_concurrency=args.max_concurrency,
+                             min_token_id=args.min_token_id, max_token_id=args.max_token_id, seed=args.seed,
+                             timeout=args.timeout))
+    print_summary(s)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(s, f, indent=1)
+    return 0 if s["completed"] == s["requests"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
