@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     page_size: int = 16
     num_pages: Optional[int] = None  # explicit pool size (pages incl. the null page); else from memory
-    hbm_bytes: Optional[int] = None  # per-device memory budget; required on CPU unless num_pages
+    hbm_bytes: Optional[int] = None  # per-device memory budget (CPU default: memory.cpu_default_budget)
     hbm_fraction: float = 0.85  # of bytes_limit, when the device reports one
     max_model_len: Optional[int] = None  # default: min(model context, 4096)
     scheduler: SchedulerConfig = SchedulerConfig()

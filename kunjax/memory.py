@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Optional
 
 import jax
@@ -58,12 +59,34 @@ def snapshot(devices) -> list[DeviceMemory]:
     return out
 
 
+CPU_DEFAULT_BUDGET_CAP = 4 << 30
+
+
+def host_memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cpu_default_budget(num_local_devices: int) -> Optional[int]:
+    """A CPU device has no memory limit of its own; without --hbm_bytes each virtual device gets an
+    even share of half the host's RAM, at most 4 GiB, so `make serve` works out of the box and
+    several instances on one host never promise more memory than the host has."""
+    ram = host_memory_bytes()
+    if not ram:
+        return None
+    return int(min(CPU_DEFAULT_BUDGET_CAP, ram // 2 // max(1, num_local_devices)))
+
+
 def device_budget(device: jax.Device, hbm_bytes: Optional[int], fraction: float) -> Optional[int]:
     """The memory this instance may use on `device`: the explicit budget, else a fraction of the
-    allocator's limit; None when neither is known (CPU without --hbm_bytes)."""
+    allocator's limit, else (CPU) a share of host RAM; None when nothing is known."""
     if hbm_bytes:
         return int(hbm_bytes)
     st = device_stats(device)
     if st and st.get("bytes_limit"):
         return int(st["bytes_limit"] * fraction)
+    if device.platform == "cpu":
+        return cpu_default_budget(len(jax.local_devices(backend="cpu")))
     return None

@@ -34,7 +34,8 @@ flags.DEFINE_integer("cpu_devices", None, "virtual CPU devices to create (sets X
 # cache
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", None, "KV pages per instance (incl. the null page); default: from memory")
-flags.DEFINE_integer("hbm_bytes", None, "memory budget per device in bytes (required on CPU unless num_pages)")
+flags.DEFINE_integer("hbm_bytes", None, "memory budget per device in bytes (CPU default: half the host RAM "
+                     "shared among the devices, at most 4 GiB each)")
 flags.DEFINE_float("hbm_fraction", 0.85, "fraction of the device's bytes_limit to use (GPU)")
 flags.DEFINE_integer("max_model_len", None, "context length served (default min(model, 4096))")
 # scheduler
@@ -43,7 +44,8 @@ flags.DEFINE_integer("max_num_batched_tokens", 512, "prefill tokens per step")
 flags.DEFINE_integer("max_prefill_rows", 4, "prompts per prefill step")
 flags.DEFINE_integer("max_queue", 1024, "requests waiting across the cluster before RESOURCE_EXHAUSTED")
 flags.DEFINE_bool("warmup", True, "compile every shape bucket before serving")
-flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache directory")
+flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache directory "
+                    "(default ~/.cache/kunjax/jax or $KUNJAX_COMPILE_CACHE)")
 # memory policy
 flags.DEFINE_enum("overload_policy", "none", ["none"], "what to do when KV runs out (more policies to come)")
 # server
@@ -221,8 +223,9 @@ def main(argv) -> None:
     configure_devices(opts.cluster, opts.distributed)
     import jax
 
-    if opts.scheduler.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", opts.scheduler.compilation_cache_dir)
+    from kunjax.runtime import configure_jax
+
+    configure_jax(opts.scheduler.compilation_cache_dir)
     d = opts.distributed
     if d.enabled:
         from sharding import multihost
