@@ -26,7 +26,19 @@ def write_kv(pool: jnp.ndarray, new: jnp.ndarray, slots: jnp.ndarray) -> jnp.nda
     """
     ps = pool.shape[1]
     flat = slots.reshape(-1)
-    return pool.at[flat // ps, flat % ps].set(new.reshape(-1, *pool.shape[2:]).astype(pool.dtype))
+    values = new.reshape(-1, *pool.shape[2:])
+    if pool.dtype == jnp.uint16:  # 2-byte float KV held as its bit pattern (kv_cache.storage_dtype)
+        values = jax.lax.bitcast_convert_type(values, jnp.uint16)
+    return pool.at[flat // ps, flat % ps].set(values.astype(pool.dtype))
+
+
+def read_pages(pool: jnp.ndarray, block_tables: jnp.ndarray, dtype) -> jnp.ndarray:
+    """Gathers the pages of each row, (R, Pb, page_size, KV, hd), as `dtype` (bit-cast back from a
+    u16 storage pool; the bitcast fuses into the gather, the pool itself is never converted)."""
+    pages = pool[block_tables]
+    if pool.dtype == jnp.uint16 and jnp.dtype(dtype).itemsize == 2:
+        return jax.lax.bitcast_convert_type(pages, dtype)
+    return pages.astype(dtype)
 
 
 def _attend(q, k, v, mask, scale):
@@ -55,8 +67,8 @@ def paged_attention(q, k_pool, v_pool, block_tables, positions, ctx_lens, scale,
     """q (R, Q, H, hd); pools (P, page_size, KV, hd); block_tables (R, Pb); positions (R, Q); ctx_lens (R,)."""
     r = q.shape[0]
     _, ps, kvh, hd = k_pool.shape
-    k = k_pool[block_tables].reshape(r, -1, kvh, hd)
-    v = v_pool[block_tables].reshape(r, -1, kvh, hd)
+    k = read_pages(k_pool, block_tables, q.dtype).reshape(r, -1, kvh, hd)
+    v = read_pages(v_pool, block_tables, q.dtype).reshape(r, -1, kvh, hd)
     mask = context_mask(positions, ctx_lens, k.shape[1], sliding_window)
     return _attend(q, k, v, mask, scale)
 

@@ -69,9 +69,20 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype, num_layers: Optional[int
     return 2 * layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
+def storage_dtype(dtype) -> jnp.dtype:
+    """The dtype KV pools are held in: 2-byte floats (bf16, f16) as their u16 bit pattern. XLA's CPU
+    backend normalises a bf16 scatter to f32, converting (copying) the whole pool per layer per step;
+    on the bit pattern the per-step scatter updates the donated pool in place on every backend, and
+    the gather bit-casts only the pages it reads (attention.read_pages). Same bytes, same values."""
+    dtype = jnp.dtype(dtype)
+    if dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.uint16)
+    return dtype
+
+
 def allocate_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype, layers: Sequence[int],
                    sharding: Optional[Any] = None) -> list[tuple[jax.Array, jax.Array]]:
     """Zeroed per-layer (K, V) pools, created directly on device (no host staging)."""
     shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    make = jax.jit(lambda: jnp.zeros(shape, storage_dtype(dtype)), out_shardings=sharding)
     return [(make(), make()) for _ in layers]

@@ -63,3 +63,50 @@ def test_paged_equals_dense(q_len, window):
         s = k_dense[r, keys, g] @ np.asarray(q)[r, qi, h] * hd ** -0.5
         w = np.exp(s - s.max()); w /= w.sum()
         np.testing.assert_allclose(np.asarray(out)[r, qi, h], w @ v_dense[r, keys, g], atol=1e-5)
+
+
+def test_bf16_pool_stored_as_bits_round_trips():
+    """bf16 KV lives in u16 pools (kv_cache.storage_dtype); what attention reads back is the very bf16
+    that was written, and paged attention over it equals dense attention over the bf16 values."""
+    from kunjax.kv_cache import storage_dtype
+
+    assert storage_dtype(jnp.bfloat16) == jnp.uint16 and storage_dtype(jnp.float32) == jnp.float32
+    rng = np.random.default_rng(1)
+    P, ps, KV, hd, H = 8, 4, 2, 8, 4
+    pool = jnp.zeros((P, ps, KV, hd), jnp.uint16)
+    k_new = jnp.asarray(rng.standard_normal((1, 6, KV, hd)), jnp.bfloat16)
+    slots = jnp.asarray([[3 * ps + i for i in range(4)] + [5 * ps, 5 * ps + 1]], jnp.int32)
+    pool = write_kv(pool, k_new, slots)
+    assert pool.dtype == jnp.uint16
+    back = jax.lax.bitcast_convert_type(pool, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(back[3], np.float32), np.asarray(k_new[0, :4], np.float32))
+    np.testing.assert_array_equal(np.asarray(back[5, :2], np.float32), np.asarray(k_new[0, 4:], np.float32))
+    q = jnp.asarray(rng.standard_normal((1, 6, H, hd)), jnp.bfloat16)
+    positions = jnp.arange(6, dtype=jnp.int32)[None]
+    ctx = jnp.asarray([6], jnp.int32)
+    out = paged_attention(q, pool, pool, jnp.asarray([[3, 5]], jnp.int32), positions, ctx, scale=hd ** -0.5)
+    ref = dense_attention(q, k_new, k_new, positions, ctx, scale=hd ** -0.5)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kv_write_updates_donated_pool_in_place(dtype):
+    """The compiled KV write must not copy or convert the pool (a full-pool copy per layer per step is
+    what XLA's CPU backend did for a bf16 scatter): no instruction other than the in-place
+    scatter / dynamic-update-slice produces a pool-shaped array."""
+    import re
+
+    from kunjax.kv_cache import storage_dtype
+
+    shape = (512, 16, 2, 64)
+    pool = jnp.zeros(shape, storage_dtype(dtype))
+    new = jnp.ones((4, 1, 2, 64), dtype)
+    slots = jnp.asarray([[17], [40], [99], [1000]], jnp.int32)
+    hlo = jax.jit(write_kv, donate_argnums=(0,)).lower(pool, new, slots).compile().as_text()
+    dims = ",".join(map(str, shape))
+    ops = [m.group(1) for m in re.finditer(rf"= \w+\[{dims}\]\{{[^}}]*\}} ([\w-]+)\(", hlo)]
+    assert ops, hlo
+    assert not [op for op in ops if op not in ("parameter", "scatter", "dynamic-update-slice", "fusion", "tuple",
+                                              "bitcast")], ops
+    assert "copy" not in ops and "convert" not in ops
