@@ -227,6 +227,7 @@ class Cluster:
             "waiting": sum(s["waiting"] for s in inst),
             "pages_total": sum(s["pages_total"] for s in inst),
             "pages_free": sum(s["pages_free"] for s in inst),
+            "pages_used": sum(s["pages_used"] for s in inst),
             "compiles": compile_stats.compile_count(),
             "timing": self.timing.as_dict(),
         }

@@ -28,6 +28,10 @@ from kunjax.scheduler import QueueFull
 log = logging.getLogger(__name__)
 
 
+class ShuttingDown(Exception):
+    """The executor takes no new requests (graceful shutdown under way); the front answers UNAVAILABLE."""
+
+
 class RequestError(Exception):
     """Delivered to a request's queue instead of an output; `code` is a grpc.StatusCode name."""
 
@@ -81,7 +85,9 @@ class Executor:
         self._wake = threading.Event()
         self._subs: dict[str, Submission] = {}
         self._stop = False
+        self._closed = False  # no new submissions (graceful shutdown)
         self._abort_all = False
+        self._abort_requested = False  # abort every in-flight request with a clean final output
         self.waiting = 0  # published after each iteration (read by the front for admission)
         self.timing = LoopTiming()
         self._thread = threading.Thread(target=self._run, name="kunjax-executor", daemon=True)
@@ -98,9 +104,9 @@ class Executor:
         return self._inbox.qsize() + self.waiting
 
     def submit(self, sub: Submission) -> None:
-        """Raises QueueFull when the bounded queue is full or the server is stopping."""
-        if self._stop:
-            raise QueueFull("server is shutting down")
+        """Raises QueueFull when the bounded queue is full, ShuttingDown when the server is stopping."""
+        if self._stop or self._closed:
+            raise ShuttingDown("server is shutting down")
         if self.queued() >= self.max_queue:
             raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
         try:
@@ -111,6 +117,16 @@ class Executor:
 
     def cancel(self, request_id: str) -> None:
         self._cancels.append(request_id)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Refuses new submissions from now on; what is in flight keeps running."""
+        self._closed = True
+
+    def abort_all(self) -> None:
+        """Aborts every in-flight request before the next step: each stream gets a last output with
+        finish_reason "abort" (its usage included) and its pages are freed."""
+        self._abort_requested = True
         self._wake.set()
 
     def call(self, fn: Callable[[Cluster], Any]) -> concurrent.futures.Future:
@@ -139,6 +155,9 @@ class Executor:
                 t0 = time.perf_counter()
                 self._admit()
                 self._apply_cancels()
+                if self._abort_requested or (self._stop and self._abort_all):
+                    self._abort_requested = False
+                    self._abort_inflight()
                 self._run_calls()
                 if self._stop and (self._abort_all or not self.cluster.has_unfinished()):
                     break
@@ -183,6 +202,28 @@ class Executor:
             out = self.cluster.abort(rid)
             if sub is not None and out is not None:
                 self._send(sub, [Event(out, time.monotonic(), sub.instance)])
+
+    def _abort_inflight(self) -> None:
+        now = time.monotonic()
+        per_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        for rid, sub in list(self._subs.items()):
+            try:
+                out = self.cluster.abort(rid)
+            except Exception as e:  # never leave a client hanging
+                log.exception("abort of %s failed", rid)
+                per_loop[sub.loop].append((sub.queue, Event(None, now, error=RequestError("INTERNAL", str(e)))))
+                continue
+            if out is not None:
+                per_loop[sub.loop].append((sub.queue, Event(out, now, sub.instance)))
+            else:  # finished in the cluster but not delivered: cannot happen, answer anyway
+                per_loop[sub.loop].append((sub.queue, Event(None, now, error=RequestError(
+                    "ABORTED", "server is shutting down"))))
+        self._subs.clear()
+        for loop, items in per_loop.items():
+            self._deliver(loop, items)
+        if per_loop:
+            log.info("aborted %d in-flight requests", sum(len(v) for v in per_loop.values()))
+        self._publish(force=False)
 
     def _run_calls(self) -> None:
         while self._calls:

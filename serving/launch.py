@@ -29,8 +29,10 @@ flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "serving dty
 # cluster
 flags.DEFINE_integer("num_instances", 1, "serving instances (full replicas)")
 flags.DEFINE_integer("tp", 1, "devices per instance (tensor parallel)")
-flags.DEFINE_integer("cpu_devices", None, "virtual CPU devices to create (sets XLA_FLAGS before jax starts); "
-                     "default num_instances*tp when JAX_PLATFORMS=cpu")
+flags.DEFINE_integer("cpu_devices", None, "virtual CPU devices to create (sets XLA_FLAGS before jax starts; "
+                     "only the CPU backend is affected); default num_instances*tp (per process)")
+flags.DEFINE_list("devices", None, "ids of the devices to serve on, in order (default: all, in jax.devices() "
+                  "order); instance i takes the i-th group of tp of them")
 # cache
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", None, "KV pages per instance (incl. the null page); default: from memory")
@@ -52,7 +54,9 @@ flags.DEFINE_enum("overload_policy", "none", ["none"], "what to do when KV runs 
 flags.DEFINE_integer("port", 50051, "gRPC port")
 flags.DEFINE_string("host", "[::]", "gRPC bind address")
 flags.DEFINE_integer("metrics_port", None, "Prometheus /metrics port (off when unset)")
-flags.DEFINE_float("shutdown_grace_s", 10.0, "seconds in-flight streams get to finish on SIGTERM")
+flags.DEFINE_float("shutdown_grace_s", 10.0, "seconds in-flight streams get to finish on SIGTERM; then (or at "
+                   "a second SIGTERM/SIGINT) they end with finish_reason ABORT")
+flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "log level of the server")
 flags.DEFINE_integer("default_max_tokens", 16, "max_tokens when a request sets none")
 # distributed
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
@@ -73,6 +77,7 @@ class ClusterOptions:
     num_instances: int
     tp: int
     cpu_devices: Optional[int]
+    devices: Optional[tuple[int, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +134,24 @@ def _pick(cls, **extra):
     return cls(**{n: FLAGS[n].value for n in names}, **extra)
 
 
+def _device_ids(value) -> Optional[tuple[int, ...]]:
+    if not value:
+        return None
+    try:
+        ids = tuple(int(v) for v in value)
+    except ValueError:
+        raise app.UsageError(f"--devices takes comma-separated integer device ids, got {','.join(value)}") from None
+    if len(set(ids)) != len(ids):
+        raise app.UsageError(f"--devices lists a device twice: {','.join(value)}")
+    return ids
+
+
 def options_from_flags() -> LaunchOptions:
     server = ServerOptions(port=FLAGS.port, host=FLAGS.host, max_queue=FLAGS.max_queue,
                            shutdown_grace_s=FLAGS.shutdown_grace_s, default_max_tokens=FLAGS.default_max_tokens,
                            overload_policy=FLAGS.overload_policy)
-    return LaunchOptions(model=_pick(ModelOptions), cluster=_pick(ClusterOptions), cache=_pick(CacheOptions),
+    cluster = _pick(ClusterOptions, devices=_device_ids(FLAGS.devices))
+    return LaunchOptions(model=_pick(ModelOptions), cluster=cluster, cache=_pick(CacheOptions),
                          scheduler=_pick(SchedulerOptions), memory=_pick(MemoryPolicyOptions), server=server,
                          metrics_port=FLAGS.metrics_port, distributed=_pick(DistributedOptions))
 
@@ -143,9 +161,12 @@ def configure_devices(cluster: ClusterOptions, distributed: DistributedOptions) 
     if "jax" in sys.modules:
         logging.warning("jax already imported; --cpu_devices has no effect")
     n = cluster.cpu_devices
-    on_cpu = os.environ.get("JAX_PLATFORMS", "") == "cpu"
-    if n is None and on_cpu:
+    if n is None:
+        # Harmless where an accelerator serves (only the CPU backend gets the devices), and makes
+        # `--num_instances=4 --tp=2` work out of the box on a CPU-only host.
         n = -(-cluster.num_instances * cluster.tp // max(1, distributed.num_processes))
+        if cluster.devices and distributed.num_processes == 1:
+            n = max(n, max(cluster.devices) + 1)
     if n:
         flags_now = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags_now:
@@ -173,6 +194,13 @@ def build_cluster(opts: LaunchOptions, broadcaster=None):
     from kunjax.loader import load_model, parse_dtype
 
     devices = jax.devices()
+    if opts.cluster.devices:
+        by_id = {d.id: d for d in devices}
+        missing = [i for i in opts.cluster.devices if i not in by_id]
+        if missing:
+            raise app.UsageError(f"--devices: no device with id {missing}; this host has ids "
+                                 f"{sorted(by_id)}")
+        devices = [by_id[i] for i in opts.cluster.devices]
     need = opts.cluster.num_instances * opts.cluster.tp
     if len(devices) < need:
         hint = ""
@@ -184,7 +212,7 @@ def build_cluster(opts: LaunchOptions, broadcaster=None):
     dtype = parse_dtype(opts.model.dtype)
     host = load_model(opts.model.model, dtype, place=lambda a: np.asarray(a).astype(dtype))
     cluster = Cluster.build(host, engine_config(opts), opts.cluster.num_instances, opts.cluster.tp,
-                            broadcaster=broadcaster)
+                            devices=devices, broadcaster=broadcaster)
     if opts.scheduler.warmup:
         n = cluster.warmup()
         logging.info("warm-up: %d executables compiled", n)
@@ -210,7 +238,10 @@ async def serve(opts: LaunchOptions, cluster, follower_channel=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logging.info("shutting down (grace %.1fs)", opts.server.shutdown_grace_s)
+    logging.info("shutting down (grace %.1fs; a second SIGTERM/SIGINT aborts in-flight requests now)",
+                 opts.server.shutdown_grace_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.abort_inflight)
     await server.stop()
     if follower_channel is not None:
         follower_channel.close()
@@ -219,6 +250,9 @@ async def serve(opts: LaunchOptions, cluster, follower_channel=None) -> None:
 
 def main(argv) -> None:
     del argv
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(FLAGS.log_level)
     opts = options_from_flags()
     configure_devices(opts.cluster, opts.distributed)
     import jax

@@ -7,6 +7,11 @@ Validation errors are INVALID_ARGUMENT with the engine's message (it names the f
 is RESOURCE_EXHAUSTED; a cancelled call or an expired deadline aborts the request on the executor,
 which frees its pages before it schedules the next step. TTFT is measured from the moment the
 handler received the call. Also served: grpc.health.v1 and server reflection.
+
+Graceful shutdown (`KunjaxServer.stop`, SIGTERM in the launcher): health turns NOT_SERVING, new calls
+are refused (UNAVAILABLE), in-flight streams get the grace period to finish; those still running
+then are aborted cleanly: their stream ends with a last message with FINISH_REASON_ABORT and usage,
+and the call ends with status OK.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from kunjax.cluster import Cluster
 from kunjax.request import SamplingParams
 from kunjax.scheduler import QueueFull
-from serving.executor import Event, Executor, Submission
+from serving.executor import Event, Executor, ShuttingDown, Submission
 from serving.metrics import Metrics
 from serving.options import ServerOptions
 from serving.proto import kunjax_pb2 as pb
@@ -51,16 +56,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.metrics = metrics
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}"
+        self.active = 0  # calls between receipt and their end (the event loop's thread only)
 
     # ---- request parsing (front thread; reads only constants of the cluster) ------------------
     def parse(self, req: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
         """Raises ValueError naming the offending field."""
         forms = [n for n, present in (("prompt", bool(req.prompt)), ("prompt_token_ids", len(req.prompt_token_ids) > 0),
                                       ("messages", len(req.messages) > 0)) if present]
-        if len(forms) != 1:
-            what = "none" if not forms else " and ".join(forms)
-            raise ValueError(f"prompt: set exactly one of prompt, prompt_token_ids, messages (got {what}); "
-                             f"an empty prompt is not allowed")
+        if not forms:
+            raise ValueError("prompt: the prompt is empty; set exactly one of prompt (non-empty text), "
+                             "prompt_token_ids or messages")
+        if len(forms) > 1:
+            raise ValueError(f"prompt: set exactly one of prompt, prompt_token_ids, messages "
+                             f"(got {' and '.join(forms)})")
         if req.prompt:
             ids = self.cluster.encode(req.prompt)
         elif req.messages:
@@ -125,24 +133,35 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         sub = Submission(rid, ids, params, asyncio.get_running_loop(), q, received=received)
         try:
             self.executor.submit(sub)
+        except ShuttingDown as e:
+            self.metrics.rejected.labels("UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except QueueFull as e:
             self.metrics.rejected.labels("RESOURCE_EXHAUSTED").inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         done = False
+        admitted = False
+        self.active += 1
         try:
             while True:
                 ev: Event = await q.get()
                 if ev.error is not None:
                     done = True
-                    self.metrics.rejected.labels(ev.error.code).inc()
+                    if admitted or ev.error.code not in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
+                        self.metrics.requests.labels("error").inc()
+                    else:  # refused at admission on the executor (duplicate id, an instance's queue full)
+                        self.metrics.rejected.labels(ev.error.code).inc()
                     await context.abort(getattr(grpc.StatusCode, ev.error.code), ev.error.message)
+                admitted = True
                 yield sub, ev
                 if ev.output.finished:
                     done = True
                     return
         finally:
+            self.active -= 1
             if not done:  # cancelled, deadline, or the client went away: free the pages
                 self.executor.cancel(rid)
+                self.metrics.requests.labels("abort").inc()
 
     def _usage(self, sub: Submission, ev: Event, first: Optional[float], n: int) -> pb.Usage:
         out = ev.output
@@ -232,12 +251,15 @@ class KunjaxServer:
         self.server: Optional[grpc.aio.Server] = None
         self.health = health.aio.HealthServicer()
         self.port: Optional[int] = None
+        self.generation = GenerationServicer(cluster, self.executor, options, self.metrics)
+        self._abort_now = threading.Event()
+
+    ABORT_MARGIN_S = 5.0  # after the grace period, time for aborted streams to send their last message
 
     async def start(self) -> int:
         self.executor.start()
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(self.cluster, self.executor, self.options, self.metrics), self.server)
+        pb_grpc.add_GenerationServicer_to_server(self.generation, self.server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self.executor, self.model_name, self.options), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -253,12 +275,31 @@ class KunjaxServer:
 
     async def stop(self, grace: Optional[float] = None) -> None:
         """Graceful: health goes NOT_SERVING, new calls are refused, in-flight streams get `grace`
-        seconds to finish; what is left is cancelled (its pages freed) and the executor stops."""
+        seconds to finish. Streams still running then (or at once after `abort_inflight()`) are
+        aborted cleanly: each gets a last message with FINISH_REASON_ABORT and its usage, the call
+        ends OK, and the pages are freed. Then the executor stops."""
         grace = self.options.shutdown_grace_s if grace is None else grace
+        loop = asyncio.get_running_loop()
+        self.executor.close()
         await self.health.enter_graceful_shutdown()
+        stopping = None
         if self.server is not None:
-            await self.server.stop(grace)
-        await asyncio.get_running_loop().run_in_executor(None, self.executor.stop)
+            # grpc refuses new calls at once and cancels what is left after its grace; ours ends the
+            # streams itself first, so gRPC's deadline is only a backstop.
+            stopping = asyncio.ensure_future(self.server.stop(grace + self.ABORT_MARGIN_S))
+        deadline = loop.time() + grace
+        while self.generation.active and loop.time() < deadline and not self._abort_now.is_set():
+            await asyncio.sleep(0.02)
+        if self.generation.active:
+            log.info("shutdown: aborting %d in-flight calls", self.generation.active)
+            self.executor.abort_all()
+        if stopping is not None:
+            await stopping
+        await loop.run_in_executor(None, self.executor.stop)
+
+    def abort_inflight(self) -> None:
+        """End the grace period of `stop()` now (a second SIGTERM in the launcher); thread-safe."""
+        self._abort_now.set()
 
     async def wait(self) -> None:
         if self.server is not None:

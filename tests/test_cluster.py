@@ -92,3 +92,30 @@ def test_policy_prefers_free_instance(cluster):
     assert MostFreePages().choose(cluster.engines, 5) == 1
     assert eng0.allocator.num_free < cluster.engines[1].allocator.num_free
     cluster.abort(rid)
+
+
+def test_step_dispatches_every_instance_before_collecting(cluster, monkeypatch):
+    """One controller: all instances' steps are enqueued (async dispatch) before it waits on any."""
+    calls = []
+    for i, eng in enumerate(cluster.engines):
+        runner = eng.runner
+        dispatch, collect = runner.dispatch_batch, runner.collect
+
+        def logged_dispatch(*a, _f=dispatch, _i=i):
+            calls.append(("dispatch", _i))
+            return _f(*a)
+
+        def logged_collect(fl, _f=collect, _i=i):
+            calls.append(("collect", _i))
+            return _f(fl)
+
+        monkeypatch.setattr(runner, "dispatch_batch", logged_dispatch)
+        monkeypatch.setattr(runner, "collect", logged_collect)
+    ids = [cluster.add_request(p, SamplingParams(max_tokens=3, ignore_eos=True)) for p in ("left", "right")]
+    assert sorted(cluster.instance_of(r) for r in ids) == [0, 1]
+    while cluster.has_unfinished():
+        calls.clear()
+        cluster.step()
+        assert calls == [("dispatch", 0), ("dispatch", 1), ("collect", 0), ("collect", 1)]
+    st = cluster.status(with_memory=False)
+    assert st["pages_free"] == st["pages_total"] and st["pages_used"] == 0

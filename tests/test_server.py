@@ -1,7 +1,10 @@
-"""gRPC server end to end over loopback sockets: streaming == LLMEngine.generate, concurrency,
-cancellation, invalid input, queue limits, health, reflection, and the launcher as a subprocess."""
+"""gRPC server end to end over loopback sockets: streaming == LLMEngine.generate (tp=2 instances vs a
+tp=1 engine), 64 concurrent streams, cancellation and deadlines freeing pages within one step, invalid
+input, queue limits, health, reflection, graceful shutdown, the client CLI, the load generator, and
+the launcher as a subprocess (metrics scraped, SIGTERM with streams in flight)."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +25,7 @@ from kunjax.engine import EngineConfig, LLMEngine
 from kunjax.loader import load_model
 from kunjax.request import SamplingParams
 from kunjax.scheduler import SchedulerConfig
-from serving.client import AsyncClient, Client
+from serving.client import AsyncClient, Client, make_request
 from serving.options import ServerOptions
 from serving.proto import kunjax_pb2 as pb
 from serving.server import ServerThread
@@ -87,6 +90,31 @@ def test_stream_equals_engine_generate(client, reference, kw):
     assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
 
 
+def test_stream_equals_batch_generate(client, tmp_path):
+    """The same rows through tools.batch_generate (offline, one tp=1 engine) and through the server."""
+    from types import SimpleNamespace
+
+    from tools import batch_generate
+
+    rows = [{"id": "g", "prompt": "hello world", "max_new_tokens": 10},
+            {"id": "s", "prompt": "the quick brown fox", "max_new_tokens": 9, "temperature": 0.7, "top_p": 0.95,
+             "top_k": 40, "seed": 1234},
+            {"id": "t", "prompt_token_ids": [256, 7, 8, 9], "max_new_tokens": 6}]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    defaults = SimpleNamespace(dtype="float32", max_new_tokens=16, temperature=0.0, top_p=1.0, top_k=0, seed=0)
+    with open(os.devnull, "w") as devnull:
+        batch_generate.run("tiny", str(src), str(dst), defaults, engine_config=CONFIG, progress=False, log=devnull)
+    want = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
+    for row in rows:
+        kw = dict(max_tokens=row["max_new_tokens"], seed=row.get("seed", 0))
+        kw.update({k: row[k] for k in ("temperature", "top_p", "top_k", "prompt_token_ids") if k in row})
+        chunks = list(client.generate(row.get("prompt"), **kw))
+        assert [t for c in chunks for t in c.token_ids] == want[row["id"]]["token_ids"], row["id"]
+        assert "".join(c.text for c in chunks) == want[row["id"]]["text"], row["id"]
+        assert pb.FinishReason.Name(chunks[-1].finish_reason) == "FINISH_REASON_" + want[row["id"]]["finish_reason"].upper()
+
+
 def test_complete_with_token_ids(client, reference):
     want = reference.generate([[256, 10, 20, 30]], SamplingParams(max_tokens=6))[0]
     r = client.complete(prompt_token_ids=[256, 10, 20, 30], max_tokens=6)
@@ -114,8 +142,43 @@ def test_64_concurrent_streams(server, reference):
     assert {g[1].usage.instance for g in got} == {0, 1}
 
 
-def test_cancel_frees_pages(client):
-    stream = client.generate("cancel me", max_tokens=110, ignore_eos=True)
+@pytest.fixture
+def step_log(server, monkeypatch):
+    """Records, for every cluster step the executor runs, the ids of the requests the instances hold
+    before it; and, for every cancellation the front hands to the executor, how many steps had
+    started by then. Steps are slowed to >= 20 ms, so a request of ~100 tokens is surely still
+    running when the client cancels it or its deadline passes."""
+    cluster, executor = server.server.cluster, server.executor
+    steps, cancels = [], {}
+    step, cancel = cluster.step, executor.cancel
+
+    def logged_step():
+        steps.append({r.request_id for e in cluster.engines
+                      for r in list(e.scheduler.running) + list(e.scheduler.waiting)})
+        time.sleep(0.02)
+        return step()
+
+    def logged_cancel(rid):
+        cancel(rid)
+        cancels[rid] = len(steps)
+
+    monkeypatch.setattr(cluster, "step", logged_step)
+    monkeypatch.setattr(executor, "cancel", logged_cancel)
+    return steps, cancels
+
+
+def assert_freed_within_one_step(client, step_log, rid):
+    steps, cancels = step_log
+    st = wait_pages_free(client)
+    assert rid in cancels, "the server never cancelled the request"
+    n = cancels[rid]
+    # The step already started when the cancel arrived may still hold it; none after that does.
+    assert [i for i, ids in enumerate(steps) if rid in ids and i > n] == []
+    return st
+
+
+def test_cancel_frees_pages(client, step_log):
+    stream = client.generate("cancel me", max_tokens=110, ignore_eos=True, request_id="to-cancel")
     first = next(stream)
     next(stream)
     assert len(first.token_ids) == 1
@@ -125,20 +188,34 @@ def test_cancel_frees_pages(client):
     with pytest.raises(grpc.RpcError) as e:
         list(stream)
     assert e.value.code() == grpc.StatusCode.CANCELLED
-    wait_pages_free(client)
+    assert_freed_within_one_step(client, step_log, "to-cancel")
 
 
-def test_deadline_frees_pages(client):
+def test_deadline_frees_pages(client, step_log):
     with pytest.raises(grpc.RpcError) as e:
-        for _ in client.generate("slow", max_tokens=115, ignore_eos=True, timeout=0.3):
+        for _ in client.generate("slow", max_tokens=115, ignore_eos=True, timeout=0.3, request_id="to-expire"):
             time.sleep(0.01)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_pages_free(client)
+    assert_freed_within_one_step(client, step_log, "to-expire")
+
+
+def test_unary_cancel_frees_pages(server, client, step_log):
+    fut = client.generation.Complete.future(make_request("unary", max_tokens=110, ignore_eos=True,
+                                                         request_id="unary-cancel"))
+    deadline = time.monotonic() + 10
+    while client.status(skip_memory=True).running == 0:
+        assert time.monotonic() < deadline and not fut.done()
+        time.sleep(0.005)
+    fut.cancel()
+    assert fut.cancelled()
+    assert_freed_within_one_step(client, step_log, "unary-cancel")
 
 
 @pytest.mark.parametrize("kw,field", [
     (dict(prompt=""), "prompt"),
+    (dict(max_tokens=5), "prompt"),  # neither prompt form
     (dict(prompt="x", prompt_token_ids=[1]), "prompt"),
+    (dict(prompt_token_ids=[1], messages=[{"role": "user", "content": "hi"}]), "prompt"),
     (dict(max_tokens=0, prompt="x"), "max_tokens"),
     (dict(max_tokens=-3, prompt="x"), "max_tokens"),
     (dict(max_tokens=1000, prompt="x"), "max_tokens"),
@@ -146,11 +223,14 @@ def test_deadline_frees_pages(client):
     (dict(temperature=float("nan"), prompt="x"), "temperature"),
     (dict(top_p=0.0, prompt="x"), "top_p"),
     (dict(top_p=1.5, prompt="x"), "top_p"),
+    (dict(top_p=-0.2, prompt="x"), "top_p"),
     (dict(top_k=-1, prompt="x"), "top_k"),
     (dict(prompt_token_ids=[1, 384]), "prompt_token_ids"),
     (dict(prompt_token_ids=[-1]), "prompt_token_ids"),
     (dict(stop_token_ids=[9999], prompt="x"), "stop_token_ids"),
     (dict(prompt="y" * 200), "prompt"),
+    (dict(prompt_token_ids=[5] * 128), "prompt"),  # no room for even one token
+    (dict(prompt_token_ids=[5] * 100, max_tokens=29), "max_tokens"),
     (dict(messages=[{"role": "user", "content": "hi"}]), "chat template"),
     (dict(prompt="x", request_id=""), "request_id"),
 ], ids=lambda v: v if isinstance(v, str) else None)
@@ -220,6 +300,133 @@ def test_queue_full(host_model):
         srv.stop()
 
 
+def test_odd_but_valid_inputs(client, reference):
+    """Extreme values inside the valid ranges run to completion and leave the server serving."""
+    greedy = reference.generate(["x"], SamplingParams(max_tokens=4))[0].token_ids
+    assert list(client.complete("x", max_tokens=4, temperature=1e-30).token_ids) == greedy
+    for kw in (dict(temperature=1e30), dict(temperature=1.0, top_k=2 ** 31 - 1), dict(temperature=1.0, seed=2 ** 64 - 1),
+               dict(stop=["z" * 5000, ""]), dict(top_k=1, temperature=0.5)):
+        r = client.complete("x", max_tokens=4, ignore_eos=True, **kw)
+        assert r.usage.completion_tokens == 4 and all(0 <= t < 384 for t in r.token_ids), kw
+    assert client.complete(prompt_token_ids=[0, 383], max_tokens=127 - 1).usage.prompt_tokens == 2
+    wait_pages_free(client)
+
+
+def wait_shutting_down(channel, timeout=10.0):
+    """Until health says NOT_SERVING, or new calls are refused outright."""
+    h = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if h.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+            return
+        assert time.monotonic() < deadline, "the server did not start shutting down"
+        time.sleep(0.01)
+
+
+def test_shutdown_aborts_streams_after_grace(host_model):
+    """Past the grace period an in-flight stream ends cleanly: a last message with
+    FINISH_REASON_ABORT and usage, status OK, and new calls are refused meanwhile."""
+    srv = ServerThread(Cluster.build(host_model, CONFIG, num_instances=2, tp=2),
+                       ServerOptions(port=portpicker.pick_unused_port(), host="localhost")).start()
+    hold = threading.Event()
+    try:
+        with Client(f"localhost:{srv.port}") as c:
+            stream = c.generate("long", max_tokens=110, ignore_eos=True)
+            got = [next(stream), next(stream)]
+            # Park the executor between two steps, so the stream cannot finish within the grace period.
+            parked = srv.executor.call(lambda cluster: hold.wait(30))
+            stopper = threading.Thread(target=srv.stop, kwargs=dict(grace=0.3))
+            stopper.start()
+            wait_shutting_down(c.channel)
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("too late", max_tokens=2)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            time.sleep(0.4)  # past the grace period, with the stream unfinished
+            hold.set()
+            parked.result(10)
+            got += list(stream)  # ends without an RpcError
+            last = got[-1]
+            assert last.finish_reason == pb.FINISH_REASON_ABORT
+            n = sum(len(g.token_ids) for g in got)
+            assert 2 <= n < 110 and last.usage.completion_tokens == n
+            stopper.join(30)
+            assert not stopper.is_alive() and not srv.executor.alive
+        st = srv.server.cluster.status(with_memory=False)
+        assert st["pages_free"] == st["pages_total"] and st["running"] == 0
+        assert srv.server.metrics.registry.get_sample_value(
+            "kunjax_requests_total", {"finish_reason": "abort"}) == 1.0
+    finally:
+        hold.set()
+        if srv.executor.alive:
+            srv.stop()
+
+
+def test_cli_stream(server, reference):
+    want = reference.generate(["hello world"], SamplingParams(max_tokens=10))[0]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-m", "serving.client", "--target", f"localhost:{server.port}",
+                        "--prompt", "hello world", "--stream", "--max_tokens", "10"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.text + "\n"
+    tail = json.loads(r.stderr.strip().splitlines()[-1])
+    assert tail["finish_reason"] == "length" and tail["usage"]["completion_tokens"] == 10
+    r = subprocess.run([sys.executable, "-m", "serving.client", "--target", f"localhost:{server.port}",
+                        "--prompt", "x", "--top_p", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "top_p" in r.stderr
+
+
+def test_load_gen_rate(server, capsys):
+    from tools import load_gen
+
+    rc = load_gen.main(["--target", f"localhost:{server.port}", "--rate", "100", "--num_requests", "12",
+                        "--input_len", "10", "--output_len", "5", "--len_jitter", "0.2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "requests 12/12" in out and "throughput:" in out
+    for name in ("ttft_ms", "tpot_ms"):
+        line = next(l for l in out.splitlines() if l.startswith(name))
+        vals = [float(line.split(q)[1].split()[0]) for q in ("p50", "p90", "p99")]
+        assert 0 < vals[0] <= vals[1] <= vals[2], line
+
+
+TRACES = os.path.join(ROOT, "..", "shared", "traces")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(TRACES, "AzureLLMInferenceTrace_code.csv")),
+                    reason="the shared trace folder ../shared/traces is not next to this checkout")
+def test_load_gen_replays_azure_trace(server, capsys, tmp_path):
+    from tools import load_gen
+
+    trace = os.path.join(TRACES, "AzureLLMInferenceTrace_code.csv")
+    arrivals = load_gen.load_trace(trace, offset=5100, limit=10)
+    assert len(arrivals) == 10 and arrivals[0].t == 0.0
+    assert all(b.t >= a.t for a, b in zip(arrivals, arrivals[1:])) and arrivals[-1].t > 0
+    summary = tmp_path / "s.json"
+    # Real time (the 10 rows span ~0.4 s); prompts of thousands of tokens cut to the tiny model's size.
+    rc = load_gen.main(["--target", f"localhost:{server.port}", "--trace", trace, "--trace_offset", "5100",
+                        "--trace_limit", "10", "--max_input_len", "12", "--max_output_len", "4",
+                        "--json", str(summary)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    s = json.loads(summary.read_text())
+    assert s["completed"] == 10 and s["output_tokens_per_s"] > 0
+    assert s["duration_s"] >= arrivals[-1].t
+    assert all(s[f"{m}_p{q}"] > 0 for m in ("ttft_ms", "tpot_ms") for q in (50, 90, 99))
+    assert "requests 10/10" in out and "p99" in out
+    wait_pages_free_target(server)
+
+
+def wait_pages_free_target(server):
+    with Client(f"localhost:{server.port}") as c:
+        wait_pages_free(c)
+
+
 def test_status(client):
     st = client.status()
     assert st.model == "tiny" and len(st.instances) == 2 and st.max_model_len == 128
@@ -239,15 +446,23 @@ def test_health_and_reflection(server):
         assert {"kunjax.v1.Generation", "kunjax.v1.Admin", "grpc.health.v1.Health"} <= names
 
 
+def scrape(port):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10).read().decode()
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
 def test_launcher_subprocess(reference):
     port, mport = portpicker.pick_unused_port(), portpicker.pick_unused_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.launch", "--model=tiny", "--dtype=float32", "--num_instances=2", "--tp=1",
-         "--cpu_devices=2", "--num_pages=64", "--max_model_len=128", "--max_num_seqs=4",
+         "--cpu_devices=2", "--num_pages=64", "--max_model_len=1024", "--max_num_seqs=4",
          "--max_num_batched_tokens=64", "--nowarmup", f"--port={port}", f"--metrics_port={mport}",
-         "--shutdown_grace_s=20"],
+         "--shutdown_grace_s=60", "--log_level=warning"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -260,16 +475,36 @@ def test_launcher_subprocess(reference):
         with Client(f"localhost:{port}") as c:
             r = c.complete("launched", max_tokens=5)
             assert list(r.token_ids) == want.token_ids
-            assert len(c.status().instances) == 2
-            metrics = urllib.request.urlopen(f"http://localhost:{mport}/metrics", timeout=10).read().decode()
-            assert "kunjax_time_to_first_token_seconds_count 1.0" in metrics
-            assert 'kunjax_requests_total{finish_reason="length"} 1.0' in metrics
-            # SIGTERM with a stream in flight: the stream still finishes within the grace period.
-            stream = c.generate("graceful", max_tokens=60, ignore_eos=True)
-            next(stream)
+            st = c.status()
+            assert len(st.instances) == 2 and st.max_model_len == 1024
+            m = scrape(mport)
+            assert m[("kunjax_time_to_first_token_seconds_count", ())] == 1.0
+            assert m[("kunjax_time_per_output_token_seconds_count", ())] == 1.0
+            assert m[("kunjax_time_per_output_token_seconds_sum", ())] > 0
+            assert m[("kunjax_requests_total", (("finish_reason", "length"),))] == 1.0
+            assert m[("kunjax_queue_length", ())] == 0.0
+            assert {("kunjax_kv_utilization", (("instance", str(i)),)) for i in range(2)} <= m.keys()
+            live = {k[1][0][1]: v for k, v in m.items() if k[0] == "kunjax_device_live_bytes"}
+            assert sorted(live) == sorted(d for i in st.instances for d in i.devices)
+            assert all(v > 0 for v in live.values())
+            # SIGTERM with two streams in flight: the short one finishes within the grace period, new
+            # calls are refused, and a second SIGTERM aborts the long one cleanly (ABORT, status OK).
+            short = c.generate("graceful", max_tokens=20, ignore_eos=True)
+            long = c.generate("aborted", max_tokens=1000, ignore_eos=True)
+            got_short, got_long = [next(short)], [next(long)]
             proc.send_signal(signal.SIGTERM)
-            rest = list(stream)
-            assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and rest[-1].usage.completion_tokens == 60
+            got_short += list(short)
+            assert got_short[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert got_short[-1].usage.completion_tokens == 20
+            wait_shutting_down(c.channel)
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("refused", max_tokens=2, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            proc.send_signal(signal.SIGTERM)
+            got_long += list(long)
+            n = sum(len(x.token_ids) for x in got_long)
+            assert got_long[-1].finish_reason == pb.FINISH_REASON_ABORT
+            assert 2 <= n < 1000 and got_long[-1].usage.completion_tokens == n
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert "kunjax server stopped" in out

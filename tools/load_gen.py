@@ -81,7 +81,8 @@ def load_trace(path: str, offset: int = 0, limit: Optional[int] = None) -> list[
             reader = csv.DictReader(f)
             for r in reader:
                 if "TIMESTAMP" in r:  # Azure 2023
-                    ts = datetime.datetime.fromisoformat(r["TIMESTAMP"][:26]).timestamp()
+                    ts = datetime.datetime.fromisoformat(r["TIMESTAMP"][:26]).replace(
+                        tzinfo=datetime.timezone.utc).timestamp()  # no zone given; UTC avoids DST jumps
                     rows.append((ts, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
                 elif "Timestamp" in r:  # BurstGPT
                     rows.append((float(r["Timestamp"]), int(r["Request tokens"]), int(r["Response tokens"])))
@@ -98,19 +99,35 @@ def pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
 
 
+def fit_context(arrivals: list[Arrival], max_model_len: int) -> int:
+    """Shortens requests that the server's context cannot hold (prompt + output <= max_model_len):
+    the output to at most half the context, then the prompt to what is left. Returns how many."""
+    n = 0
+    if max_model_len < 2:
+        return 0
+    for a in arrivals:
+        if a.input_len + a.output_len > max_model_len:
+            a.output_len = min(a.output_len, max_model_len // 2)
+            a.input_len = min(a.input_len, max_model_len - a.output_len)
+            n += 1
+    return n
+
+
 async def run_load(target: str, arrivals: list[Arrival], *, max_concurrency: Optional[int] = None,
-                   min_token_id: int = 10, max_token_id: int = 250, seed: int = 0, timeout: float = 600.0) -> dict:
+                   min_token_id: int = 10, max_token_id: int = 250, seed: int = 0, timeout: float = 600.0,
+                   fit: bool = True) -> dict:
     import grpc
 
     from serving.client import AsyncClient
 
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(min_token_id, max_token_id, size=a.input_len).tolist() for a in arrivals]
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     results: list[Result] = []
 
     async with AsyncClient(target) as client:
         before = await client.status(skip_memory=True)
+        clipped = fit_context(arrivals, before.max_model_len) if fit else 0
+        rng = np.random.default_rng(seed)
+        prompts = [rng.integers(min_token_id, max_token_id, size=a.input_len).tolist() for a in arrivals]
 
         async def one(a: Arrival, ids):
             if sem is not None:
@@ -157,7 +174,9 @@ async def run_load(target: str, arrivals: list[Arrival], *, max_concurrency: Opt
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         after = await client.status(skip_memory=True)
-    return summarize(results, duration, before, after)
+    s = summarize(results, duration, before, after)
+    s["clipped_to_context"] = clipped
+    return s
 
 
 def summarize(results: list[Result], duration: float, before=None, after=None) -> dict:
@@ -202,7 +221,8 @@ def summarize(results: list[Result], duration: float, before=None, after=None) -
 
 
 def print_summary(s: dict) -> None:
-    print(f"requests {s['completed']}/{s['requests']} in {s['duration_s']:.2f}s  errors {s['errors'] or 'none'}")
+    print(f"requests {s['completed']}/{s['requests']} in {s['duration_s']:.2f}s  errors {s['errors'] or 'none'}"
+          + (f"  ({s['clipped_to_context']} shortened to the server's context)" if s.get("clipped_to_context") else ""))
     print(f"throughput: {s['request_throughput']:.2f} req/s, {s['output_tokens_per_s']:.1f} output tok/s, "
           f"{s['total_tokens_per_s']:.1f} total tok/s")
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
@@ -231,6 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--time_scale", type=float, default=1.0, help="divide trace times by this (speed-up)")
     ap.add_argument("--max_input_len", type=int, default=None, help="clip prompt lengths (small models)")
     ap.add_argument("--max_output_len", type=int, default=None, help="clip output lengths")
+    ap.add_argument("--no_fit_context", dest="fit_context", action="store_false",
+                    help="send requests longer than the server's context as they are (they fail)")
     ap.add_argument("--max_concurrency", type=int, default=None)
     ap.add_argument("--min_token_id", type=int, default=10)
     ap.add_argument("--max_token_id", type=int, default=250)
@@ -251,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.output_len = max(1, min(a.output_len, args.max_output_len or a.output_len))
     s = asyncio.run(run_load(args.target, arrivals, max_concurrency=args.max_concurrency,
                              min_token_id=args.min_token_id, max_token_id=args.max_token_id, seed=args.seed,
-                             timeout=args.timeout))
+                             timeout=args.timeout, fit=args.fit_context))
     print_summary(s)
     if args.json:
         with open(args.json, "w") as f:
