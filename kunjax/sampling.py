@@ -24,7 +24,9 @@ def _filtered_sample(logits, temperature, top_k, top_p, seeds, counters):
     # top-p over what top-k kept: keep the smallest prefix whose mass reaches top_p
     probs = jax.nn.softmax(sorted_masked, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (mass_before < top_p[:, None]) & (ranks < k[:, None])
+    # The top-ranked token is always kept: a tiny top_p (whose comparison a CPU may flush to zero)
+    # must mean "greedy among the candidates", never "nothing left".
+    keep_sorted = ((mass_before < top_p[:, None]) | (ranks == 0)) & (ranks < k[:, None])
     threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     threshold = jnp.maximum(threshold, kth)
     masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)

@@ -125,6 +125,13 @@ def test_sampler_distribution():
     assert set(np.unique(top2)) == {0, 1}
     topp = np.asarray(sample(logits, ones, jnp.zeros((n,), jnp.int32), jnp.full((n,), 0.75), seeds, counters))
     assert set(np.unique(topp)) == {0, 1}  # 0.5 + 0.3 reaches 0.75
+    # A tiny (legal) top_p keeps exactly the most likely token, wherever it sits in the vocabulary.
+    shuffled = jnp.log(jnp.asarray([[0.15, 0.3, 0.5, 0.05]] * 64, jnp.float32))
+    m = shuffled.shape[0]
+    for tiny_p in (1e-45, 1e-6):
+        got = np.asarray(sample(shuffled, jnp.ones((m,)), jnp.zeros((m,), jnp.int32), jnp.full((m,), tiny_p),
+                                seeds[:m], counters[:m]))
+        assert set(np.unique(got)) == {2}, tiny_p
 
 
 def test_stop_token_and_stop_string(tiny):
