@@ -57,7 +57,8 @@ flags.DEFINE_integer("metrics_port", None, "Prometheus /metrics port (off when u
 flags.DEFINE_float("shutdown_grace_s", 10.0, "seconds in-flight streams get to finish on SIGTERM; then (or at "
                    "a second SIGTERM/SIGINT) they end with finish_reason ABORT")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "log level of the server")
-flags.DEFINE_integer("default_max_tokens", 16, "max_tokens when a request sets none")
+flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request sets none (capped by the context "
+                     "left after the prompt)")
 # distributed
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
 flags.DEFINE_integer("num_processes", 1, "processes in the multi-host job")

@@ -11,5 +11,5 @@ class ServerOptions:
     host: str = "[::]"
     max_queue: int = 1024  # requests received and not yet running, across the cluster
     shutdown_grace_s: float = 10.0  # in-flight streams get this long to finish on shutdown
-    default_max_tokens: int = 16
+    default_max_tokens: int = 256
     overload_policy: str = "none"

@@ -79,7 +79,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if req.HasField(name) and not math.isfinite(getattr(req, name)):
                 raise ValueError(f"{name} must be a finite number")
         params = SamplingParams(
-            max_tokens=req.max_tokens if req.HasField("max_tokens") else self.options.default_max_tokens,
+            # Unset: the server's default, shortened so that it always fits the context left after the prompt.
+            max_tokens=req.max_tokens if req.HasField("max_tokens") else max(
+                1, min(self.options.default_max_tokens, self.cluster.max_model_len - len(ids))),
             temperature=req.temperature if req.HasField("temperature") else 0.0,
             top_p=req.top_p if req.HasField("top_p") else 1.0,
             top_k=req.top_k if req.HasField("top_k") else 0,

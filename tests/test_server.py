@@ -512,3 +512,13 @@ def test_launcher_subprocess(reference):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_unset_max_tokens_fits_the_context(client):
+    """Without max_tokens a request gets the server's default, shortened to the context left after its
+    prompt, instead of an INVALID_ARGUMENT it never asked for."""
+    r = client.complete(prompt_token_ids=[7] * 100, ignore_eos=True)
+    assert r.finish_reason == pb.FINISH_REASON_LENGTH
+    assert r.usage.completion_tokens == 128 - 100
+    short = client.complete(prompt_token_ids=[7] * 3, ignore_eos=True)
+    assert short.usage.completion_tokens == 128 - 3  # the default (256) itself is capped by the context
