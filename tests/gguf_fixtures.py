@@ -104,6 +104,92 @@ def quant_roundtrip(w: np.ndarray, qtype) -> np.ndarray:
     return dequantize(quantize(w, qtype), qtype).reshape(w.shape)
 
 
+QK_K = 256
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16)
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros(np.broadcast_shapes(a.shape, b.shape), np.float32), where=b != 0)
+
+
+def _kquant_affine(x: np.ndarray, levels: int):
+    """Shared part of Q4_K / Q5_K: super-blocks of 256 = 8 sub-blocks of 32, y = d*sc*q - dmin*m with
+    6-bit sc, m and f16 d, dmin (ggml's block_q4_K / block_q5_K). Returns (d, dmin, packed scales, q)."""
+    n = x.shape[0]
+    sub = x.reshape(n, 8, 32)
+    lo = np.minimum(sub.min(-1), 0.0)  # ggml keeps min <= 0 (stored negated, as a non-negative m)
+    scale = (sub.max(-1) - lo) / levels
+    d = _f16(scale.max(-1, keepdims=True) / 63)
+    dmin = _f16((-lo).max(-1, keepdims=True) / 63)
+    df, dminf = d.astype(np.float32), dmin.astype(np.float32)
+    sc = np.clip(np.ceil(_safe_div(scale, df) - 1e-6), 0, 63).astype(np.uint8)  # ceil: no clipping of q
+    m = np.clip(np.rint(_safe_div(-lo, dminf)), 0, 63).astype(np.uint8)
+    step = (df * sc)[..., None]
+    q = np.clip(np.rint(_safe_div(sub + (dminf * m)[..., None], step)), 0, levels).astype(np.uint8)
+    scales = np.zeros((n, 12), np.uint8)
+    scales[:, 0:4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    return d, dmin, scales, q
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """Sub-blocks 2p and 2p+1 share 32 bytes: low nibbles the first, high nibbles the second."""
+    n = q.shape[0]
+    pairs = q.reshape(n, 4, 2, 32) & 0xF
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, 128).astype(np.uint8)
+
+
+def _q4_k(x: np.ndarray) -> np.ndarray:
+    d, dmin, scales, q = _kquant_affine(x, 15)
+    return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, _nibbles(q)], axis=1)  # 144 bytes
+
+
+def _q5_k(x: np.ndarray) -> np.ndarray:
+    d, dmin, scales, q = _kquant_affine(x, 31)
+    hi = (q >> 4) & 1  # bit j of qh[l] is the fifth bit of sub-block j's element l
+    qh = (hi << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1).astype(np.uint8)
+    return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, qh, _nibbles(q)], axis=1)  # 176 bytes
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    """ggml's block_q6_K: 16 groups of 16 with int8 scales times an f16 d, 6-bit q - 32 stored as
+    4 low bits (ql) and 2 high bits (qh)."""
+    n = x.shape[0]
+    grp = x.reshape(n, 16, 16)
+    s = np.abs(grp).max(-1) / 31
+    d = _f16(s.max(-1, keepdims=True) / 127)
+    df = d.astype(np.float32)
+    sc = np.clip(np.ceil(_safe_div(s, df) - 1e-6), 0, 127).astype(np.int8)
+    step = (df * sc)[..., None]
+    q = (np.clip(np.rint(_safe_div(grp, step)), -32, 31) + 32).astype(np.uint8).reshape(n, 2, 4, 32)
+    # per half of 128: quarter k (elements 32k..32k+31) -> ql nibble (k & 1 picks bytes 0-31 / 32-63,
+    # k >> 1 picks low / high nibble) and bits 2k..2k+1 of qh
+    ql = np.concatenate([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+                         (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], axis=2).reshape(n, 128)
+    qh = sum(((q[:, :, k] >> 4) & 3) << (2 * k) for k in range(4)).astype(np.uint8).reshape(n, 64)
+    return np.concatenate([ql.astype(np.uint8), qh, sc.view(np.uint8), d.view(np.uint8)], axis=1)  # 210 bytes
+
+
+K_QUANTS = (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K, gguf.GGMLQuantizationType.Q6_K)
+
+
+def quantize_k(w: np.ndarray, qtype) -> np.ndarray:
+    """Q4_K / Q5_K / Q6_K bytes for `w` (rows a multiple of 256), written from ggml's block layouts
+    (ggml-common.h) since the gguf package can only dequantize k-quants. A simple quantizer (min / max
+    per sub-block, scales rounded up so nothing clips), independent of gguf's decoder, so loading
+    such a file checks that decoder and kunjax's handling of it against the original weights."""
+    enc = dict(zip(K_QUANTS, (_q4_k, _q5_k, _q6_k)))[qtype]
+    w = np.asarray(w, np.float32)
+    if w.shape[-1] % QK_K:
+        raise ValueError(f"{qtype.name} needs rows that are a multiple of {QK_K}, got {w.shape}")
+    blocks = w.reshape(-1, QK_K)
+    return enc(blocks).reshape(*w.shape[:-1], -1)
+
+
 def quantizable(name: str, w: np.ndarray) -> bool:
     return w.ndim == 2 and w.shape[1] % 32 == 0 and name.endswith(".weight") and "norm" not in name
 
@@ -165,9 +251,11 @@ def llama3_rope_freqs(cfg) -> np.ndarray:
 
 def write_gguf(model, path: str, qtype: str = "F32", arch: Optional[str] = None, pre: str = "smollm",
                chat_template: Optional[str] = CHATML, extra_tensors: Optional[dict] = None,
-               qtypes: Optional[dict] = None, raw_types: Optional[dict] = None, drop: tuple = ()) -> str:
+               qtypes: Optional[dict] = None, raw_types: Optional[dict] = None, drop: tuple = (),
+               eos_token_id: int = 2) -> str:
     """Writes `model` as a GGUF. qtype "Q8_0" quantizes every 2-D weight whose rows are a multiple of 32.
-    `qtypes` quantizes named tensors to a given type with gguf's quantizer (name -> GGMLQuantizationType);
+    `qtypes` quantizes named tensors to a given type (name -> GGMLQuantizationType) with gguf's quantizer,
+    or `quantize_k` for Q4_K / Q5_K / Q6_K;
     `raw_types` stores named tensors as a type with random bytes instead of the weights (for types gguf
     cannot quantize: every byte is below 0x3C, so every f16 scale field is finite and below 1);
     tensors named in `drop` are left out."""
@@ -196,7 +284,7 @@ def write_gguf(model, path: str, qtype: str = "F32", arch: Optional[str] = None,
     w.add_token_types(types)
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w.add_eos_token_id(eos_token_id)
     w.add_add_bos_token(False)
     if chat_template is not None:
         w.add_chat_template(chat_template)
@@ -216,7 +304,7 @@ def write_gguf(model, path: str, qtype: str = "F32", arch: Optional[str] = None,
             w.add_tensor(name, rng.integers(0, 0x3C, byte_shape, dtype=np.uint8), raw_dtype=t)
         elif qtypes and name in qtypes:
             t = qtypes[name]
-            data = quantize(arr, t)
+            data = quantize_k(arr, t) if t in K_QUANTS else quantize(arr, t)
             w.add_tensor(name, data, raw_dtype=None if t == gguf.GGMLQuantizationType.F16 else t)
         elif qtype == "Q8_0" and quantizable(name, arr):
             w.add_tensor(name, quantize(arr, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)

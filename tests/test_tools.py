@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from hf_models import hf_greedy, make_model, save_model
 from tools import batch_generate
@@ -49,27 +50,120 @@ def test_batch_generate_tiny_rows_and_errors(tmp_path):
     write_jsonl(inp, [{"id": "a", "prompt": "Hello there"}, "{broken json",
                       {"id": "b", "prompt_token_ids": [5, 6, 7], "max_new_tokens": 3},
                       {"id": "c", "prompt": "x", "prompt_token_ids": [1]},
-                      {"id": "d", "prompt_token_ids": [99999]}, {"id": "e", "prompt": "again"}])
+                      {"id": "d", "prompt_token_ids": [99999]}, {"id": "e", "prompt": "again"},
+                      {"id": "f", "messages": [{"role": "user", "content": "Hello there"}], "max_new_tokens": 4},
+                      {"id": "g", "messages": [{"role": "robot", "content": "beep"}]},
+                      {"id": "h", "messages": "not a list"}])
     summary = batch_generate.run("tiny", str(inp), str(out), flags(), progress=False)
     rows = read_jsonl(out)
-    assert [r["id"] for r in rows] == ["a", 2, "b", "c", "d", "e"]
+    assert [r["id"] for r in rows] == ["a", 2, "b", "c", "d", "e", "f", "g", "h"]
     assert rows[1]["finish_reason"] == "error" and "line 2" in rows[1]["error"]
     assert "line 4" in rows[3]["error"] and "exactly one" in rows[3]["error"]
     assert "vocabulary" in rows[4]["error"]
     assert len(rows[0]["token_ids"]) == 8 and rows[0]["finish_reason"] == "length"
     assert len(rows[2]["token_ids"]) == 3
-    assert summary["errors"] == 3 and summary["generated_tokens"] == 8 + 3 + 8
+    # tiny has no chat template: messages use the plain fallback format
+    assert len(rows[6]["token_ids"]) == 4 and rows[6]["finish_reason"] == "length"
+    assert "line 8" in rows[7]["error"] and "messages[0].role" in rows[7]["error"]
+    assert "line 9" in rows[8]["error"] and "messages must be a list" in rows[8]["error"]
+    assert summary["errors"] == 5 and summary["generated_tokens"] == 8 + 3 + 8 + 4
+
+
+def test_batch_generate_flags():
+    """Default model smollm2-135m; --dtype takes float32 | bfloat16 (or auto) and nothing else."""
+    from absl import flags as absl_flags
+
+    fv = absl_flags.FlagValues()
+    batch_generate.define_flags(fv)
+    fv(["batch_generate", "--input=in.jsonl", "--output=out.jsonl"])
+    assert fv.model == "smollm2-135m" and fv.dtype == "auto"
+    for dtype in ("float32", "bfloat16"):
+        fv.unparse_flags()
+        fv(["batch_generate", "--input=a", "--output=b", f"--dtype={dtype}"])
+        assert fv.dtype == dtype
+    fv.unparse_flags()
+    with pytest.raises(absl_flags.IllegalFlagValueError, match="float16"):
+        fv(["batch_generate", "--input=a", "--output=b", "--dtype=float16"])
 
 
 def test_batch_generate_cli_tiny(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, [{"id": i, "prompt": f"prompt number {i}"} for i in range(4)])
     proc = subprocess.run([sys.executable, "-m", "tools.batch_generate", "--model=tiny", f"--input={inp}",
-                           f"--output={out}", "--max_new_tokens=5", "--dtype=float32", "--num_pages=64",
+                           f"--output={out}", "--max_new_tokens=5", "--dtype=bfloat16", "--num_pages=64",
                            "--max_model_len=128"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "done: 4 requests" in proc.stderr and "tokens/s" in proc.stderr
     assert [len(r["token_ids"]) for r in read_jsonl(out)] == [5] * 4
+
+
+def test_batch_generate_dtype_reaches_the_model(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    import kunjax.loader
+
+    loaded = []
+    real = kunjax.loader.load_model
+
+    def spy(spec, dtype=None, place=None):
+        loaded.append(real(spec, dtype=dtype, place=place))
+        return loaded[-1]
+
+    monkeypatch.setattr(kunjax.loader, "load_model", spy)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"prompt": "bf16"}])
+    batch_generate.run("tiny", str(inp), str(out), flags(dtype="bfloat16", max_new_tokens=2), progress=False)
+    leaves = __import__("jax").tree.leaves(loaded[0].params)
+    assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
+    assert len(read_jsonl(out)[0]["token_ids"]) == 2
+
+
+def _greedy_until(model, prompt, n, eos):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=list(eos), pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_batch_generate_messages_end_at_end_of_turn(tmp_path):
+    """A GGUF whose EOS is <|endoftext|> but whose chat template closes turns with <|im_end|>: `messages`
+    rows get the ChatML prompt, and generation stops at <|im_end|> exactly where transformers stops.
+
+    The random model is made to emit <|im_end|> (id 2): its greedy continuation is computed first, and the
+    lm_head rows of id 2 and of the first new token at step k >= 2 are swapped, so steps before k are
+    unchanged and step k picks id 2."""
+    from gguf_fixtures import make_hf_model, write_gguf
+    from kunjax.gguf_tokenizer import load_gguf_tokenizer
+
+    hf = make_hf_model("llama", seed=5)
+    path = str(tmp_path / "chat.gguf")
+    write_gguf(hf, path, eos_token_id=0)
+    tok = load_gguf_tokenizer(path)
+    conv = [{"role": "system", "content": "the end"}, {"role": "user", "content": "hello world"}]
+    chatml = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv) + "<|im_start|>assistant\n"
+    prompt = tok.encode(chatml, add_special_tokens=False)
+    assert prompt.count(1) == 3 and prompt.count(2) == 2  # <|im_start|> x3, <|im_end|> x2
+    n = 12
+    free = _greedy_until(hf, prompt, n, eos=())
+    k = next(i for i in range(2, n) if free[i] not in free[:i] + [0, 1, 2] and not {0, 2} & set(free[:i]))
+    with torch.no_grad():
+        w = hf.lm_head.weight
+        w[[2, free[k]]] = w[[free[k], 2]].clone()
+    ref = _greedy_until(hf, prompt, n, eos=(0, 2))
+    assert ref == free[:k] + [2]
+    write_gguf(hf, path, eos_token_id=0)
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(inp, [{"id": "chat", "messages": conv}, {"id": "raw", "prompt": "hello world and the"}])
+    summary = batch_generate.run(path, str(inp), str(out), flags(max_new_tokens=n), progress=False)
+    chat, raw = read_jsonl(out)
+    assert summary["errors"] == 0
+    assert chat["token_ids"] == ref and chat["finish_reason"] == "stop"
+    assert chat["text"] == tok.decode(ref[:-1]) and "<|im_end|>" not in chat["text"]
+    raw_ref = _greedy_until(hf, tok.encode("hello world and the"), n, eos=(0, 2))
+    assert raw["token_ids"] == raw_ref
+    assert raw["finish_reason"] == ("stop" if raw_ref[-1] in (0, 2) else "length")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,16 @@
 """Offline batch generation: JSONL prompts in, JSONL completions out, in input order.
 
     python -m tools.batch_generate --model=smollm2-135m --input=in.jsonl --output=out.jsonl \\
-        --max_new_tokens=64 --temperature=0
+        --max_new_tokens=64 --temperature=0 --dtype=float32
+
+The default model is the embedded SmolLM2-135M-Instruct (`smollm2-135m`); `--dtype` is float32 or
+bfloat16 (default auto: bfloat16 on GPU/TPU, float32 on CPU).
 
 Input rows: {"id": ..., "prompt": "..."} or {"id": ..., "prompt_token_ids": [...]} or
 {"id": ..., "messages": [{"role": "user", "content": "..."}]} (rendered with the model's chat
-template). A row may override max_new_tokens / temperature / top_p / top_k / seed / stop.
+template, with the assistant prompt appended). A row may override max_new_tokens / temperature /
+top_p / top_k / seed / stop. Generation ends at the model's end-of-sequence or end-of-turn token
+(`<|im_end|>` for SmolLM2), which is not part of the text.
 Output rows: id, token_ids (generated only), text, finish_reason. A malformed row gets an output
 row with finish_reason "error" and an "error" message naming its line; the other rows still run.
 """
@@ -22,26 +27,33 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-    """Command-line flags; defined only when run as a program, so importing the module for its
-    functions never clashes with another tool's flags."""
-    flags.DEFINE_string("model", "smollm2-135m", "tiny | smollm2-135m | HF directory | orbax directory | .gguf file")
-    flags.DEFINE_string("input", None, "input JSONL file", required=True)
-    flags.DEFINE_string("output", None, "output JSONL file", required=True)
-    flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per row (rows may override)")
-    flags.DEFINE_float("temperature", 0.0, "0 = greedy")
-    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-    flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)")
-    flags.DEFINE_integer("seed", 0, "base seed; row i uses seed + i unless the row sets its own")
-    flags.DEFINE_string("dtype", "auto", "float32 | bfloat16 | auto (bfloat16 on GPU, float32 on CPU)")
-    flags.DEFINE_integer("page_size", 16, "tokens per KV page")
-    flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from the memory budget)")
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
+    """Command-line flags (into `fv`, default the global FLAGS); defined only when run as a program,
+    so importing the module for its functions never clashes with another tool's flags."""
+    fv = FLAGS if fv is None else fv
+    flags.DEFINE_string("model", DEFAULT_MODEL, "tiny | smollm2-135m | HF directory | orbax directory | .gguf file",
+                        flag_values=fv)
+    flags.DEFINE_string("input", None, "input JSONL file", required=True, flag_values=fv)
+    flags.DEFINE_string("output", None, "output JSONL file", required=True, flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per row (rows may override)", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "top-k filter (0 = off)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "base seed; row i uses seed + i unless the row sets its own", flag_values=fv)
+    flags.DEFINE_enum("dtype", "auto", list(DTYPES), "weights and KV cache dtype; auto: bfloat16 on GPU/TPU, "
+                      "float32 on CPU", flag_values=fv)
+    flags.DEFINE_integer("page_size", 16, "tokens per KV page", flag_values=fv)
+    flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from the memory budget)", flag_values=fv)
     flags.DEFINE_integer("hbm_bytes", None, "per-device memory budget in bytes (default: 4 GiB on CPU, "
-                         "a fraction of the device limit on GPU)")
-    flags.DEFINE_integer("max_model_len", 2048, "longest prompt + generation")
-    flags.DEFINE_integer("max_num_seqs", 32, "requests decoded together")
-    flags.DEFINE_integer("max_num_batched_tokens", 512, "prefill token budget per step")
-    flags.DEFINE_bool("progress", True, "progress bar on stderr")
+                         "a fraction of the device limit on GPU)", flag_values=fv)
+    flags.DEFINE_integer("max_model_len", 2048, "longest prompt + generation", flag_values=fv)
+    flags.DEFINE_integer("max_num_seqs", 32, "requests decoded together", flag_values=fv)
+    flags.DEFINE_integer("max_num_batched_tokens", 512, "prefill token budget per step", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "progress bar on stderr", flag_values=fv)
 
 
 CPU_DEFAULT_BUDGET = 4 << 30
