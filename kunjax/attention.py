@@ -53,6 +53,21 @@ def _attend(q, k, v, mask, scale):
     return out.reshape(r, nq, h, hd).astype(q.dtype)
 
 
+def _attend_decode_f32(q, k, v, mask, scale):
+    """One query token per row, f32: products and sums over the context as one fused elementwise
+    reduction. For a single query XLA:CPU runs the batched-GEMM form above as many tiny GEMMs,
+    4-5x slower (32 rows x 1024 keys: 22 ms vs 4.6 ms per layer, measured); for bf16 the GEMM form
+    is as fast, so it stays there."""
+    r, _, h, hd = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(r, 1, kvh, h // kvh, hd)
+    scores = jnp.sum(qg * k[:, :, :, None, :], axis=-1) * scale  # (R, S, KV, G)
+    scores = jnp.where(mask[:, 0, :, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1)  # (R, KV, G, hd)
+    return out.reshape(r, 1, h, hd)
+
+
 def context_mask(positions, ctx_lens, num_keys: int, sliding_window: Optional[int]):
     """(R, Q, S) boolean mask: key j is visible to a query at position p iff j <= p, j < ctx_len."""
     kpos = jnp.arange(num_keys, dtype=jnp.int32)[None, None, :]
@@ -70,6 +85,8 @@ def paged_attention(q, k_pool, v_pool, block_tables, positions, ctx_lens, scale,
     k = read_pages(k_pool, block_tables, q.dtype).reshape(r, -1, kvh, hd)
     v = read_pages(v_pool, block_tables, q.dtype).reshape(r, -1, kvh, hd)
     mask = context_mask(positions, ctx_lens, k.shape[1], sliding_window)
+    if q.shape[1] == 1 and q.dtype == jnp.float32:
+        return _attend_decode_f32(q, k, v, mask, scale)
     return _attend(q, k, v, mask, scale)
 
 

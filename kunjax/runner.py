@@ -29,7 +29,11 @@ def _step(params: Params, kv, batch: dict, cfg: ModelConfig):
     h, kv = forward_layers(params["layers"], kv, h, batch["positions"], batch["slots"], batch["block_tables"],
                            batch["ctx_lens"], cfg)
     rows = jnp.arange(h.shape[0])
-    logits = lm_logits(params, h[rows, batch["last_idx"]], cfg)
+    last = h[rows, batch["last_idx"]]
+    if last.shape[0] == 1:  # a single-row prefill: the LM head as a 2-row GEMM, see Buckets.min_decode_rows
+        logits = lm_logits(params, jnp.concatenate([last, jnp.zeros_like(last)]), cfg)[:1]
+    else:
+        logits = lm_logits(params, last, cfg)
     tokens = sample(logits, batch["temperature"], batch["top_k"], batch["top_p"], batch["seeds"],
                     batch["counters"])
     return kv, tokens, logits
@@ -76,16 +80,28 @@ class Buckets:
     page_size: int = 16
     min_chunk: int = 32
     min_context: int = 256
+    # Decode steps have at least 2 rows: with one, every matmul is a matrix-vector product, which
+    # XLA:CPU emits as a reduction over weights converted to f32 (a full bf16->f32 copy of the
+    # weights per step) instead of its native bf16 GEMM. The padded row reads only the null page.
+    min_decode_rows: int = 2
 
     def rows(self, n: int, prefill: bool) -> int:
-        return pow2_bucket(n, 1, self.max_prefill_rows if prefill else self.max_rows)
+        if prefill:
+            return pow2_bucket(n, 1, self.max_prefill_rows)
+        return pow2_bucket(n, min(self.min_decode_rows, self.max_rows), self.max_rows)
 
     def query(self, n: int) -> int:
         return 1 if n == 1 else pow2_bucket(n, min(self.min_chunk, self.max_chunk), self.max_chunk)
 
-    def pages(self, n: int, prefill: bool = False) -> int:
+    def pages(self, n: int, prefill: bool = False, q: Optional[int] = None) -> int:
+        """Gathered context pages for a step whose rows need at most n pages. A prefill step takes
+        one of two: the pages of its query bucket q (every row is a prompt's first chunk, the common
+        case, whose context is the chunk itself), or the longest context (a later chunk of a long
+        prompt). Two, not a power-of-two ladder, to keep the executables few; the short one saves
+        the attention over (max_model_len - chunk) masked keys that dominated short prompts' TTFT."""
         if prefill:
-            return self.max_pages_per_seq
+            short = min(pages_for(q or self.max_chunk, self.page_size), self.max_pages_per_seq)
+            return short if n <= short else self.max_pages_per_seq
         lo = min(pages_for(self.min_context, self.page_size), self.max_pages_per_seq)
         return pow2_bucket(n, lo, self.max_pages_per_seq)
 
@@ -101,10 +117,11 @@ class Buckets:
         shapes = []
         lo = min(pages_for(self.min_context, self.page_size), self.max_pages_per_seq)
         for pb in pow2s(lo, self.max_pages_per_seq):
-            for r in pow2s(1, self.max_rows):
+            for r in pow2s(min(self.min_decode_rows, self.max_rows), self.max_rows):
                 shapes.append((r, 1, pb))
         for q in pow2s(min(self.min_chunk, self.max_chunk), self.max_chunk):
             for r in pow2s(1, self.max_prefill_rows):
+                shapes.append((r, q, self.pages(0, prefill=True, q=q)))
                 shapes.append((r, q, self.max_pages_per_seq))
         return sorted(set(shapes))
 
@@ -135,7 +152,7 @@ class ModelRunner:
         ps = self.page_size
         R = self.buckets.rows(len(rows), prefill)
         Q = self.buckets.query(max(r.n for r in rows)) if prefill else 1
-        Pb = self.buckets.pages(max(pages_for(r.start + r.n, ps) for r in rows), prefill)
+        Pb = self.buckets.pages(max(pages_for(r.start + r.n, ps) for r in rows), prefill, Q)
         b = {
             "tokens": np.zeros((R, Q), np.int32),
             "positions": np.zeros((R, Q), np.int32),
