@@ -110,3 +110,30 @@ def test_kv_write_updates_donated_pool_in_place(dtype):
     assert not [op for op in ops if op not in ("parameter", "scatter", "dynamic-update-slice", "fusion", "tuple",
                                               "bitcast")], ops
     assert "copy" not in ops and "convert" not in ops
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)], ids=["f32", "bf16"])
+def test_decode_paths_equal_general_attention(dtype, atol):
+    """Decode (one query per row) takes a dtype-specific formulation; it must agree with the general
+    chunk attention over the same pages (bf16: to bf16 rounding of the probabilities)."""
+    from kunjax.attention import _attend, context_mask
+    from kunjax.kv_cache import storage_dtype
+
+    rng = np.random.default_rng(3)
+    R, H, KV, hd, ps, P = 4, 6, 2, 16, 4, 40
+    ctx = np.array([1, 9, 16, 30])
+    k_pool = jnp.asarray(rng.standard_normal((P, ps, KV, hd)), dtype)
+    v_pool = jnp.asarray(rng.standard_normal((P, ps, KV, hd)), dtype)
+    if storage_dtype(dtype) != dtype:
+        k_pool, v_pool = (jax.lax.bitcast_convert_type(p, storage_dtype(dtype)) for p in (k_pool, v_pool))
+    tables = jnp.asarray(rng.permutation(np.arange(1, P))[:R * 8].reshape(R, 8), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((R, 1, H, hd)), dtype)
+    positions = jnp.asarray(ctx[:, None] - 1, jnp.int32)
+    ctx_lens = jnp.asarray(ctx, jnp.int32)
+    got = paged_attention(q, k_pool, v_pool, tables, positions, ctx_lens, scale=hd ** -0.5)
+    from kunjax.attention import read_pages
+    k = read_pages(k_pool, tables, dtype).reshape(R, -1, KV, hd)
+    v = read_pages(v_pool, tables, dtype).reshape(R, -1, KV, hd)
+    want = _attend(q, k, v, context_mask(positions, ctx_lens, k.shape[1], None), hd ** -0.5)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol)
