@@ -25,8 +25,13 @@ def write_kv(pool: jnp.ndarray, new: jnp.ndarray, slots: jnp.ndarray) -> jnp.nda
     view makes XLA copy the whole pool every step instead of updating the donated buffer in place.
     """
     ps = pool.shape[1]
-    flat = slots.reshape(-1)
+    # One extra update of the null page's slot 0 keeps this a scatter of at least two rows. A
+    # one-row scatter becomes a dynamic-update-slice, which XLA:CPU fuses into the attention's
+    # gather that reads the pool next; the donated pool is then copied whole per layer per step
+    # (seen for 1-row f32 decode: 10x slower). tests/test_engine.py checks every step shape.
+    flat = jnp.concatenate([slots.reshape(-1), jnp.zeros((1,), slots.dtype)])
     values = new.reshape(-1, *pool.shape[2:])
+    values = jnp.concatenate([values, jnp.zeros((1, *values.shape[1:]), values.dtype)])
     if pool.dtype == jnp.uint16:  # 2-byte float KV held as its bit pattern (kv_cache.storage_dtype)
         values = jax.lax.bitcast_convert_type(values, jnp.uint16)
     return pool.at[flat // ps, flat % ps].set(values.astype(pool.dtype))
@@ -101,18 +106,29 @@ def context_mask(positions, ctx_lens, num_keys: int, sliding_window: Optional[in
     return mask
 
 
-def paged_attention(q, k_pool, v_pool, block_tables, positions, ctx_lens, scale, sliding_window=None):
-    """q (R, Q, H, hd); pools (P, page_size, KV, hd); block_tables (R, Pb); positions (R, Q); ctx_lens (R,)."""
-    r = q.shape[0]
-    _, ps, kvh, hd = k_pool.shape
-    k = read_pages(k_pool, block_tables, q.dtype).reshape(r, -1, kvh, hd)
-    v = read_pages(v_pool, block_tables, q.dtype).reshape(r, -1, kvh, hd)
+def gather_context(pool, block_tables, dtype) -> jnp.ndarray:
+    """The pages of each row's block table as one contiguous context, (R, Pb * page_size, KV, hd)."""
+    r = block_tables.shape[0]
+    return read_pages(pool, block_tables, dtype).reshape(r, -1, *pool.shape[2:])
+
+
+def attend(q, k, v, positions, ctx_lens, scale, sliding_window=None):
+    """q (R, Q, H, hd) over contiguous contexts k, v (R, S, KV, hd), causal + length (+ window) mask,
+    in the formulation measured fastest for the step's kind and dtype."""
     mask = context_mask(positions, ctx_lens, k.shape[1], sliding_window)
-    if q.shape[1] == 1:  # decode: the formulation measured fastest for the dtype
+    if q.shape[1] == 1:  # decode
         if q.dtype == jnp.float32:
             return _attend_decode_f32(q, k, v, mask, scale)
         return _attend_decode_gemm(q, k, v, mask, scale)
     return _attend(q, k, v, mask, scale)
+
+
+def paged_attention(q, k_pool, v_pool, block_tables, positions, ctx_lens, scale, sliding_window=None):
+    """q (R, Q, H, hd); pools (P, page_size, KV, hd) already holding this step's K/V; block_tables
+    (R, Pb); positions (R, Q); ctx_lens (R,)."""
+    k = gather_context(k_pool, block_tables, q.dtype)
+    v = gather_context(v_pool, block_tables, q.dtype)
+    return attend(q, k, v, positions, ctx_lens, scale, sliding_window)
 
 
 def dense_attention(q, k, v, positions, ctx_lens, scale, sliding_window=None):

@@ -85,7 +85,8 @@ class LLMEngine:
         sc = config.scheduler
         self.buckets = Buckets(max_rows=sc.max_num_seqs, max_prefill_rows=sc.max_prefill_rows,
                                max_chunk=sc.max_num_batched_tokens, max_pages_per_seq=max_pages_per_seq,
-                               page_size=self.page_size)
+                               page_size=self.page_size,
+                               min_decode_rows=2 if jnp.dtype(self.dtype).itemsize == 2 else 1)
         if mesh is not None:
             from sharding.rules import kv_sharding
 

@@ -30,7 +30,7 @@ def _step(params: Params, kv, batch: dict, cfg: ModelConfig):
                            batch["ctx_lens"], cfg)
     rows = jnp.arange(h.shape[0])
     last = h[rows, batch["last_idx"]]
-    if last.shape[0] == 1:  # a single-row prefill: the LM head as a 2-row GEMM, see Buckets.min_decode_rows
+    if last.shape[0] == 1 and last.dtype.itemsize == 2:  # 1-row bf16: a 2-row GEMM, see Buckets.min_decode_rows
         logits = lm_logits(params, jnp.concatenate([last, jnp.zeros_like(last)]), cfg)[:1]
     else:
         logits = lm_logits(params, last, cfg)
@@ -80,9 +80,10 @@ class Buckets:
     page_size: int = 16
     min_chunk: int = 32
     min_context: int = 256
-    # Decode steps have at least 2 rows: with one, every matmul is a matrix-vector product, which
-    # XLA:CPU emits as a reduction over weights converted to f32 (a full bf16->f32 copy of the
-    # weights per step) instead of its native bf16 GEMM. The padded row reads only the null page.
+    # bf16 decode steps have at least 2 rows: with one, every matmul is a matrix-vector product,
+    # which XLA:CPU emits as a reduction over weights converted to f32 (a full bf16->f32 copy of the
+    # weights per step, 4x slower) instead of its native bf16 GEMM. The padded row reads only the
+    # null page. For f32 the matrix-vector path is the faster one (LLMEngine picks 1).
     min_decode_rows: int = 2
 
     def rows(self, n: int, prefill: bool) -> int:
@@ -124,6 +125,18 @@ class Buckets:
                 shapes.append((r, q, self.pages(0, prefill=True, q=q)))
                 shapes.append((r, q, self.max_pages_per_seq))
         return sorted(set(shapes))
+
+
+def null_batch(R: int, Q: int, Pb: int) -> dict[str, np.ndarray]:
+    """A step of shape (R, Q, Pb) whose every token reads and writes the null page only."""
+    return {
+        "tokens": np.zeros((R, Q), np.int32), "positions": np.zeros((R, Q), np.int32),
+        "slots": np.zeros((R, Q), np.int32), "block_tables": np.zeros((R, Pb), np.int32),
+        "ctx_lens": np.zeros((R,), np.int32), "last_idx": np.zeros((R,), np.int32),
+        "temperature": np.zeros((R,), np.float32), "top_k": np.zeros((R,), np.int32),
+        "top_p": np.ones((R,), np.float32), "seeds": np.zeros((R,), np.uint32),
+        "counters": np.zeros((R,), np.int32),
+    }
 
 
 @dataclasses.dataclass
@@ -212,15 +225,7 @@ class ModelRunner:
         """Compiles the step for every bucket shape (AOT through the jit cache). Returns compiles done."""
         before = compile_stats.compile_count()
         for R, Q, Pb in shapes or self.buckets.all_shapes():
-            batch = {
-                "tokens": np.zeros((R, Q), np.int32), "positions": np.zeros((R, Q), np.int32),
-                "slots": np.zeros((R, Q), np.int32), "block_tables": np.zeros((R, Pb), np.int32),
-                "ctx_lens": np.zeros((R,), np.int32), "last_idx": np.zeros((R,), np.int32),
-                "temperature": np.zeros((R,), np.float32), "top_k": np.zeros((R,), np.int32),
-                "top_p": np.ones((R,), np.float32), "seeds": np.zeros((R,), np.uint32),
-                "counters": np.zeros((R,), np.int32),
-            }
             # Runs for real on the null page only (all slots point at page 0), so pools stay valid.
-            self.kv, tokens, _ = self.step_fn(self.params, self.kv, batch, cfg=self.cfg)
+            self.kv, tokens, _ = self.step_fn(self.params, self.kv, null_batch(R, Q, Pb), cfg=self.cfg)
         jax.block_until_ready(self.kv)
         return compile_stats.compile_count() - before

@@ -185,3 +185,27 @@ def test_kv_sized_from_memory_budget(tiny):
     assert 2 <= n_a and b.num_pages == n_a + 40
     with pytest.raises(ValueError, match="memory budget"):
         LLMEngine(tiny, EngineConfig(page_size=8, hbm_bytes=1 << 20, max_model_len=256))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_steps_update_kv_pools_in_place(dtype):
+    """Every compiled step shape updates the donated KV pools in place: no instruction copies or
+    converts a pool-sized array. (XLA may fuse the KV write into the attention's gather; the pool
+    is then copied once per layer per step, which made 1-row f32 decode 10x slower.)"""
+    import re
+
+    from kunjax.runner import null_batch
+
+    lm = load_model("tiny", dtype)
+    eng = LLMEngine(lm, EngineConfig(page_size=16, num_pages=999, max_model_len=128,
+                                     scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32)))
+    pool = eng.runner.kv[0][0]
+    dims = ",".join(map(str, pool.shape))
+    for R, Q, Pb in eng.buckets.all_shapes():
+        hlo = eng.runner.step_fn.lower(eng.runner.params, eng.runner.kv, null_batch(R, Q, Pb),
+                                       cfg=eng.cfg).compile().as_text()
+        ops = set(re.findall(rf"= \w+\[{dims}\]\{{[^}}]*\}} ([\w-]+)\(", hlo))
+        assert ops, (R, Q, Pb)
+        assert not ops & {"copy", "convert"}, ((R, Q, Pb), ops)
+        for fused in re.findall(rf"%(\S+) = \w+\[{dims}\]\{{[^}}]*\}} fusion\(", hlo):
+            assert "copy" not in fused and "convert" not in fused, ((R, Q, Pb), fused)
