@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from kunjax import compile_stats, memory
-from kunjax.engine import EngineConfig, LLMEngine
+from kunjax.engine import EngineConfig, LLMEngine, run_to_completion
 from kunjax.kv_cache import pages_for
 from kunjax.loader import LoadedModel
 from kunjax.request import RequestOutput, SamplingParams
@@ -192,14 +192,7 @@ class Cluster:
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
                  params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams()) -> list[RequestOutput]:
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        final: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+        return run_to_completion(self.add_request, self.step, self.has_unfinished, prompts, params)
 
     def warmup(self) -> int:
         """Compiles every bucket on every instance (instances in order, so processes agree)."""

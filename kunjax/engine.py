@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,22 @@ def activation_reserve(cfg, ec: EngineConfig, max_model_len: int, itemsize: int)
     gathered = max(sc.max_num_seqs, sc.max_prefill_rows) * ctx * cfg.kv_size * itemsize * 2
     logits = max(sc.max_num_seqs, sc.max_prefill_rows) * cfg.vocab_size * 4 * 4
     return int(1.5 * (act + scores + gathered + logits))
+
+
+def run_to_completion(add: Callable[[Union[str, Sequence[int]], SamplingParams], str],
+                      step: Callable[[], list[RequestOutput]], has_unfinished: Callable[[], bool],
+                      prompts: Sequence[Union[str, Sequence[int]]],
+                      params: Union[SamplingParams, Sequence[SamplingParams]]) -> list[RequestOutput]:
+    """Adds every prompt (one SamplingParams for all, or one each), steps until all finish, and
+    returns the final outputs in input order: the offline loop of an engine or a cluster."""
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    ids = [add(p, sp) for p, sp in zip(prompts, plist)]
+    final: dict[str, RequestOutput] = {}
+    while has_unfinished():
+        for out in step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[i] for i in ids]
 
 
 class LLMEngine:
@@ -262,14 +278,8 @@ class LLMEngine:
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
                  params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams()) -> list[RequestOutput]:
         """Runs prompts to completion (offline use); outputs in input order."""
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        ids = [self.add_request(p, sp).request_id for p, sp in zip(prompts, plist)]
-        final: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+        return run_to_completion(lambda p, sp: self.add_request(p, sp).request_id, self.step, self.has_unfinished,
+                                 prompts, params)
 
     # ---- status ----------------------------------------------------------------------------
     def status(self) -> dict:
