@@ -13,8 +13,10 @@ that other processes run the very same programs in the same order (see sharding.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
+import os
 import logging
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
@@ -194,9 +196,20 @@ class Cluster:
                  params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams()) -> list[RequestOutput]:
         return run_to_completion(self.add_request, self.step, self.has_unfinished, prompts, params)
 
-    def warmup(self) -> int:
-        """Compiles every bucket on every instance (instances in order, so processes agree)."""
-        return sum(e.warmup() for e in self.engines)
+    def warmup(self, parallel: bool = True) -> int:
+        """Compiles every bucket on every instance; returns the compilations done. In one process
+        the instances compile on threads (XLA compiles without the GIL; each instance warms its own
+        params and pools, so nothing is shared). Multi-process runs go instance by instance, in
+        order, so that every process launches the same programs in the same order."""
+        before = compile_stats.compile_count()
+        if parallel and len(self.engines) > 1 and jax.process_count() == 1:
+            workers = min(len(self.engines), os.cpu_count() or 1)
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="kunjax-warmup") as pool:
+                list(pool.map(lambda e: e.warmup(), self.engines))
+        else:
+            for e in self.engines:
+                e.warmup()
+        return compile_stats.compile_count() - before
 
     # ---- status ----------------------------------------------------------------------------
     def devices(self) -> list[jax.Device]:

@@ -92,7 +92,9 @@ class Buckets:
         return pow2_bucket(n, min(self.min_decode_rows, self.max_rows), self.max_rows)
 
     def query(self, n: int) -> int:
-        return 1 if n == 1 else pow2_bucket(n, min(self.min_chunk, self.max_chunk), self.max_chunk)
+        """Query tokens of a prefill step: a chunk bucket, even for a 1-token chunk (a 1-token prompt,
+        or the last token of a chunked one), so every prefill shape is one warm-up compiled."""
+        return pow2_bucket(n, min(self.min_chunk, self.max_chunk), self.max_chunk)
 
     def pages(self, n: int, prefill: bool = False, q: Optional[int] = None) -> int:
         """Gathered context pages for a step whose rows need at most n pages. A prefill step takes

@@ -119,3 +119,23 @@ def test_step_dispatches_every_instance_before_collecting(cluster, monkeypatch):
         assert calls == [("dispatch", 0), ("dispatch", 1), ("collect", 0), ("collect", 1)]
     st = cluster.status(with_memory=False)
     assert st["pages_free"] == st["pages_total"] and st["pages_used"] == 0
+
+
+def test_parallel_warmup_then_no_compiles(host_model):
+    """Instances warm up concurrently (threads); afterwards a varied stream compiles nothing and
+    the output equals a single engine's."""
+    from kunjax import compile_stats
+
+    small = EngineConfig(page_size=16, num_pages=64, max_model_len=64,
+                         scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=32, max_prefill_rows=1))
+    c = Cluster.build(host_model, small, num_instances=3, tp=1)
+    n = c.warmup(parallel=True)
+    assert n == sum(len(e.buckets.all_shapes()) for e in c.engines)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 300, int(rng.integers(1, 40))).tolist() for _ in range(7)]
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 20)), ignore_eos=True) for _ in prompts]
+    before = compile_stats.compile_count()
+    got = [o.token_ids for o in c.generate(prompts, params)]
+    assert compile_stats.compile_count() == before
+    ref = LLMEngine(load_model("tiny", "float32"), small)
+    assert got == [o.token_ids for o in ref.generate(prompts, params)]

@@ -83,6 +83,9 @@ def test_no_recompilation_after_warmup(tiny):
         eng.generate(prompts, [SamplingParams(max_tokens=int(rng.integers(1, 50)), ignore_eos=True,
                                               temperature=float(rng.choice([0.0, 0.8])), top_k=int(rng.integers(0, 5)))
                                for _ in prompts])
+    # 1-token prompts and a prompt one token past a chunk: prefill steps of a single query token.
+    chunk = eng.config.scheduler.max_num_batched_tokens
+    eng.generate([[5], [7], list(range(1, chunk + 2))], SamplingParams(max_tokens=3, ignore_eos=True))
     assert compile_stats.compile_count() == before
 
 
