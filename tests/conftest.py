@@ -9,3 +9,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def host_model():
+    """The tiny model with host (numpy) weights: each cluster instance places its own replica."""
+    from kunjax.loader import load_model
+
+    return load_model("tiny", "float32", place=lambda a: np.asarray(a, np.float32))

@@ -15,11 +15,6 @@ PROMPTS = [f"prompt {i}" for i in range(6)]  # short: one 16-token prefill chunk
 
 
 @pytest.fixture(scope="module")
-def host_model():
-    return load_model("tiny", "float32", place=lambda a: np.asarray(a, np.float32))
-
-
-@pytest.fixture(scope="module")
 def cluster(host_model):
     return Cluster.build(host_model, CONFIG, num_instances=2, tp=2)
 

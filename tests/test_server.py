@@ -36,11 +36,6 @@ CONFIG = EngineConfig(page_size=16, num_pages=128, max_model_len=128,
 
 
 @pytest.fixture(scope="module")
-def host_model():
-    return load_model("tiny", "float32", place=lambda a: np.asarray(a, np.float32))
-
-
-@pytest.fixture(scope="module")
 def reference():
     return LLMEngine(load_model("tiny", "float32"), CONFIG)
 

@@ -21,11 +21,6 @@ PROMPTS = ["hello world", "the quick brown fox", "tensor parallel!", "a" * 12]
 
 
 @pytest.fixture(scope="module")
-def host_model():
-    return load_model("tiny", "float32", place=lambda a: np.asarray(a, np.float32))
-
-
-@pytest.fixture(scope="module")
 def reference():
     return LLMEngine(load_model("tiny", "float32"), CONFIG)
 
