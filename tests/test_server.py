@@ -14,7 +14,6 @@ import time
 import urllib.request
 
 import grpc
-import numpy as np
 import portpicker
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -1,7 +1,6 @@
 """Tensor-parallel instances: placement by the rule table, tp=2 == tp=1 token for token, no recompiles."""
 
 import jax
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
