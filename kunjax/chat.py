@@ -10,9 +10,8 @@ Messages are validated first: a list of dicts, each with a `role` in {system, us
 tool} and a string `content` (other keys such as `name` or `tool_call_id` are passed through to
 the template). Anything else raises ValueError naming the message and the problem.
 
-Fallback: a model without a chat template (`template=None`) gets a plain format, one line per
-message `"{role}: {content}\\n"`, then `"assistant:"` when `add_generation_prompt` is set. It is
-only a convenience for base models and is not what any instruct model was trained on.
+A model without a chat template takes no `messages` (the engine refuses them): any format made up
+here would be one the model was never trained on.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -95,18 +94,11 @@ def _compile(template: str):
         raise TemplateError(f"chat template does not compile: {e}") from e
 
 
-def render_fallback(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return text + ("assistant:" if add_generation_prompt else "")
-
-
-def render_chat(template: Optional[str], messages: Sequence[dict], add_generation_prompt: bool = True,
+def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", **kwargs: Any) -> str:
-    """Renders `messages` with the model's chat template (see the module docstring for the fallback
-    used when `template` is None). Extra keyword arguments (e.g. `tools`) go to the template."""
+    """Renders `messages` with the model's chat template. Extra keyword arguments (e.g. `tools`) go
+    to the template."""
     msgs = validate_messages(messages)
-    if template is None:
-        return render_fallback(msgs, add_generation_prompt)
     from jinja2.exceptions import TemplateError as JinjaError
 
     try:

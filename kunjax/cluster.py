@@ -126,6 +126,9 @@ class Cluster:
     def encode(self, prompt: str) -> list[int]:
         return self.engines[0].encode(prompt)
 
+    def encode_chat(self, messages) -> list[int]:
+        return self.engines[0].encode_chat(messages)
+
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raises ValueError naming the field. Reads only constants of the instances, so the gRPC
         front may call it from its own thread."""

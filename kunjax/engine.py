@@ -156,10 +156,13 @@ class LLMEngine:
     def encode_chat(self, messages) -> list[int]:
         """Renders chat messages with the model's template (kunjax.chat) and tokenizes the result
         without adding special tokens again, as Hugging Face's apply_chat_template does."""
-        from kunjax.chat import render_chat
+        from kunjax.chat import render_chat, validate_messages
 
+        validate_messages(messages)  # a malformed conversation is named as such on any model
         if self.tokenizer is None:
             raise ValueError("messages: this model has no tokenizer")
+        if not self.model.chat_template:
+            raise ValueError("messages: this model has no chat template; send prompt or prompt_token_ids")
         text = render_chat(self.model.chat_template, messages, add_generation_prompt=True,
                            bos_token=self._token_str(self.tokenizer.bos_token_id),
                            eos_token=self._token_str((self.tokenizer.eos_token_ids or (None,))[0]))

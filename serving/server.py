@@ -72,7 +72,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if req.prompt:
             ids = self.cluster.encode(req.prompt)
         elif req.messages:
-            ids = self._chat_ids(req)
+            ids = self.cluster.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
         else:
             ids = list(req.prompt_token_ids)
         for name in ("temperature", "top_p"):
@@ -90,29 +90,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             ignore_eos=req.ignore_eos)
         self.cluster.validate(ids, params)
         return ids, params
-
-    def _chat_ids(self, req: pb.GenerateRequest) -> list[int]:
-        model = self.cluster.engines[0].model
-        template = getattr(model, "chat_template", None)
-        if not template:
-            raise ValueError("messages: model has no chat template; send prompt or prompt_token_ids")
-        try:
-            from kunjax.chat import render_chat
-        except ImportError:
-            raise ValueError("messages: model has no chat template renderer (kunjax.chat missing)") from None
-        tok = self.cluster.tokenizer
-        if tok is None:
-            raise ValueError("messages: this model has no tokenizer")
-        special = {}
-        for name, ids in (("bos_token", [tok.bos_token_id] if tok.bos_token_id is not None else []),
-                          ("eos_token", list(tok.eos_token_ids[:1]))):
-            try:
-                special[name] = tok.decode(ids, skip_special_tokens=False) if ids else ""
-            except Exception:
-                special[name] = ""
-        rendered = render_chat(template, [{"role": m.role, "content": m.content} for m in req.messages], **special)
-        # The template writes its own special tokens (BOS included where the model wants one).
-        return list(tok.encode(rendered, add_special_tokens=False))
 
     def _request_id(self, req: pb.GenerateRequest) -> str:
         if req.HasField("request_id"):

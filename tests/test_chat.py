@@ -1,5 +1,5 @@
 """Chat template rendering: SmolLM2's template from its GGUF, equality with transformers'
-apply_chat_template, HF template helpers, message validation and the no-template fallback."""
+apply_chat_template, HF template helpers and message validation."""
 
 import os
 
@@ -93,12 +93,6 @@ def test_raise_exception_and_bad_templates():
 def test_message_validation(template, messages, match):
     with pytest.raises(ValueError, match=match):
         render_chat(template, messages)
-
-
-def test_fallback_without_template():
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert render_chat(None, msgs) == "system: Be brief.\nuser: Hi\nassistant:"
-    assert render_chat(None, msgs, add_generation_prompt=False) == "system: Be brief.\nuser: Hi\n"
 
 
 def test_rendered_prompt_tokenizes_to_chat_tokens(template):

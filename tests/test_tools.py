@@ -62,11 +62,11 @@ def test_batch_generate_tiny_rows_and_errors(tmp_path):
     assert "vocabulary" in rows[4]["error"]
     assert len(rows[0]["token_ids"]) == 8 and rows[0]["finish_reason"] == "length"
     assert len(rows[2]["token_ids"]) == 3
-    # tiny has no chat template: messages use the plain fallback format
-    assert len(rows[6]["token_ids"]) == 4 and rows[6]["finish_reason"] == "length"
+    # tiny has no chat template: its messages rows are refused, as over gRPC
+    assert "line 7" in rows[6]["error"] and "no chat template" in rows[6]["error"]
     assert "line 8" in rows[7]["error"] and "messages[0].role" in rows[7]["error"]
     assert "line 9" in rows[8]["error"] and "messages must be a list" in rows[8]["error"]
-    assert summary["errors"] == 5 and summary["generated_tokens"] == 8 + 3 + 8 + 4
+    assert summary["errors"] == 6 and summary["generated_tokens"] == 8 + 3 + 8
 
 
 def test_batch_generate_flags():
