@@ -101,8 +101,7 @@ class LLMEngine:
         sc = config.scheduler
         self.buckets = Buckets(max_rows=sc.max_num_seqs, max_prefill_rows=sc.max_prefill_rows,
                                max_chunk=sc.max_num_batched_tokens, max_pages_per_seq=max_pages_per_seq,
-                               page_size=self.page_size,
-                               min_decode_rows=2 if jnp.dtype(self.dtype).itemsize == 2 else 1)
+                               page_size=self.page_size)
         if mesh is not None:
             from sharding.rules import kv_sharding
 

@@ -76,12 +76,22 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32, scale: float 
     return params
 
 
-def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """x @ w accumulated in f32 and cast back to x's dtype. For bf16 this is what GPUs do anyway, and
-    on CPU it is what lets XLA pick its fast bf16 kernels (a plain bf16 x bf16 -> bf16 dot falls back
-    to a slow path, several times slower than f32)."""
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32).astype(x.dtype)
+def matmul(x: jnp.ndarray, w: jnp.ndarray, w_transposed: bool = False, out_dtype=None) -> jnp.ndarray:
+    """x (..., D) @ w (D, N) (or w (N, D) with `w_transposed`), accumulated in f32, returned in
+    `out_dtype` (default x's dtype). For bf16 the f32 accumulation is what GPUs do anyway, and on CPU
+    it lets XLA pick its fast bf16 GEMM (a bf16 -> bf16 dot takes a slow path).
+
+    A single bf16 row is multiplied as two (the second zero): XLA:CPU emits a 1-row product as a
+    matrix-vector reduction over weights converted to f32, a bf16 -> f32 copy of the weights per
+    call, 4x slower per decode step than its bf16 GEMM. The pad costs one row of compute."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d)
+    n = rows.shape[0]
+    if n == 1 and x.dtype.itemsize == 2:
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+    out = jax.lax.dot_general(rows, w, (((1,), (1 if w_transposed else 0,)), ((), ())),
+                              preferred_element_type=jnp.float32)[:n]
+    return out.reshape(*lead, out.shape[-1]).astype(out_dtype or x.dtype)
 
 
 def rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -127,8 +137,8 @@ def lm_logits(params: Params, h: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
     """h (..., D) -> f32 logits (..., V)."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     if "lm_head" in params:
-        return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
+        return matmul(h, params["lm_head"], out_dtype=jnp.float32)
+    return matmul(h, params["embed"], w_transposed=True, out_dtype=jnp.float32)
 
 
 def forward_layers(layers: Sequence[LayerParams], kv: Sequence[LayerKV], h, positions, slots, block_tables,

@@ -29,11 +29,7 @@ def _step(params: Params, kv, batch: dict, cfg: ModelConfig):
     h, kv = forward_layers(params["layers"], kv, h, batch["positions"], batch["slots"], batch["block_tables"],
                            batch["ctx_lens"], cfg)
     rows = jnp.arange(h.shape[0])
-    last = h[rows, batch["last_idx"]]
-    if last.shape[0] == 1 and last.dtype.itemsize == 2:  # 1-row bf16: a 2-row GEMM, see Buckets.min_decode_rows
-        logits = lm_logits(params, jnp.concatenate([last, jnp.zeros_like(last)]), cfg)[:1]
-    else:
-        logits = lm_logits(params, last, cfg)
+    logits = lm_logits(params, h[rows, batch["last_idx"]], cfg)
     tokens = sample(logits, batch["temperature"], batch["top_k"], batch["top_p"], batch["seeds"],
                     batch["counters"])
     return kv, tokens, logits
@@ -80,16 +76,9 @@ class Buckets:
     page_size: int = 16
     min_chunk: int = 32
     min_context: int = 256
-    # bf16 decode steps have at least 2 rows: with one, every matmul is a matrix-vector product,
-    # which XLA:CPU emits as a reduction over weights converted to f32 (a full bf16->f32 copy of the
-    # weights per step, 4x slower) instead of its native bf16 GEMM. The padded row reads only the
-    # null page. For f32 the matrix-vector path is the faster one (LLMEngine picks 1).
-    min_decode_rows: int = 2
 
     def rows(self, n: int, prefill: bool) -> int:
-        if prefill:
-            return pow2_bucket(n, 1, self.max_prefill_rows)
-        return pow2_bucket(n, min(self.min_decode_rows, self.max_rows), self.max_rows)
+        return pow2_bucket(n, 1, self.max_prefill_rows if prefill else self.max_rows)
 
     def query(self, n: int) -> int:
         """Query tokens of a prefill step: a chunk bucket, even for a 1-token chunk (a 1-token prompt,
@@ -120,7 +109,7 @@ class Buckets:
         shapes = []
         lo = min(pages_for(self.min_context, self.page_size), self.max_pages_per_seq)
         for pb in pow2s(lo, self.max_pages_per_seq):
-            for r in pow2s(min(self.min_decode_rows, self.max_rows), self.max_rows):
+            for r in pow2s(1, self.max_rows):
                 shapes.append((r, 1, pb))
         for q in pow2s(min(self.min_chunk, self.max_chunk), self.max_chunk):
             for r in pow2s(1, self.max_prefill_rows):
