@@ -216,19 +216,10 @@ class Cluster:
 
     # ---- status ----------------------------------------------------------------------------
     def devices(self) -> list[jax.Device]:
-        return [d for e in self.engines for d in (e.mesh.devices.flat if e.mesh is not None else [e.device])]
+        return [d for e in self.engines for d in e.devices]
 
     def status(self, with_memory: bool = True) -> dict:
-        inst = []
-        for i, e in enumerate(self.engines):
-            devs = list(e.mesh.devices.flat) if e.mesh is not None else [e.device]
-            inst.append({
-                "id": i, "devices": [str(d) for d in devs], "tp": e.tp,
-                "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
-                "pages_total": e.allocator.num_usable, "pages_free": e.allocator.num_free,
-                "pages_used": e.allocator.num_used, "page_size": e.page_size, "steps": e.num_steps,
-                "preemptions": e.scheduler.num_preemptions,
-            })
+        inst = [{"id": i, **e.status()} for i, e in enumerate(self.engines)]
         out = {
             "instances": inst,
             "groups": [],  # pipeline groups of merged instances (memory policies, later)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kunjax import compile_stats, memory
+from kunjax import memory
 from kunjax.kv_cache import PageAllocator, allocate_pools, page_bytes, pages_for
 from kunjax.loader import LoadedModel
 from kunjax.request import FinishReason, Request, RequestOutput, SamplingParams, Status, validate_prompt
@@ -284,15 +284,16 @@ class LLMEngine:
                                  prompts, params)
 
     # ---- status ----------------------------------------------------------------------------
+    @property
+    def devices(self) -> list[jax.Device]:
+        return list(self.mesh.devices.flat) if self.mesh is not None else [self.device]
+
     def status(self) -> dict:
+        """Host-side state of this instance (no device reads; memory is the cluster's snapshot)."""
         return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "pages_total": self.allocator.num_usable,
-            "pages_free": self.allocator.num_free,
-            "page_size": self.page_size,
-            "steps": self.num_steps,
+            "devices": [str(d) for d in self.devices], "tp": self.tp,
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "pages_total": self.allocator.num_usable, "pages_free": self.allocator.num_free,
+            "pages_used": self.allocator.num_used, "page_size": self.page_size, "steps": self.num_steps,
             "preemptions": self.scheduler.num_preemptions,
-            "compiles": compile_stats.compile_count(),
-            "live_bytes": memory.device_live_bytes(self.device),
         }
