@@ -204,25 +204,20 @@ class Executor:
                 self._send(sub, [Event(out, time.monotonic(), sub.instance)])
 
     def _abort_inflight(self) -> None:
+        """Every in-flight request ends now with its last output (finish_reason "abort"); shutdown path."""
         now = time.monotonic()
-        per_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
         for rid, sub in list(self._subs.items()):
             try:
                 out = self.cluster.abort(rid)
+                ev = (Event(out, now, sub.instance) if out is not None  # None: finished but undelivered
+                      else Event(None, now, error=RequestError("ABORTED", "server is shutting down")))
             except Exception as e:  # never leave a client hanging
                 log.exception("abort of %s failed", rid)
-                per_loop[sub.loop].append((sub.queue, Event(None, now, error=RequestError("INTERNAL", str(e)))))
-                continue
-            if out is not None:
-                per_loop[sub.loop].append((sub.queue, Event(out, now, sub.instance)))
-            else:  # finished in the cluster but not delivered: cannot happen, answer anyway
-                per_loop[sub.loop].append((sub.queue, Event(None, now, error=RequestError(
-                    "ABORTED", "server is shutting down"))))
+                ev = Event(None, now, error=RequestError("INTERNAL", str(e)))
+            self._send(sub, [ev])
+        if self._subs:
+            log.info("aborted %d in-flight requests", len(self._subs))
         self._subs.clear()
-        for loop, items in per_loop.items():
-            self._deliver(loop, items)
-        if per_loop:
-            log.info("aborted %d in-flight requests", sum(len(v) for v in per_loop.values()))
         self._publish(force=False)
 
     def _run_calls(self) -> None:
