@@ -18,7 +18,13 @@ import transformers
 import gguf
 from gguf.quants import dequantize, quantize
 
-from kunjax.checkpoints.gguf import permute_qk
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation (HF rotate-half rows -> interleaved pairs), for writing files
+    the way llama.cpp does; kunjax.checkpoints.gguf.unpermute_qk undoes it."""
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

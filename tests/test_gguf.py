@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import gguf
-from gguf_fixtures import dequantized_copy, kunjax_vs_hf_pairs, make_hf_model, write_gguf
-from kunjax.checkpoints.gguf import load_gguf, permute_qk, smollm2_path, unpermute_qk
+from gguf_fixtures import dequantized_copy, kunjax_vs_hf_pairs, make_hf_model, permute_qk, write_gguf
+from kunjax.checkpoints.gguf import load_gguf, smollm2_path, unpermute_qk
 from kunjax.engine import EngineConfig, LLMEngine
 from kunjax.loader import load_model
 from kunjax.request import SamplingParams

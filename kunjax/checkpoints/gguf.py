@@ -241,12 +241,6 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's converter permutation (HF rotate-half rows -> interleaved pairs). For writing test files."""
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 class _Tensors:
     def __init__(self, reader, path: str):
         self.path = path
