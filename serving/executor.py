@@ -164,7 +164,7 @@ class Executor:
                 t1 = time.perf_counter()
                 self.timing.admin_s += t1 - t0
                 if not self.cluster.has_unfinished():
-                    self._publish(force=False)
+                    self._publish()
                     self._wake.wait(0.05)
                     self._wake.clear()
                     self.timing.idle_s += time.perf_counter() - t1
@@ -218,7 +218,7 @@ class Executor:
         if self._subs:
             log.info("aborted %d in-flight requests", len(self._subs))
         self._subs.clear()
-        self._publish(force=False)
+        self._publish()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -255,19 +255,19 @@ class Executor:
         self.timing.deliver_s += t2 - t1
         if self.metrics is not None:
             self.metrics.step.observe(t1 - t0)
-        self._publish(force=False)
+        self._publish()
 
-    def _publish(self, force: bool) -> None:
-        st = None
+    def _publish(self) -> None:
+        """The waiting count for admission, and the metrics gauges (device memory at most every
+        `memory_interval_s`: reading it walks every live array)."""
         self.waiting = sum(len(e.scheduler.waiting) for e in self.cluster.engines)
         if self.metrics is None:
             return
         now = time.monotonic()
-        with_memory = force or now - self._last_memory >= self.memory_interval_s
+        with_memory = now - self._last_memory >= self.memory_interval_s
         if with_memory:
             self._last_memory = now
-        st = self.cluster.status(with_memory=with_memory)
-        self.metrics.update_instances(st, self._inbox.qsize())
+        self.metrics.update_instances(self.cluster.status(with_memory=with_memory), self._inbox.qsize())
 
     def _fail_all(self, code: str, message: str) -> None:
         now = time.monotonic()
