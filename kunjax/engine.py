@@ -22,7 +22,7 @@ from kunjax import memory
 from kunjax.kv_cache import PageAllocator, allocate_pools, page_bytes, pages_for
 from kunjax.loader import LoadedModel
 from kunjax.request import FinishReason, Request, RequestOutput, SamplingParams, Status, validate_prompt
-from kunjax.runner import Buckets, InFlight, ModelRunner
+from kunjax.runner import Buckets, ModelRunner
 from kunjax.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from kunjax.tokenizer import IncrementalDetokenizer
 
@@ -217,22 +217,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduler iteration: one jitted step, one host sync. Returns outputs of requests
         that got tokens or finished."""
-        return self.finish_step(self.dispatch_step())
-
-    def dispatch_step(self) -> Optional[tuple[ScheduledStep, InFlight]]:
-        """Schedules and enqueues one step on the device without waiting for it (async dispatch),
-        so a controller can start every instance's step before blocking on any. None: no work."""
         step = self.scheduler.schedule()
         if step is None:
-            return None
-        return step, self.runner.dispatch(step.rows, step.prefill)
-
-    def finish_step(self, pending: Optional[tuple[ScheduledStep, InFlight]]) -> list[RequestOutput]:
-        """Waits for a dispatched step's tokens and applies them (finish, stream outputs)."""
-        if pending is None:
             return []
-        step, inflight = pending
-        return self.apply_step(step, self.runner.collect(inflight))
+        return self.apply_step(step, self.runner.step(step.rows, step.prefill))
 
     def apply_step(self, step: ScheduledStep, tokens: np.ndarray) -> list[RequestOutput]:
         """Applies a step's sampled tokens (host side only)."""
