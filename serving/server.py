@@ -169,18 +169,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             yield msg
 
     async def Complete(self, request, context):
-        first = None
-        text = []
-        async for sub, ev in self._run(request, context):
-            out = ev.output
-            if out.new_token_ids and first is None:
-                first = ev.time
-            self.metrics.tokens.inc(len(out.new_token_ids))
-            text.append(out.text_delta)
-            if out.finished:
-                return pb.CompleteResponse(request_id=out.request_id, token_ids=out.token_ids, text="".join(text),
-                                           finish_reason=FINISH.get(out.finish_reason, pb.FINISH_REASON_ERROR),
-                                           usage=self._usage(sub, ev, first, len(out.token_ids)))
+        """The whole completion in one message: the Generate stream, gathered."""
+        ids, text = [], []
+        async for msg in self.Generate(request, context):
+            ids.extend(msg.token_ids)
+            text.append(msg.text)
+            if msg.HasField("usage"):  # the last message
+                return pb.CompleteResponse(request_id=msg.request_id, token_ids=ids, text="".join(text),
+                                           finish_reason=msg.finish_reason, usage=msg.usage)
         await context.abort(grpc.StatusCode.INTERNAL, "request ended without a final output")
 
 
