@@ -21,9 +21,9 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from kunjax.cluster import Cluster
-from kunjax.request import RequestOutput, SamplingParams
-from kunjax.scheduler import QueueFull
+from kunjax.runtime.cluster import Cluster
+from kunjax.control.request import RequestOutput, SamplingParams
+from kunjax.control.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 

@@ -175,8 +175,8 @@ def configure_devices(cluster: ClusterOptions, distributed: DistributedOptions) 
 
 
 def engine_config(opts: LaunchOptions):
-    from kunjax.engine import EngineConfig
-    from kunjax.scheduler import SchedulerConfig
+    from kunjax.runtime.engine import EngineConfig
+    from kunjax.control.scheduler import SchedulerConfig
 
     s = opts.scheduler
     sched = SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
@@ -191,8 +191,8 @@ def build_cluster(opts: LaunchOptions, broadcaster=None):
     import jax
     import numpy as np
 
-    from kunjax.cluster import Cluster
-    from kunjax.loader import load_model, parse_dtype
+    from kunjax.runtime.cluster import Cluster
+    from kunjax.io.loader import load_model, parse_dtype
 
     devices = jax.devices()
     if opts.cluster.devices:
@@ -258,7 +258,7 @@ def main(argv) -> None:
     configure_devices(opts.cluster, opts.distributed)
     import jax
 
-    from kunjax.runtime import configure_jax
+    from kunjax.runtime.jax_setup import configure_jax
 
     configure_jax(opts.scheduler.compilation_cache_dir)
     d = opts.distributed

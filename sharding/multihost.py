@@ -65,7 +65,7 @@ def _recv_frame(sock: socket.socket) -> tuple[dict, bytes]:
 
 
 class ControllerChannel:
-    """Process 0's end: a StepBroadcaster for kunjax.cluster.Cluster."""
+    """Process 0's end: a StepBroadcaster for kunjax.runtime.cluster.Cluster."""
 
     def __init__(self, port: int, num_followers: int, host: str = ""):
         self.num_followers = num_followers

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kunjax.config import ModelConfig
+from kunjax.model.config import ModelConfig
 
 TP = "tp"  # the one mesh axis of an instance
 
@@ -87,7 +87,7 @@ def validate_tp(cfg: ModelConfig, tp: int) -> None:
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
-    """A pytree of NamedShardings matching `params` (the per-layer layout of kunjax.model)."""
+    """A pytree of NamedShardings matching `params` (the per-layer layout of kunjax.model.transformer)."""
     def one(path, _leaf):
         key = path[-1]
         name = key.key if hasattr(key, "key") else str(key)

@@ -14,8 +14,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from kunjax.config import ModelConfig
-from kunjax.runner import _step
+from kunjax.model.config import ModelConfig
+from kunjax.runtime.runner import _step
 from sharding.rules import kv_sharding, param_shardings, replicated
 
 
@@ -23,7 +23,7 @@ _CACHE: dict = {}
 
 
 def make_step_fn(mesh: Mesh, params: Any, cfg: ModelConfig):
-    """Returns step(params, kv, batch, cfg=...) like kunjax.runner.step_fn, bound to `mesh`.
+    """Returns step(params, kv, batch, cfg=...) like kunjax.runtime.runner.step_fn, bound to `mesh`.
 
     Memoised on (mesh, config, parameter layout): instances rebuilt on the same devices (a restart
     of an instance, a test suite) reuse the compiled executables of every shape bucket."""

@@ -18,6 +18,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def host_model():
     """The tiny model with host (numpy) weights: each cluster instance places its own replica."""
-    from kunjax.loader import load_model
+    from kunjax.io.loader import load_model
 
     return load_model("tiny", "float32", place=lambda a: np.asarray(a, np.float32))

@@ -21,7 +21,7 @@ from gguf.quants import dequantize, quantize
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's converter permutation (HF rotate-half rows -> interleaved pairs), for writing files
-    the way llama.cpp does; kunjax.checkpoints.gguf.unpermute_qk undoes it."""
+    the way llama.cpp does; kunjax.io.checkpoints.gguf.unpermute_qk undoes it."""
     hd = w.shape[0] // n_heads
     return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

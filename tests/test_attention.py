@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kunjax.attention import dense_attention, paged_attention, write_kv
+from kunjax.model.attention import dense_attention, paged_attention, write_kv
 
 
 @pytest.mark.parametrize("q_len,window", [(1, None), (7, None), (16, None), (7, 9)])
@@ -68,7 +68,7 @@ def test_paged_equals_dense(q_len, window):
 def test_bf16_pool_stored_as_bits_round_trips():
     """bf16 KV lives in u16 pools (kv_cache.storage_dtype); what attention reads back is the very bf16
     that was written, and paged attention over it equals dense attention over the bf16 values."""
-    from kunjax.kv_cache import storage_dtype
+    from kunjax.runtime.kv_pools import storage_dtype
 
     assert storage_dtype(jnp.bfloat16) == jnp.uint16 and storage_dtype(jnp.float32) == jnp.float32
     rng = np.random.default_rng(1)
@@ -97,7 +97,7 @@ def test_kv_write_updates_donated_pool_in_place(dtype):
     scatter / dynamic-update-slice produces a pool-shaped array."""
     import re
 
-    from kunjax.kv_cache import storage_dtype
+    from kunjax.runtime.kv_pools import storage_dtype
 
     shape = (512, 16, 2, 64)
     pool = jnp.zeros(shape, storage_dtype(dtype))
@@ -116,8 +116,8 @@ def test_kv_write_updates_donated_pool_in_place(dtype):
 def test_decode_paths_equal_general_attention(dtype, atol):
     """Decode (one query per row) takes a dtype-specific formulation; it must agree with the general
     chunk attention over the same pages (bf16: to bf16 rounding of the probabilities)."""
-    from kunjax.attention import _attend, context_mask
-    from kunjax.kv_cache import storage_dtype
+    from kunjax.model.attention import _attend, context_mask
+    from kunjax.runtime.kv_pools import storage_dtype
 
     rng = np.random.default_rng(3)
     R, H, KV, hd, ps, P = 4, 6, 2, 16, 4, 40
@@ -131,7 +131,7 @@ def test_decode_paths_equal_general_attention(dtype, atol):
     positions = jnp.asarray(ctx[:, None] - 1, jnp.int32)
     ctx_lens = jnp.asarray(ctx, jnp.int32)
     got = paged_attention(q, k_pool, v_pool, tables, positions, ctx_lens, scale=hd ** -0.5)
-    from kunjax.attention import read_pages
+    from kunjax.model.attention import read_pages
     k = read_pages(k_pool, tables, dtype).reshape(R, -1, KV, hd)
     v = read_pages(v_pool, tables, dtype).reshape(R, -1, KV, hd)
     want = _attend(q, k, v, context_mask(positions, ctx_lens, k.shape[1], None), hd ** -0.5)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from kunjax.chat import TemplateError, render_chat
-from kunjax.checkpoints.gguf import GGUFMetadata, open_gguf, smollm2_path
+from kunjax.text.chat import TemplateError, render_chat
+from kunjax.io.checkpoints.gguf import GGUFMetadata, open_gguf, smollm2_path
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
@@ -96,7 +96,7 @@ def test_message_validation(template, messages, match):
 
 
 def test_rendered_prompt_tokenizes_to_chat_tokens(template):
-    from kunjax.gguf_tokenizer import load_gguf_tokenizer
+    from kunjax.text.gguf_tokenizer import load_gguf_tokenizer
 
     tok = load_gguf_tokenizer(smollm2_path())
     ids = tok.encode(render_chat(template, [{"role": "user", "content": "Hello!"}]))

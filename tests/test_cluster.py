@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from kunjax.cluster import Cluster, MostFreePages, RoundRobin
-from kunjax.engine import EngineConfig, LLMEngine
-from kunjax.loader import load_model
-from kunjax.request import SamplingParams
-from kunjax.scheduler import SchedulerConfig
+from kunjax.runtime.cluster import Cluster, MostFreePages, RoundRobin
+from kunjax.runtime.engine import EngineConfig, LLMEngine
+from kunjax.io.loader import load_model
+from kunjax.control.request import SamplingParams
+from kunjax.control.scheduler import SchedulerConfig
 
 CONFIG = EngineConfig(page_size=16, num_pages=128, max_model_len=128,
                       scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_rows=4))
@@ -119,7 +119,7 @@ def test_step_dispatches_every_instance_before_collecting(cluster, monkeypatch):
 def test_parallel_warmup_then_no_compiles(host_model):
     """Instances warm up concurrently (threads); afterwards a varied stream compiles nothing and
     the output equals a single engine's."""
-    from kunjax import compile_stats
+    from kunjax.runtime import compile_stats
 
     small = EngineConfig(page_size=16, num_pages=64, max_model_len=64,
                          scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=32, max_prefill_rows=1))

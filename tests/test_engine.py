@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from kunjax import compile_stats
-from kunjax.engine import EngineConfig, LLMEngine
-from kunjax.kv_cache import OutOfPages, PageAllocator
-from kunjax.loader import load_model
-from kunjax.request import SamplingParams
-from kunjax.scheduler import SchedulerConfig
+from kunjax.runtime import compile_stats
+from kunjax.runtime.engine import EngineConfig, LLMEngine
+from kunjax.runtime.kv_pools import OutOfPages, PageAllocator
+from kunjax.io.loader import load_model
+from kunjax.control.request import SamplingParams
+from kunjax.control.scheduler import SchedulerConfig
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_top_k_one_is_greedy(tiny):
 def test_sampler_distribution():
     """top-k / top-p restrict the support exactly; temperature sampling follows the softmax."""
     import jax.numpy as jnp
-    from kunjax.sampling import sample
+    from kunjax.model.sampling import sample
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000, jnp.float32))
     n = logits.shape[0]
@@ -176,7 +176,7 @@ def test_kv_sized_from_memory_budget(tiny):
     activation reserve: 40 pages' worth of extra budget gives exactly 40 more pages."""
     import gc
 
-    from kunjax.kv_cache import page_bytes
+    from kunjax.runtime.kv_pools import page_bytes
 
     per_page = page_bytes(tiny.config, 8, np.float32)
     base = 40 << 20
@@ -197,7 +197,7 @@ def test_compiled_steps_update_kv_pools_in_place(dtype):
     is then copied once per layer per step, which made 1-row f32 decode 10x slower.)"""
     import re
 
-    from kunjax.runner import null_batch
+    from kunjax.runtime.runner import null_batch
 
     lm = load_model("tiny", dtype)
     eng = LLMEngine(lm, EngineConfig(page_size=16, num_pages=999, max_model_len=128,

@@ -9,10 +9,10 @@ import torch
 
 import gguf
 from gguf_fixtures import dequantized_copy, kunjax_vs_hf_pairs, make_hf_model, permute_qk, write_gguf
-from kunjax.checkpoints.gguf import load_gguf, smollm2_path, unpermute_qk
-from kunjax.engine import EngineConfig, LLMEngine
-from kunjax.loader import load_model
-from kunjax.request import SamplingParams
+from kunjax.io.checkpoints.gguf import load_gguf, smollm2_path, unpermute_qk
+from kunjax.runtime.engine import EngineConfig, LLMEngine
+from kunjax.io.loader import load_model
+from kunjax.control.request import SamplingParams
 
 PAGE = 16
 NEW_TOKENS = 16

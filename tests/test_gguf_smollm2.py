@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from gguf_fixtures import kunjax_vs_hf_pairs
-from kunjax.chat import render_chat
-from kunjax.checkpoints.gguf import smollm2_path
-from kunjax.engine import EngineConfig, LLMEngine
-from kunjax.loader import load_model
-from kunjax.request import SamplingParams
-from kunjax.scheduler import SchedulerConfig
+from kunjax.text.chat import render_chat
+from kunjax.io.checkpoints.gguf import smollm2_path
+from kunjax.runtime.engine import EngineConfig, LLMEngine
+from kunjax.io.loader import load_model
+from kunjax.control.request import SamplingParams
+from kunjax.control.scheduler import SchedulerConfig
 
 NEW_TOKENS = 16
 CHAT_TOKENS = 24  # enough for these short answers and their end-of-turn token
@@ -172,7 +172,7 @@ def test_batch_generate_chat_rows_end_at_end_of_turn(models, tmp_path, monkeypat
         loads.append((spec, dtype))
         return lm
 
-    monkeypatch.setattr("kunjax.loader.load_model", fake_load)
+    monkeypatch.setattr("kunjax.io.loader.load_model", fake_load)
     defaults = types.SimpleNamespace(max_new_tokens=CHAT_TOKENS, temperature=0.0, top_p=1.0, top_k=0, seed=0,
                                      dtype="float32")
     summary = batch_generate.run("smollm2-135m", str(inp), str(outp), defaults, engine_config=ENGINE_CONFIG,

@@ -9,9 +9,9 @@ import unicodedata
 import pytest
 
 from gguf_fixtures import toy_vocab
-from kunjax.checkpoints.gguf import smollm2_path
-from kunjax.gguf_tokenizer import build_bpe_tokenizer, load_gguf_tokenizer, tokenizer_from_metadata
-from kunjax.tokenizer import IncrementalDetokenizer
+from kunjax.io.checkpoints.gguf import smollm2_path
+from kunjax.text.gguf_tokenizer import build_bpe_tokenizer, load_gguf_tokenizer, tokenizer_from_metadata
+from kunjax.text.tokenizer import IncrementalDetokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "traces")  # CI clones shared/ beside the repo

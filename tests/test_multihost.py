@@ -8,10 +8,10 @@ import sys
 
 import portpicker
 
-from kunjax.engine import EngineConfig, LLMEngine
-from kunjax.loader import load_model
-from kunjax.request import SamplingParams
-from kunjax.scheduler import SchedulerConfig
+from kunjax.runtime.engine import EngineConfig, LLMEngine
+from kunjax.io.loader import load_model
+from kunjax.control.request import SamplingParams
+from kunjax.control.scheduler import SchedulerConfig
 from serving.client import Client
 from serving.proto import kunjax_pb2 as pb
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from hf_models import FAMILIES, hf_greedy, hf_last_logits, make_model, save_model
-from kunjax.engine import EngineConfig, LLMEngine
-from kunjax.loader import load_model
-from kunjax.request import SamplingParams
-from kunjax.scheduler import SchedulerConfig
+from kunjax.runtime.engine import EngineConfig, LLMEngine
+from kunjax.io.loader import load_model
+from kunjax.control.request import SamplingParams
+from kunjax.control.scheduler import SchedulerConfig
 
 PAGE = 16
 PROMPT_LENS = (5, 16, 17, 33, 70)  # inside one page, exactly one page, crossing one and several pages

@@ -19,11 +19,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kunjax.cluster import Cluster
-from kunjax.engine import EngineConfig, LLMEngine
-from kunjax.loader import load_model
-from kunjax.request import SamplingParams
-from kunjax.scheduler import SchedulerConfig
+from kunjax.runtime.cluster import Cluster
+from kunjax.runtime.engine import EngineConfig, LLMEngine
+from kunjax.io.loader import load_model
+from kunjax.control.request import SamplingParams
+from kunjax.control.scheduler import SchedulerConfig
 from serving.client import AsyncClient, Client, make_request
 from serving.options import ServerOptions
 from serving.proto import kunjax_pb2 as pb

@@ -4,12 +4,12 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from kunjax import compile_stats
-from kunjax.config import tiny_config
-from kunjax.engine import EngineConfig, LLMEngine
-from kunjax.loader import load_model
-from kunjax.request import SamplingParams
-from kunjax.scheduler import SchedulerConfig
+from kunjax.runtime import compile_stats
+from kunjax.model.config import tiny_config
+from kunjax.runtime.engine import EngineConfig, LLMEngine
+from kunjax.io.loader import load_model
+from kunjax.control.request import SamplingParams
+from kunjax.control.scheduler import SchedulerConfig
 from sharding.mesh import instance_meshes, split_devices
 from sharding.rules import spec_for, validate_tp
 

@@ -100,16 +100,16 @@ def test_batch_generate_cli_tiny(tmp_path):
 def test_batch_generate_dtype_reaches_the_model(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    import kunjax.loader
+    import kunjax.io.loader
 
     loaded = []
-    real = kunjax.loader.load_model
+    real = kunjax.io.loader.load_model
 
     def spy(spec, dtype=None, place=None):
         loaded.append(real(spec, dtype=dtype, place=place))
         return loaded[-1]
 
-    monkeypatch.setattr(kunjax.loader, "load_model", spy)
+    monkeypatch.setattr(kunjax.io.loader, "load_model", spy)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(inp, [{"prompt": "bf16"}])
     batch_generate.run("tiny", str(inp), str(out), flags(dtype="bfloat16", max_new_tokens=2), progress=False)
@@ -134,7 +134,7 @@ def test_batch_generate_messages_end_at_end_of_turn(tmp_path):
     lm_head rows of id 2 and of the first new token at step k >= 2 are swapped, so steps before k are
     unchanged and step k picks id 2."""
     from gguf_fixtures import make_hf_model, write_gguf
-    from kunjax.gguf_tokenizer import load_gguf_tokenizer
+    from kunjax.text.gguf_tokenizer import load_gguf_tokenizer
 
     hf = make_hf_model("llama", seed=5)
     path = str(tmp_path / "chat.gguf")
@@ -191,9 +191,9 @@ def test_batch_generate_hf_dir_matches_transformers(hf_dir, tmp_path):
 def test_convert_to_orbax_and_serve(hf_dir, tmp_path):
     import numpy as np
 
-    from kunjax.engine import EngineConfig, LLMEngine
-    from kunjax.loader import load_model
-    from kunjax.request import SamplingParams
+    from kunjax.runtime.engine import EngineConfig, LLMEngine
+    from kunjax.io.loader import load_model
+    from kunjax.control.request import SamplingParams
 
     model, path, tok = hf_dir
     dst = str(tmp_path / "orbax")

@@ -61,7 +61,7 @@ CPU_DEFAULT_BUDGET = 4 << 30
 
 def parse_row(line_no: int, line: str, engine, defaults, index: int):
     """Returns (id, prompt ids, SamplingParams) or raises ValueError naming the line."""
-    from kunjax.request import SamplingParams
+    from kunjax.control.request import SamplingParams
 
     try:
         row = json.loads(line)
@@ -102,9 +102,9 @@ def run(model: str, input_path: str, output_path: str, defaults: Any, engine_con
         progress: bool = True, log=sys.stderr) -> dict:
     from tqdm import tqdm
 
-    from kunjax.engine import EngineConfig, LLMEngine
-    from kunjax.loader import load_model
-    from kunjax.scheduler import SchedulerConfig
+    from kunjax.runtime.engine import EngineConfig, LLMEngine
+    from kunjax.io.loader import load_model
+    from kunjax.control.scheduler import SchedulerConfig
 
     t_load = time.perf_counter()
     lm = load_model(model, dtype=defaults.dtype)
@@ -174,7 +174,7 @@ def _safe_id(line: str, line_no: int):
 
 def main(argv):
     del argv
-    from kunjax.runtime import configure_jax
+    from kunjax.runtime.jax_setup import configure_jax
 
     configure_jax()
     summary = run(FLAGS.model, FLAGS.input, FLAGS.output, FLAGS, progress=FLAGS.progress)

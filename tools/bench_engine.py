@@ -63,10 +63,10 @@ def kunjax_bench(lm, batch_sizes, prompt_len, decode_steps, prefill_len, prefill
     import jax
     import numpy as np
 
-    from kunjax.engine import EngineConfig, LLMEngine
-    from kunjax.kv_cache import page_bytes
-    from kunjax.request import SamplingParams
-    from kunjax.scheduler import SchedulerConfig
+    from kunjax.runtime.engine import EngineConfig, LLMEngine
+    from kunjax.runtime.kv_pools import page_bytes
+    from kunjax.control.request import SamplingParams
+    from kunjax.control.scheduler import SchedulerConfig
 
     cfg = lm.config
     rng = np.random.default_rng(0)
@@ -145,7 +145,7 @@ def main(argv):
     import torch
     import transformers
 
-    from kunjax.loader import load_model
+    from kunjax.io.loader import load_model
 
     batch_sizes = [int(b) for b in FLAGS.batch_sizes]
     tdtype = torch.float32 if FLAGS.dtype == "float32" else torch.bfloat16
@@ -154,7 +154,7 @@ def main(argv):
         lm = load_model(FLAGS.model, dtype=FLAGS.dtype)
         hf_model = None
         if FLAGS.hf and (FLAGS.model.endswith(".gguf") or FLAGS.model == "smollm2-135m"):
-            from kunjax.checkpoints.gguf import smollm2_path
+            from kunjax.io.checkpoints.gguf import smollm2_path
 
             path = smollm2_path() if FLAGS.model == "smollm2-135m" else FLAGS.model
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -26,8 +26,8 @@ def define_flags() -> None:
 def convert(src: str, dst: str, dtype: str = "float32") -> None:
     import numpy as np
 
-    from kunjax.checkpoints.orbax_io import save_orbax
-    from kunjax.loader import load_model, parse_dtype
+    from kunjax.io.checkpoints.orbax_io import save_orbax
+    from kunjax.io.loader import load_model, parse_dtype
 
     dt = parse_dtype(dtype)
     # Keep tensors on the host: the converter needs no accelerator memory.

@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 from safetensors import safe_open
 
-from kunjax.config import ModelConfig
-from kunjax.model import Params, layer_shapes
+from kunjax.model.config import ModelConfig
+from kunjax.model.transformer import Params, layer_shapes
 
 Place = Callable[[np.ndarray], Any]
 

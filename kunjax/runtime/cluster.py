@@ -24,12 +24,13 @@ from typing import Any, Callable, Optional, Protocol, Sequence, Union
 import jax
 import numpy as np
 
-from kunjax import compile_stats, memory
-from kunjax.engine import EngineConfig, LLMEngine, run_to_completion
-from kunjax.kv_cache import pages_for
-from kunjax.loader import LoadedModel
-from kunjax.request import RequestOutput, SamplingParams
-from kunjax.scheduler import QueueFull
+from kunjax.runtime import compile_stats
+from kunjax.memory import measure as memory
+from kunjax.runtime.engine import EngineConfig, LLMEngine, run_to_completion
+from kunjax.runtime.kv_pools import pages_for
+from kunjax.io.loader import LoadedModel
+from kunjax.control.request import RequestOutput, SamplingParams
+from kunjax.control.scheduler import QueueFull
 
 log = logging.getLogger(__name__)
 

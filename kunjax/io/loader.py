@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kunjax.config import ModelConfig, tiny_config
-from kunjax.model import Params, init_params
-from kunjax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from kunjax.model.config import ModelConfig, tiny_config
+from kunjax.model.transformer import Params, init_params
+from kunjax.text.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 EMBEDDED_MODELS = ("tiny", "smollm2-135m")
 TINY_SEED = 1234
@@ -58,11 +58,11 @@ def load_model(spec: str, dtype=None, place: Optional[Callable[[np.ndarray], Any
         params = jax.tree.map(place, host)
         return LoadedModel("tiny", cfg, params, ByteTokenizer(cfg.vocab_size))
     if spec == "smollm2-135m" or spec.endswith(".gguf"):
-        from kunjax.checkpoints.gguf import load_gguf, smollm2_path
+        from kunjax.io.checkpoints.gguf import load_gguf, smollm2_path
 
         path = smollm2_path() if spec == "smollm2-135m" else spec
         return load_gguf(path, dtype=dtype, place=place, name=spec)
-    from kunjax.checkpoints import hf, orbax_io
+    from kunjax.io.checkpoints import hf, orbax_io
 
     if orbax_io.is_orbax_dir(spec):
         cfg = orbax_io.load_orbax_config(spec)

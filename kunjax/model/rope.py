@@ -11,7 +11,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from kunjax.config import ModelConfig
+from kunjax.model.config import ModelConfig
 
 
 def inv_frequencies(cfg: ModelConfig) -> np.ndarray:

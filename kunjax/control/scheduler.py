@@ -18,9 +18,9 @@ import logging
 import time
 from typing import Optional
 
-from kunjax.kv_cache import OutOfPages, PageAllocator, pages_for
-from kunjax.request import FinishReason, Request, Status
-from kunjax.runner import Row
+from kunjax.runtime.kv_pools import OutOfPages, PageAllocator, pages_for
+from kunjax.control.request import FinishReason, Request, Status
+from kunjax.runtime.runner import Row
 
 log = logging.getLogger(__name__)
 

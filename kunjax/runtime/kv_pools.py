@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from kunjax.config import ModelConfig
+from kunjax.model.config import ModelConfig
 
 NULL_PAGE = 0
 

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kunjax.config import ModelConfig
-from kunjax.model import Params
+from kunjax.model.config import ModelConfig
+from kunjax.model.transformer import Params
 
 MARKER = "kunjax_config.json"
 
@@ -58,7 +58,7 @@ def load_orbax_params(path: str, cfg: ModelConfig, dtype=np.float32, sharding=No
 
 def init_params_abstract(cfg: ModelConfig):
     """Shape-only parameter tree (no random numbers drawn)."""
-    from kunjax.model import layer_shapes
+    from kunjax.model.transformer import layer_shapes
 
     d, v = cfg.hidden_size, cfg.vocab_size
     tree = {

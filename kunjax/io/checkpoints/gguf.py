@@ -27,8 +27,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from kunjax.config import ModelConfig, RopeScaling
-from kunjax.model import Params, layer_shapes
+from kunjax.model.config import ModelConfig, RopeScaling
+from kunjax.model.transformer import Params, layer_shapes
 
 Place = Callable[[np.ndarray], Any]
 
@@ -156,7 +156,7 @@ def _rope_scaling_from_freqs(md: GGUFMetadata, arch: str, factors: np.ndarray, h
     """llama.cpp stores Llama 3.1 scaling as a `rope_freqs` tensor of per-frequency divisors. Recover
     the llama3 parameters (factor from metadata or the tensor, low/high factors 1 and 4, as in every
     released Llama 3.x) and check they reproduce the tensor exactly; otherwise refuse the file."""
-    from kunjax.rope import inv_frequencies
+    from kunjax.model.rope import inv_frequencies
 
     factors = np.asarray(factors, np.float64).reshape(-1)
     if factors.shape[0] != head_dim // 2:
@@ -309,8 +309,8 @@ def load_gguf_params(tensors: _Tensors, cfg: ModelConfig, place: Place, dtype=np
 
 def load_gguf(path: str, dtype=np.float32, place: Optional[Place] = None, name: Optional[str] = None):
     """Reads a GGUF file into a `LoadedModel` (config, weights via `place`, tokenizer, chat template)."""
-    from kunjax.gguf_tokenizer import tokenizer_from_metadata
-    from kunjax.loader import LoadedModel
+    from kunjax.text.gguf_tokenizer import tokenizer_from_metadata
+    from kunjax.io.loader import LoadedModel
 
     place = place or (lambda a: a)
     reader = open_gguf(path)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from kunjax.tokenizer import HFTokenizer
+from kunjax.text.tokenizer import HFTokenizer
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -103,7 +103,7 @@ def build_bpe_tokenizer(tokens: Sequence[str], merges: Sequence[str], token_type
 
 
 def tokenizer_from_metadata(md: Any, eos_token_ids: Optional[Sequence[int]] = None) -> HFTokenizer:
-    """`md` is a `kunjax.checkpoints.gguf.GGUFMetadata` (anything with `.get(key, default)` and `.path`)."""
+    """`md` is a `kunjax.io.checkpoints.gguf.GGUFMetadata` (anything with `.get(key, default)` and `.path`)."""
     source = getattr(md, "path", "<gguf>")
     model = md.get("tokenizer.ggml.model", None)
     if model != "gpt2":
@@ -128,7 +128,7 @@ def tokenizer_from_metadata(md: Any, eos_token_ids: Optional[Sequence[int]] = No
 
 def load_gguf_tokenizer(path: str) -> HFTokenizer:
     """The tokenizer of a GGUF file (reads only metadata)."""
-    from kunjax.checkpoints.gguf import GGUFMetadata, end_of_turn_ids, open_gguf
+    from kunjax.io.checkpoints.gguf import GGUFMetadata, end_of_turn_ids, open_gguf
 
     md = GGUFMetadata(open_gguf(path), path)
     tokens = md.get("tokenizer.ggml.tokens")

@@ -155,7 +155,7 @@ def tiny_config() -> ModelConfig:
     """The embedded `tiny` model: Llama-shaped, small enough for CPU tests, byte-level vocab."""
     return ModelConfig(
         model_type="llama",
-        vocab_size=384,  # 256 bytes + specials (see kunjax.tokenizer.ByteTokenizer), padded
+        vocab_size=384,  # 256 bytes + specials (see kunjax.text.tokenizer.ByteTokenizer), padded
         hidden_size=64,
         intermediate_size=172,
         num_layers=4,

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kunjax.attention import paged_attention, write_kv
-from kunjax.config import ModelConfig
-from kunjax.rope import apply_rope
+from kunjax.model.attention import paged_attention, write_kv
+from kunjax.model.config import ModelConfig
+from kunjax.model.rope import apply_rope
 
 Params = dict[str, Any]
 LayerParams = dict[str, jnp.ndarray]

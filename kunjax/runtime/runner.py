@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kunjax import compile_stats
-from kunjax.config import ModelConfig
-from kunjax.kv_cache import NULL_PAGE, pages_for
-from kunjax.model import Params, embed, forward_layers, lm_logits
-from kunjax.request import Request
-from kunjax.sampling import sample
+from kunjax.runtime import compile_stats
+from kunjax.model.config import ModelConfig
+from kunjax.runtime.kv_pools import NULL_PAGE, pages_for
+from kunjax.model.transformer import Params, embed, forward_layers, lm_logits
+from kunjax.control.request import Request
+from kunjax.model.sampling import sample
 
 
 def _step(params: Params, kv, batch: dict, cfg: ModelConfig):

@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kunjax import memory
-from kunjax.kv_cache import PageAllocator, allocate_pools, page_bytes, pages_for
-from kunjax.loader import LoadedModel
-from kunjax.request import FinishReason, Request, RequestOutput, SamplingParams, Status, validate_prompt
-from kunjax.runner import Buckets, ModelRunner
-from kunjax.scheduler import ScheduledStep, Scheduler, SchedulerConfig
-from kunjax.tokenizer import IncrementalDetokenizer
+from kunjax.memory import measure as memory
+from kunjax.runtime.kv_pools import PageAllocator, allocate_pools, page_bytes, pages_for
+from kunjax.io.loader import LoadedModel
+from kunjax.control.request import FinishReason, Request, RequestOutput, SamplingParams, Status, validate_prompt
+from kunjax.runtime.runner import Buckets, ModelRunner
+from kunjax.control.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from kunjax.text.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,9 @@ class LLMEngine:
         return self.tokenizer.encode(prompt)
 
     def encode_chat(self, messages) -> list[int]:
-        """Renders chat messages with the model's template (kunjax.chat) and tokenizes the result
+        """Renders chat messages with the model's template (kunjax.text.chat) and tokenizes the result
         without adding special tokens again, as Hugging Face's apply_chat_template does."""
-        from kunjax.chat import render_chat, validate_messages
+        from kunjax.text.chat import render_chat, validate_messages
 
         validate_messages(messages)  # a malformed conversation is named as such on any model
         if self.tokenizer is None:

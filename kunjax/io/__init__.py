@@ -1,0 +1,1 @@
+"""Loading models: Hugging Face safetensors, orbax and GGUF checkpoints into a LoadedModel."""

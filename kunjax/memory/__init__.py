@@ -1,0 +1,1 @@
+"""Memory: what XLA holds per device (measured), and the parameter-centric mechanism built on it."""

@@ -1,0 +1,1 @@
+"""Device execution: the compiled per-layer steps, KV pools, one serving instance, the cluster."""

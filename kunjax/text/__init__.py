@@ -1,0 +1,1 @@
+"""Text: tokenizers (byte, Hugging Face, GGUF metadata), streaming detokenizer, chat templates."""
