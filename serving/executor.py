@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from kunjax.runtime.cluster import Cluster
+from kunjax.runtime.cluster import ServingCluster as Cluster
 from kunjax.control.request import RequestOutput, SamplingParams
 from kunjax.control.scheduler import QueueFull
 
@@ -260,7 +260,7 @@ class Executor:
     def _publish(self) -> None:
         """The waiting count for admission, and the metrics gauges (device memory at most every
         `memory_interval_s`: reading it walks every live array)."""
-        self.waiting = sum(len(e.scheduler.waiting) for e in self.cluster.engines)
+        self.waiting = self.cluster.num_waiting()
         if self.metrics is None:
             return
         now = time.monotonic()

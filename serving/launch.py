@@ -45,7 +45,8 @@ flags.DEFINE_integer("max_num_seqs", 32, "running requests per instance")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "prefill tokens per step")
 flags.DEFINE_integer("max_prefill_rows", 4, "prompts per prefill step")
 flags.DEFINE_integer("max_queue", 1024, "requests waiting across the cluster before RESOURCE_EXHAUSTED")
-flags.DEFINE_bool("warmup", True, "compile every shape bucket before serving")
+flags.DEFINE_bool("warmup", True, "compile every shape bucket: the shapes that cover every step before "
+                  "serving, the cheaper ones in the background while serving (--nowarmup: covering shapes only)")
 flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache directory "
                     "(default ~/.cache/kunjax/jax or $KUNJAX_COMPILE_CACHE)")
 # memory policy
@@ -186,12 +187,12 @@ def engine_config(opts: LaunchOptions):
                         hbm_fraction=c.hbm_fraction, max_model_len=c.max_model_len, scheduler=sched, warmup=False)
 
 
-def build_cluster(opts: LaunchOptions, broadcaster=None):
+def build_cluster(opts: LaunchOptions, oplog=None):
     """Loads the model once into host memory and places one sharded replica per instance."""
     import jax
     import numpy as np
 
-    from kunjax.runtime.cluster import Cluster
+    from kunjax.runtime.cluster import ServingCluster
     from kunjax.io.loader import load_model, parse_dtype
 
     devices = jax.devices()
@@ -212,11 +213,10 @@ def build_cluster(opts: LaunchOptions, broadcaster=None):
                              f"devices; this host has {len(devices)}.{hint}")
     dtype = parse_dtype(opts.model.dtype)
     host = load_model(opts.model.model, dtype, place=lambda a: np.asarray(a).astype(dtype))
-    cluster = Cluster.build(host, engine_config(opts), opts.cluster.num_instances, opts.cluster.tp,
-                            devices=devices, broadcaster=broadcaster)
-    if opts.scheduler.warmup:
-        n = cluster.warmup()
-        logging.info("warm-up: %d executables compiled", n)
+    cluster = ServingCluster.build(host, engine_config(opts), opts.cluster.num_instances, opts.cluster.tp,
+                                   devices=devices, oplog=oplog)
+    if opts.scheduler.warmup:  # the covering shapes are compiled; the cheaper ones follow while serving
+        cluster.compile_in_background()
     return cluster
 
 
@@ -278,7 +278,7 @@ def main(argv) -> None:
     port = d.control_port or multihost.default_control_port(d.coordinator_address)
     if d.process_id == 0:
         channel = multihost.ControllerChannel(port, d.num_processes - 1)
-        cluster = build_cluster(opts, broadcaster=channel)
+        cluster = build_cluster(opts, oplog=channel)
         channel.accept()
         asyncio.run(serve(opts, cluster, channel))
     else:

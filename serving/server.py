@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kunjax.runtime.cluster import Cluster
+from kunjax.runtime.cluster import ServingCluster as Cluster
 from kunjax.control.request import SamplingParams
 from kunjax.control.scheduler import QueueFull
 from serving.executor import Event, Executor, ShuttingDown, Submission

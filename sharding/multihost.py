@@ -1,27 +1,27 @@
 """Multi-controller serving: process 0 decides, every process executes the same programs in order.
 
 JAX's multi-controller runtime requires every process to launch the same jitted programs in the
-same order. The control plane (gRPC front, scheduler, dispatcher) runs only on process 0; before
-each iteration it sends the batches it is about to run, {instance: padded batch arrays}, over a
-small TCP side channel to the followers, which replay them on the same instances. Instances span
-all processes (sharding.mesh), so each step is one SPMD program across hosts and its sampled
+same order. The control plane (gRPC front, scheduler, dispatcher) runs only on process 0; every
+device operation it decides on (the steps of an iteration, a parameter drop, a KV copy, a restore:
+kunjax.control.ops.DeviceOp) is sent over a small TCP side channel to the followers before process
+0 runs it, and the followers replay the log in order through the same `Cluster.execute`. Instances
+span all processes (sharding.mesh), so each step is one SPMD program across hosts and its sampled
 tokens, replicated over the instance mesh, are readable on process 0 without a further gather.
 
-Wire format: length-prefixed frames; a frame is a JSON header ({"op": "step", "steps": [[instance,
-num_rows], ...]}) followed by one `np.savez` archive of the batch arrays (no pickle).
+Wire format: length-prefixed frames; a frame is a JSON header (kunjax.control.ops.encode_ops) and one
+`np.savez` archive of the ops' arrays (no pickle); a header {"stop": true} ends the log.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import socket
 import struct
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
-import numpy as np
+from kunjax.control.ops import DeviceOp, decode_ops, encode_ops
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,8 @@ def default_control_port(coordinator_address: str) -> int:
     return int(coordinator_address.rsplit(":", 1)[1]) + 1
 
 
-def _send_frame(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
-    h = json.dumps(header).encode()
-    sock.sendall(_LEN.pack(len(h)) + h + _LEN.pack(len(payload)) + payload)
+def _send_frame(sock: socket.socket, header: bytes, payload: bytes = b"") -> None:
+    sock.sendall(_LEN.pack(len(header)) + header + _LEN.pack(len(payload)) + payload)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -58,14 +57,17 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _recv_frame(sock: socket.socket) -> tuple[dict, bytes]:
-    header = json.loads(_recv_exact(sock, _LEN.unpack(_recv_exact(sock, _LEN.size))[0]))
+def _recv_frame(sock: socket.socket) -> tuple[bytes, bytes]:
+    header = _recv_exact(sock, _LEN.unpack(_recv_exact(sock, _LEN.size))[0])
     payload = _recv_exact(sock, _LEN.unpack(_recv_exact(sock, _LEN.size))[0])
     return header, payload
 
 
+_STOP = json.dumps({"stop": True}).encode()
+
+
 class ControllerChannel:
-    """Process 0's end: a StepBroadcaster for kunjax.runtime.cluster.Cluster."""
+    """Process 0's end: the OpLog of kunjax.control.cluster.Cluster."""
 
     def __init__(self, port: int, num_followers: int, host: str = ""):
         self.num_followers = num_followers
@@ -80,18 +82,15 @@ class ControllerChannel:
             self._socks.append(s)
             log.info("follower connected from %s", addr)
 
-    def send_steps(self, batches: dict[int, tuple[dict[str, np.ndarray], int]]) -> None:
-        arrays = {f"{i}/{k}": v for i, (b, _) in batches.items() for k, v in b.items()}
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        header = {"op": "step", "steps": [[i, n] for i, (_, n) in batches.items()]}
+    def send(self, ops: Sequence[DeviceOp]) -> None:
+        header, payload = encode_ops(ops)
         for s in self._socks:
-            _send_frame(s, header, buf.getvalue())
+            _send_frame(s, header, payload)
 
     def close(self) -> None:
         for s in self._socks:
             try:
-                _send_frame(s, {"op": "stop"})
+                _send_frame(s, _STOP)
                 s.close()
             except OSError:
                 pass
@@ -113,33 +112,29 @@ class FollowerChannel:
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def recv(self) -> Optional[dict[int, tuple[dict[str, np.ndarray], int]]]:
-        """The next iteration's batches; None when the controller stops."""
+    def recv(self) -> Optional[list[DeviceOp]]:
+        """The next batch of operations; None when the controller stops."""
         header, payload = _recv_frame(self.sock)
-        if header["op"] == "stop":
+        if header == _STOP:
             return None
-        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        out = {}
-        for i, n in header["steps"]:
-            prefix = f"{i}/"
-            out[i] = ({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, n)
-        return out
+        return decode_ops(header, payload)
 
 
 def follow(cluster, channel: FollowerChannel) -> int:
-    """Replays the controller's steps on this process until it stops; returns the steps run."""
-    steps = 0
+    """Replays the controller's operations on this process until it stops; returns the ops run."""
+    count = 0
     while True:
         try:
-            batches = channel.recv()
+            ops = channel.recv()
         except ConnectionError:
             log.warning("controller went away; follower stops")
             break
-        if batches is None:
+        if ops is None:
             break
-        inflight = [cluster.engines[i].runner.dispatch_batch(b, n) for i, (b, n) in batches.items()]
-        for fl in inflight:
-            fl.tokens.block_until_ready()
-        steps += len(inflight)
-    return steps
+        results = [cluster.execute(op) for op in ops]
+        for r in results:  # steps: wait for the device before the next frame, like the controller
+            tokens = getattr(r, "tokens", None)
+            if tokens is not None:
+                tokens.block_until_ready()
+        count += len(ops)
+    return count

@@ -13,7 +13,7 @@ axes to mesh axes. Megatron-style tensor parallelism falls out of it:
 
 Splitting the flattened H*hd columns into tp contiguous blocks keeps whole heads together, and with
 GQA the q heads of one kv head land on the same device as that kv head (q head h uses kv head
-h // (H / KV)), so attention needs no communication. KV pools `(pages, page_size, kv_heads, head_dim)`
+h // (H / KV)), so attention needs no communication. KV pools `(kv_heads, pages, page_size, head_dim)`
 are split on kv heads the same way.
 """
 
@@ -47,8 +47,8 @@ LOGICAL_AXES: dict[str, tuple[Optional[str], ...]] = {
     "w_gate": ("embed", "mlp"),
     "w_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),
-    # KV pools (pages, page_size, kv_heads, head_dim)
-    "kv_pool": ("pages", "page", "kv_heads", "head_dim"),
+    # KV pools (kv_heads, pages, page_size, head_dim)
+    "kv_pool": ("kv_heads", "pages", "page", "head_dim"),
 }
 
 # logical axis -> mesh axis (None = replicated)

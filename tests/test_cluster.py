@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from kunjax.runtime.cluster import Cluster, MostFreePages, RoundRobin
+from kunjax.control.cluster import MostFreePages, RoundRobin
+from kunjax.runtime.cluster import ServingCluster as Cluster
 from kunjax.runtime.engine import EngineConfig, LLMEngine
 from kunjax.io.loader import load_model
 from kunjax.control.request import SamplingParams
@@ -44,10 +45,11 @@ def test_most_free_pages_policy(cluster):
     assert st["pages_free"] == st["pages_total"]
 
 
-def test_round_robin_policy(host_model):
-    engines = [object(), object(), object()]
+def test_round_robin_policy(cluster):
+    views = cluster.views() + cluster.views()[:1]
+    views = [v.__class__(**{**v.__dict__, "index": i}) for i, v in enumerate(views)]
     rr = RoundRobin()
-    assert [rr.choose(engines, 1) for _ in range(4)] == [0, 1, 2, 0]
+    assert [rr.choose(views, 1) for _ in range(4)] == [0, 1, 2, 0]
 
 
 def test_abort_frees_pages(cluster):
@@ -84,7 +86,7 @@ def test_policy_prefers_free_instance(cluster):
     rid = cluster.add_request("z" * 60, SamplingParams(max_tokens=60), request_id="big")
     assert cluster.instance_of(rid) == 0
     cluster.step()
-    assert MostFreePages().choose(cluster.engines, 5) == 1
+    assert MostFreePages().choose(cluster.views(), 5) == 1
     assert eng0.allocator.num_free < cluster.engines[1].allocator.num_free
     cluster.abort(rid)
 
@@ -93,19 +95,18 @@ def test_step_dispatches_every_instance_before_collecting(cluster, monkeypatch):
     """One controller: all instances' steps are enqueued (async dispatch) before it waits on any."""
     calls = []
     for i, eng in enumerate(cluster.engines):
-        runner = eng.runner
-        dispatch, collect = runner.dispatch_batch, runner.collect
+        execute, finish = eng.execute, eng.finish
 
-        def logged_dispatch(*a, _f=dispatch, _i=i):
+        def logged_execute(op, _f=execute, _i=i):
             calls.append(("dispatch", _i))
-            return _f(*a)
+            return _f(op)
 
-        def logged_collect(fl, _f=collect, _i=i):
+        def logged_finish(step, fl, _f=finish, _i=i):
             calls.append(("collect", _i))
-            return _f(fl)
+            return _f(step, fl)
 
-        monkeypatch.setattr(runner, "dispatch_batch", logged_dispatch)
-        monkeypatch.setattr(runner, "collect", logged_collect)
+        monkeypatch.setattr(eng, "execute", logged_execute)
+        monkeypatch.setattr(eng, "finish", logged_finish)
     ids = [cluster.add_request(p, SamplingParams(max_tokens=3, ignore_eos=True)) for p in ("left", "right")]
     assert sorted(cluster.instance_of(r) for r in ids) == [0, 1]
     while cluster.has_unfinished():
@@ -125,7 +126,9 @@ def test_parallel_warmup_then_no_compiles(host_model):
                          scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=32, max_prefill_rows=1))
     c = Cluster.build(host_model, small, num_instances=3, tp=1)
     n = c.warmup(parallel=True)
-    assert n == sum(len(e.buckets.all_shapes()) for e in c.engines)
+    e0 = c.engines[0]
+    per_instance = len(set(e0.shape_keys(e0.buckets.all_shapes())) - set(e0.shape_keys(e0.buckets.covering_shapes())))
+    assert n == 3 * per_instance
     rng = np.random.default_rng(5)
     prompts = [rng.integers(1, 300, int(rng.integers(1, 40))).tolist() for _ in range(7)]
     params = [SamplingParams(max_tokens=int(rng.integers(1, 20)), ignore_eos=True) for _ in prompts]

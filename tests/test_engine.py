@@ -5,7 +5,7 @@ import pytest
 
 from kunjax.runtime import compile_stats
 from kunjax.runtime.engine import EngineConfig, LLMEngine
-from kunjax.runtime.kv_pools import OutOfPages, PageAllocator
+from kunjax.control.pages import OutOfPages, PageAllocator
 from kunjax.io.loader import load_model
 from kunjax.control.request import SamplingParams
 from kunjax.control.scheduler import SchedulerConfig
@@ -179,36 +179,39 @@ def test_kv_sized_from_memory_budget(tiny):
     from kunjax.runtime.kv_pools import page_bytes
 
     per_page = page_bytes(tiny.config, 8, np.float32)
-    base = 40 << 20
+    base = 12 << 20
     a = LLMEngine(tiny, EngineConfig(page_size=8, hbm_bytes=base, max_model_len=256))
-    n_a = a.num_pages
+    n_a, split = a.num_pages, a.memory_split
+    assert split.budget == base and split.weights > 0 and split.reserve > 0 and split.kv == n_a * per_page
+    assert 0 <= split.free < per_page  # every byte the formula allows went to pages
     del a
     gc.collect()
     b = LLMEngine(tiny, EngineConfig(page_size=8, hbm_bytes=base + 40 * per_page, max_model_len=256))
-    assert 2 <= n_a and b.num_pages == n_a + 40
+    assert 2 <= n_a < 1025 and b.num_pages == n_a + 40
     with pytest.raises(ValueError, match="memory budget"):
         LLMEngine(tiny, EngineConfig(page_size=8, hbm_bytes=1 << 20, max_model_len=256))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compiled_steps_update_kv_pools_in_place(dtype):
-    """Every compiled step shape updates the donated KV pools in place: no instruction copies or
+    """Every compiled layer executable updates the donated KV pools in place: no instruction copies or
     converts a pool-sized array. (XLA may fuse the KV write into the attention's gather; the pool
     is then copied once per layer per step, which made 1-row f32 decode 10x slower.)"""
     import re
 
-    from kunjax.runtime.runner import null_batch
+    from kunjax.runtime.executables import LAYER
 
     lm = load_model("tiny", dtype)
-    eng = LLMEngine(lm, EngineConfig(page_size=16, num_pages=999, max_model_len=128,
+    eng = LLMEngine(lm, EngineConfig(page_size=16, num_pages=999, max_model_len=128, warmup=True,
                                      scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32)))
-    pool = eng.runner.kv[0][0]
+    pool = eng.stage.pools[0][0]
     dims = ",".join(map(str, pool.shape))
-    for R, Q, Pb in eng.buckets.all_shapes():
-        hlo = eng.runner.step_fn.lower(eng.runner.params, eng.runner.kv, null_batch(R, Q, Pb),
-                                       cfg=eng.cfg).compile().as_text()
+    keys = [k for k in eng.shape_keys(eng.buckets.all_shapes()) if k.kind == LAYER]
+    assert len(keys) == len(eng.buckets.all_shapes())
+    for key in keys:
+        hlo = eng.exes.get(key).as_text()
         ops = set(re.findall(rf"= \w+\[{dims}\]\{{[^}}]*\}} ([\w-]+)\(", hlo))
-        assert ops, (R, Q, Pb)
-        assert not ops & {"copy", "convert"}, ((R, Q, Pb), ops)
+        assert ops, key
+        assert not ops & {"copy", "convert"}, (key, ops)
         for fused in re.findall(rf"%(\S+) = \w+\[{dims}\]\{{[^}}]*\}} fusion\(", hlo):
-            assert "copy" not in fused and "convert" not in fused, ((R, Q, Pb), fused)
+            assert "copy" not in fused and "convert" not in fused, (key, fused)

@@ -102,7 +102,7 @@ def test_logits_and_greedy_through_engine(case):
         assert out.token_ids == ref_ids, f"{family}: prompt of {len(prompt)} tokens"
     # last-position logits of one prompt, and they are not near-ties
     eng.generate([prompts[1]], SamplingParams(max_tokens=1))
-    ours = np.asarray(eng.runner.last_logits[0])
+    ours = np.asarray(eng.last_logits[0])
     with torch.no_grad():
         ref = hf_q(torch.tensor([prompts[1]])).logits[0, -1].numpy()
     top2 = np.sort(ref)[-2:]

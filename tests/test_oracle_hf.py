@@ -60,7 +60,7 @@ def test_last_logits_match(family_model):
     eng = LLMEngine(lm, EngineConfig(page_size=PAGE, num_pages=64, max_model_len=256))
     for prompt in _prompts(lm.config.vocab_size)[2:]:
         eng.generate([prompt], SamplingParams(max_tokens=1))
-        ours = np.asarray(eng.runner.last_logits[0])
+        ours = np.asarray(eng.last_logits[0])
         ref = hf_last_logits(hf, prompt)
         # not near-ties, so greedy comparisons above are meaningful
         top2 = np.sort(ref)[-2:]

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kunjax.runtime.cluster import Cluster
+from kunjax.runtime.cluster import ServingCluster as Cluster
 from kunjax.runtime.engine import EngineConfig, LLMEngine
 from kunjax.io.loader import load_model
 from kunjax.control.request import SamplingParams

@@ -29,7 +29,7 @@ def test_rule_table():
     assert spec_for("wo") == P("tp", None) and spec_for("w_down") == P("tp", None)
     assert spec_for("w_gate") == P(None, "tp") and spec_for("w_up") == P(None, "tp")
     assert spec_for("attn_norm") == P(None) and spec_for("embed") == P(None, None)
-    assert spec_for("kv_pool") == P(None, None, "tp", None)
+    assert spec_for("kv_pool") == P("tp", None, None, None)
 
 
 def test_validate_tp_errors():
@@ -53,14 +53,14 @@ def test_split_devices():
 def test_params_and_kv_are_sharded(host_model):
     mesh = instance_meshes(1, 2)[0]
     eng = LLMEngine(host_model, CONFIG, mesh=mesh)
-    lp = eng.runner.params["layers"][0]
+    lp = eng.stage.layers[0]
     assert lp["wq"].sharding.spec == P(None, "tp")
     assert lp["wo"].sharding.spec == P("tp", None)
     # each device holds half of wq's columns = 2 of the 4 heads
     assert lp["wq"].addressable_shards[0].data.shape == (64, 32)
-    k_pool = eng.runner.kv[0][0]
-    assert k_pool.sharding.spec == P(None, None, "tp", None)
-    assert k_pool.addressable_shards[0].data.shape == (128, 16, 1, 16)
+    k_pool = eng.stage.pools[0][0]
+    assert k_pool.sharding.spec == P("tp", None, None, None)
+    assert k_pool.addressable_shards[0].data.shape == (1, 128, 16, 16)
     assert set(k_pool.sharding.device_set) == set(mesh.devices.flat)
 
 

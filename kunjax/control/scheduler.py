@@ -18,9 +18,10 @@ import logging
 import time
 from typing import Optional
 
-from kunjax.runtime.kv_pools import OutOfPages, PageAllocator, pages_for
+from kunjax.control.batch import Row, ScheduledStep
+from kunjax.control.overload import OverloadPolicy, Preempt, RecomputePolicy, Stall
+from kunjax.control.pages import OutOfPages, PageAllocator, pages_for
 from kunjax.control.request import FinishReason, Request, Status
-from kunjax.runtime.runner import Row
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,15 @@ class SchedulerConfig:
     max_queue: int = 4096  # waiting requests; beyond this add_request refuses
 
 
-@dataclasses.dataclass
-class ScheduledStep:
-    rows: list[Row]
-    prefill: bool
-
-
 class QueueFull(Exception):
     pass
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, page_size: int, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator, page_size: int, max_model_len: int,
+                 policy: Optional[OverloadPolicy] = None):
         self.config = config
+        self.policy = policy or RecomputePolicy()
         self.allocator = allocator
         self.page_size = page_size
         self.max_model_len = max_model_len
@@ -54,6 +51,7 @@ class Scheduler:
         self._last_was_prefill = False
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0
+        self.out_of_pages_events = 0  # times a running request found no free page
 
     # ---- admission -------------------------------------------------------------------------
     def max_tokens_fit(self, req: Request) -> bool:
@@ -96,7 +94,8 @@ class Scheduler:
         except OutOfPages:
             return False
 
-    def _preempt(self, victim: Request) -> None:
+    def preempt(self, victim: Request) -> None:
+        """Recompute preemption: the victim's pages are freed, its KV is forgotten."""
         self.running.remove(victim)
         self.allocator.free(victim.pages)
         victim.pages = []
@@ -157,12 +156,24 @@ class Scheduler:
         for req in ready:
             if req.status != Status.RUNNING:
                 continue  # preempted below as a victim
+            stalled = False
             while not self._grow(req, req.num_tokens):
-                victim = max(self.running, key=lambda r: r.arrival_time)
-                self._preempt(victim)
-                if victim is req:
+                self.out_of_pages_events += 1
+                action = self.policy.on_out_of_pages(list(self.running), req)
+                if isinstance(action, Stall):
+                    if action.request is not req:
+                        raise ValueError(f"overload policy {self.policy.name!r} stalled {action.request.request_id}, "
+                                         f"not the request that needs a page ({req.request_id})")
+                    stalled = True
                     break
-            if req.status == Status.RUNNING:
+                if not isinstance(action, Preempt) or action.how != "recompute":
+                    raise ValueError(f"overload policy {self.policy.name!r} returned {action!r}, which this "
+                                     f"scheduler cannot carry out")
+                self.preempt(action.victim)
+                rows = [r for r in rows if r.request is not action.victim]
+                if action.victim is req:
+                    break
+            if req.status == Status.RUNNING and not stalled:
                 rows.append(Row(req, req.num_computed, 1))
         return ScheduledStep(rows, prefill=False) if rows else None
 

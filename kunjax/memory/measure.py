@@ -69,24 +69,26 @@ def host_memory_bytes() -> Optional[int]:
         return None
 
 
-def cpu_default_budget(num_local_devices: int) -> Optional[int]:
-    """A CPU device has no memory limit of its own; without --hbm_bytes each virtual device gets an
-    even share of half the host's RAM, at most 4 GiB, so `make serve` works out of the box and
-    several instances on one host never promise more memory than the host has."""
+def cpu_default_budget(num_devices_in_use: int) -> Optional[int]:
+    """A CPU device has no memory limit of its own; without --hbm_bytes each virtual device that
+    serves gets an even share of half the host's RAM, at most 4 GiB, so `make serve` works out of
+    the box and several instances on one host never promise more memory than the host has. Only
+    the devices in use count: virtual devices created but left idle take nothing."""
     ram = host_memory_bytes()
     if not ram:
         return None
-    return int(min(CPU_DEFAULT_BUDGET_CAP, ram // 2 // max(1, num_local_devices)))
+    return int(min(CPU_DEFAULT_BUDGET_CAP, ram // 2 // max(1, num_devices_in_use)))
 
 
-def device_budget(device: jax.Device, hbm_bytes: Optional[int], fraction: float) -> Optional[int]:
-    """The memory this instance may use on `device`: the explicit budget, else a fraction of the
-    allocator's limit, else (CPU) a share of host RAM; None when nothing is known."""
+def device_budget(device: jax.Device, hbm_bytes: Optional[int], fraction: float, cpu_share: int = 1) -> Optional[int]:
+    """The memory an instance may use on `device`: the explicit budget, else a fraction of the
+    allocator's limit, else (CPU) an even share of half the host RAM among the `cpu_share` devices
+    in use; None when nothing is known."""
     if hbm_bytes:
         return int(hbm_bytes)
     st = device_stats(device)
     if st and st.get("bytes_limit"):
         return int(st["bytes_limit"] * fraction)
     if device.platform == "cpu":
-        return cpu_default_budget(len(jax.local_devices(backend="cpu")))
+        return cpu_default_budget(cpu_share)
     return None

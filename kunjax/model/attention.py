@@ -1,10 +1,18 @@
-"""Paged attention in pure JAX, plus the dense reference it is tested against.
+"""Paged attention in pure JAX over KV-head-major page pools, plus the dense reference.
+
+A layer's K (and V) pool is `(kv_heads, pages, page_size, head_dim)`: KV heads lead, so
+  - gathering a row's pages yields `(kv_heads, rows, context, head_dim)` directly, already in the
+    layout of the batched GEMMs of attention (batch dims kv head and row): no transpose of the
+    gathered context, which was the largest cost of a decode step in the page-major layout;
+  - tensor parallelism splits the leading axis, one contiguous block of heads per device;
+  - one page of one head is a contiguous (page_size, head_dim) tile, and a page id means the same
+    slots in every layer, so KV can be moved page by page between pools (kunjax.memory).
 
 Every row of a step is a segment of one sequence: Q query tokens (a prefill chunk, or one decode
-token) at known positions. Its context lives in pages of the per-layer pool, listed by the row's
-block table. We gather those pages into a contiguous (S = pages * page_size) context, then apply a
-causal + length (+ optional sliding-window) mask. Gathering is the portable formulation that works on
-CPU and GPU; the number of gathered pages is bucketed per step so short contexts stay cheap.
+token) at known positions. Its context lives in the pages its block table lists; we gather them into
+a contiguous (S = pages * page_size) context and apply a causal + length (+ sliding-window) mask.
+Gathering is the portable formulation that works on CPU and GPU; the number of gathered pages is
+bucketed per step so short contexts stay cheap.
 """
 
 from __future__ import annotations
@@ -18,82 +26,37 @@ NEG_INF = -1e30  # finite, so fully masked padding rows give a harmless uniform 
 
 
 def write_kv(pool: jnp.ndarray, new: jnp.ndarray, slots: jnp.ndarray) -> jnp.ndarray:
-    """Scatters new K or V (R, Q, KV, hd) into pool (P, page_size, KV, hd) at flat slots (R, Q).
+    """Scatters new K or V (R, Q, KV, hd) into pool (KV, P, page_size, hd) at flat slots (R, Q).
 
     Padding tokens point at slots of the reserved null page 0, which no request owns. The scatter
-    indexes (page, offset) on the 4-D pool directly: scattering into a flattened (P*page_size)
-    view makes XLA copy the whole pool every step instead of updating the donated buffer in place.
+    indexes (page, offset) on the pool directly: scattering into a flattened view makes XLA copy the
+    whole pool every step instead of updating the donated buffer in place.
     """
-    ps = pool.shape[1]
+    ps = pool.shape[2]
     # One extra update of the null page's slot 0 keeps this a scatter of at least two rows. A
     # one-row scatter becomes a dynamic-update-slice, which XLA:CPU fuses into the attention's
-    # gather that reads the pool next; the donated pool is then copied whole per layer per step
-    # (seen for 1-row f32 decode: 10x slower). tests/test_engine.py checks every step shape.
+    # gather that reads the pool next; the donated pool is then copied whole per layer per step.
+    # tests/test_engine.py checks every compiled step shape for pool-sized copies.
     flat = jnp.concatenate([slots.reshape(-1), jnp.zeros((1,), slots.dtype)])
-    values = new.reshape(-1, *pool.shape[2:])
+    values = new.reshape(-1, *new.shape[2:])  # (N, KV, hd)
     values = jnp.concatenate([values, jnp.zeros((1, *values.shape[1:]), values.dtype)])
-    if pool.dtype == jnp.uint16:  # 2-byte float KV held as its bit pattern (kv_cache.storage_dtype)
+    values = values.transpose(1, 0, 2)  # (KV, N+1, hd): small, this step's tokens only
+    if pool.dtype == jnp.uint16:  # 2-byte float KV held as its bit pattern (kv_pools.storage_dtype)
         values = jax.lax.bitcast_convert_type(values, jnp.uint16)
-    return pool.at[flat // ps, flat % ps].set(values.astype(pool.dtype))
+    return pool.at[:, flat // ps, flat % ps].set(values.astype(pool.dtype))
 
 
 def read_pages(pool: jnp.ndarray, block_tables: jnp.ndarray, dtype) -> jnp.ndarray:
-    """Gathers the pages of each row, (R, Pb, page_size, KV, hd), as `dtype` (bit-cast back from a
-    u16 storage pool; the bitcast fuses into the gather, the pool itself is never converted)."""
-    pages = pool[block_tables]
+    """The pages of each row as one contiguous context, (KV, R, Pb * page_size, hd), in `dtype`
+    (bit-cast back from a u16 storage pool; the bitcast fuses into the gather, the pool itself is
+    never converted)."""
+    r, pb = block_tables.shape
+    pages = pool[:, block_tables]  # (KV, R, Pb, ps, hd)
     if pool.dtype == jnp.uint16 and jnp.dtype(dtype).itemsize == 2:
-        return jax.lax.bitcast_convert_type(pages, dtype)
-    return pages.astype(dtype)
-
-
-def _attend(q, k, v, mask, scale):
-    """q (R, Q, H, hd); k, v (R, S, KV, hd); mask (R, Q, S) -> (R, Q, H, hd).
-
-    Heads are laid out as GEMM batch dimensions (R, KV) once, up front, so both products are plain
-    batched GEMMs and the (R, KV, G, Q, S) scores are never transposed; the mask is an additive bias
-    and the softmax is normalised after the PV product (as flash attention does), so the one large
-    array is read and written as few times as possible. 3x faster on XLA:CPU than a per-einsum layout
-    for a 512-token chunk (measured), same result to f32 rounding."""
-    r, nq, h, hd = q.shape
-    kvh = k.shape[2]
-    qt = q.reshape(r, nq, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)  # (R, KV, G, Q, hd)
-    kt = k.transpose(0, 2, 1, 3)  # (R, KV, S, hd)
-    vt = v.transpose(0, 2, 1, 3)
-    bias = jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[:, None, None]  # (R, 1, 1, Q, S)
-    scores = jnp.einsum("rkgqd,rksd->rkgqs", qt, kt, preferred_element_type=jnp.float32) * scale + bias
-    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("rkgqs,rksd->rkgqd", probs.astype(v.dtype), vt, preferred_element_type=jnp.float32) / denom
-    return out.transpose(0, 3, 1, 2, 4).reshape(r, nq, h, hd).astype(q.dtype)
-
-
-def _attend_decode_gemm(q, k, v, mask, scale):
-    """One query token per row, bf16/f16: batched GEMMs with the heads grouped per KV head and the
-    probabilities normalised before the PV product; on XLA:CPU this layout is the fastest measured
-    for 2-byte decode (32 rows x 256 keys: 1.2 ms vs 1.7 ms for `_attend`, 2.0 ms elementwise)."""
-    r, nq, h, hd = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(r, nq, kvh, h // kvh, hd)
-    scores = jnp.einsum("rqkgd,rskd->rkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("rkgqs,rskd->rqkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(r, nq, h, hd).astype(q.dtype)
-
-
-def _attend_decode_f32(q, k, v, mask, scale):
-    """One query token per row, f32: products and sums over the context as one fused elementwise
-    reduction. For a single query XLA:CPU runs the batched-GEMM form above as many tiny GEMMs,
-    4-5x slower (32 rows x 1024 keys: 22 ms vs 4.6 ms per layer, measured); for bf16 the GEMM form
-    is as fast, so it stays there."""
-    r, _, h, hd = q.shape
-    kvh = k.shape[2]
-    qg = q.reshape(r, 1, kvh, h // kvh, hd)
-    scores = jnp.sum(qg * k[:, :, :, None, :], axis=-1) * scale  # (R, S, KV, G)
-    scores = jnp.where(mask[:, 0, :, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1)  # (R, KV, G, hd)
-    return out.reshape(r, 1, h, hd)
+        pages = jax.lax.bitcast_convert_type(pages, dtype)
+    else:
+        pages = pages.astype(dtype)
+    return pages.reshape(pool.shape[0], r, pb * pool.shape[2], pool.shape[3])
 
 
 def context_mask(positions, ctx_lens, num_keys: int, sliding_window: Optional[int]):
@@ -106,32 +69,39 @@ def context_mask(positions, ctx_lens, num_keys: int, sliding_window: Optional[in
     return mask
 
 
-def gather_context(pool, block_tables, dtype) -> jnp.ndarray:
-    """The pages of each row's block table as one contiguous context, (R, Pb * page_size, KV, hd)."""
-    r = block_tables.shape[0]
-    return read_pages(pool, block_tables, dtype).reshape(r, -1, *pool.shape[2:])
+def attend(q, k, v, mask, scale):
+    """q (R, Q, H, hd); k, v (KV, R, S, hd) head-major; mask (R, Q, S) -> (R, Q, H, hd).
 
-
-def attend(q, k, v, positions, ctx_lens, scale, sliding_window=None):
-    """q (R, Q, H, hd) over contiguous contexts k, v (R, S, KV, hd), causal + length (+ window) mask,
-    in the formulation measured fastest for the step's kind and dtype."""
-    mask = context_mask(positions, ctx_lens, k.shape[1], sliding_window)
-    if q.shape[1] == 1:  # decode
-        if q.dtype == jnp.float32:
-            return _attend_decode_f32(q, k, v, mask, scale)
-        return _attend_decode_gemm(q, k, v, mask, scale)
-    return _attend(q, k, v, mask, scale)
+    Heads are GEMM batch dims (KV, R), the G = H / KV query heads of a KV head and the Q query
+    tokens are the GEMM rows, so both products are plain batched GEMMs over the gathered context as
+    it lies. The mask is an additive bias and the softmax is normalised after the PV product, so the
+    one large array (the scores) is read and written as few times as possible."""
+    r, nq, h, hd = q.shape
+    kvh = k.shape[0]
+    qt = q.reshape(r, nq, kvh, h // kvh, hd).transpose(2, 0, 3, 1, 4)  # (KV, R, G, Q, hd): small
+    bias = jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)[None, :, None]  # (1, R, 1, Q, S)
+    scores = jnp.einsum("krgqd,krsd->krgqs", qt, k, preferred_element_type=jnp.float32) * scale + bias
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    denom = jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("krgqs,krsd->krgqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
+    return out.transpose(1, 3, 0, 2, 4).reshape(r, nq, h, hd).astype(q.dtype)
 
 
 def paged_attention(q, k_pool, v_pool, block_tables, positions, ctx_lens, scale, sliding_window=None):
-    """q (R, Q, H, hd); pools (P, page_size, KV, hd) already holding this step's K/V; block_tables
+    """q (R, Q, H, hd); pools (KV, P, page_size, hd) already holding this step's K/V; block_tables
     (R, Pb); positions (R, Q); ctx_lens (R,)."""
-    k = gather_context(k_pool, block_tables, q.dtype)
-    v = gather_context(v_pool, block_tables, q.dtype)
-    return attend(q, k, v, positions, ctx_lens, scale, sliding_window)
+    k = read_pages(k_pool, block_tables, q.dtype)
+    v = read_pages(v_pool, block_tables, q.dtype)
+    return attend(q, k, v, context_mask(positions, ctx_lens, k.shape[2], sliding_window), scale)
 
 
 def dense_attention(q, k, v, positions, ctx_lens, scale, sliding_window=None):
-    """Reference: k, v already contiguous per row, (R, S, KV, hd)."""
+    """Reference, written independently of `attend`: k, v already contiguous per row (R, S, KV, hd);
+    every query head against its KV head's keys, a plain masked softmax."""
+    h, kvh = q.shape[2], k.shape[2]
+    kk = jnp.repeat(k, h // kvh, axis=2).astype(jnp.float32)  # (R, S, H, hd)
+    vv = jnp.repeat(v, h // kvh, axis=2).astype(jnp.float32)
+    scores = jnp.einsum("rqhd,rshd->rhqs", q.astype(jnp.float32), kk) * scale
     mask = context_mask(positions, ctx_lens, k.shape[1], sliding_window)
-    return _attend(q, k, v, mask, scale)
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, NEG_INF), axis=-1)
+    return jnp.einsum("rhqs,rshd->rqhd", probs, vv).astype(q.dtype)

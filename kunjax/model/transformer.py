@@ -13,7 +13,9 @@ dropping) and so that any contiguous layer range [a, b) can run on its own (pipe
     }
 
 Weights are stored input-major (x @ W), i.e. the transpose of Hugging Face's nn.Linear layout.
-KV is a list with one (k_pool, v_pool) pair per layer of the range.
+A layer's KV is a (k_pool, v_pool) pair, each `(kv_heads, pages, page_size, head_dim)`. A step runs
+as one compiled call per layer (kunjax.runtime.executables), so any layer range runs on the same
+executables.
 """
 
 from __future__ import annotations
@@ -133,22 +135,18 @@ def embed(params: Params, tokens: jnp.ndarray) -> jnp.ndarray:
     return jnp.take(params["embed"], tokens, axis=0)
 
 
+def head_params(params: Params) -> Params:
+    """The weights the LM head reads: the final norm and lm_head, or the tied embedding."""
+    w = "lm_head" if "lm_head" in params else "embed"
+    return {"final_norm": params["final_norm"], w: params[w]}
+
+
 def lm_logits(params: Params, h: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
-    """h (..., D) -> f32 logits (..., V)."""
+    """h (..., D) -> f32 logits (..., V); `params` holds final_norm and lm_head or (tied) embed."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     if "lm_head" in params:
         return matmul(h, params["lm_head"], out_dtype=jnp.float32)
     return matmul(h, params["embed"], w_transposed=True, out_dtype=jnp.float32)
-
-
-def forward_layers(layers: Sequence[LayerParams], kv: Sequence[LayerKV], h, positions, slots, block_tables,
-                   ctx_lens, cfg: ModelConfig):
-    """Runs a contiguous layer range on hidden states; returns (h, new kv list)."""
-    new_kv = []
-    for lp, layer_kv in zip(layers, kv):
-        h, layer_kv = layer_forward(lp, layer_kv, h, positions, slots, block_tables, ctx_lens, cfg)
-        new_kv.append(layer_kv)
-    return h, new_kv
 
 
 def to_device(params: Params, dtype, device_or_sharding: Optional[Any] = None) -> Params:

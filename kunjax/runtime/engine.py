@@ -1,9 +1,19 @@
-"""One serving instance: scheduler + runner + detokenizer behind add_request / step / generate.
+"""One serving instance: a step unit holding a full replica of the model on one mesh.
 
-Memory sizing is one documented formula: KV pages = (budget - measured parameter bytes - activation
-reserve) / bytes per page, where budget is `hbm_bytes` (CPU; or an explicit GPU cap) or
-`hbm_fraction` x the device allocator's bytes_limit (GPU). Parameter bytes are read from the live
-arrays on the device after loading, not computed from the config.
+Host half (kunjax.control.unit.UnitCore): scheduler, page allocator, requests, detokenizers. Device
+half (kunjax.runtime.runner.Stage): the instance's own copy of the weights, its KV pools, and the
+compiled executables of its mesh. `LLMEngine` is also the offline engine (`generate`).
+
+Memory sizing is one documented formula, from what XLA measures:
+
+    KV pages = (budget - live bytes on the device - activation reserve) / bytes per page
+
+- budget: `hbm_bytes` per device, else `hbm_fraction` x the allocator's bytes_limit (GPU), else on CPU
+  a share of host RAM (kunjax.memory.measure.cpu_default_budget);
+- live bytes: every live array on the device after the weights are placed (jax.live_arrays());
+- activation reserve: the largest transient need of the compiled step pieces that cover every step,
+  read from XLA's memory_analysis() (scratch + non-aliased outputs + per-step inputs).
+The split is logged at start-up and kept in `memory_split`.
 """
 
 from __future__ import annotations
@@ -12,19 +22,29 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from kunjax.memory import measure as memory
-from kunjax.runtime.kv_pools import PageAllocator, allocate_pools, page_bytes, pages_for
+from kunjax.control.batch import Buckets, ScheduledStep, StepShape, build_batch
+from kunjax.control.cluster import run_to_completion
+from kunjax.control.ops import STEP, DeviceOp
+from kunjax.control.overload import OverloadPolicy
+from kunjax.control.pages import PageAllocator, pages_for
+from kunjax.control.request import Request, RequestOutput, SamplingParams, validate_prompt
+from kunjax.control.scheduler import Scheduler, SchedulerConfig
+from kunjax.control.unit import UnitCore
 from kunjax.io.loader import LoadedModel
-from kunjax.control.request import FinishReason, Request, RequestOutput, SamplingParams, Status, validate_prompt
-from kunjax.runtime.runner import Buckets, ModelRunner
-from kunjax.control.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from kunjax.memory import measure as memory
+from kunjax.model.transformer import head_params
+from kunjax.runtime.executables import StepExecutables, keys_for
+from kunjax.runtime.kv_pools import allocate_pools, page_bytes
+from kunjax.runtime.runner import InFlight, Stage, pick_shape
 from kunjax.text.tokenizer import IncrementalDetokenizer
+from sharding.rules import TP, param_shardings, validate_tp
 
 log = logging.getLogger(__name__)
 
@@ -37,112 +57,145 @@ class EngineConfig:
     hbm_fraction: float = 0.85  # of bytes_limit, when the device reports one
     max_model_len: Optional[int] = None  # default: min(model context, 4096)
     scheduler: SchedulerConfig = SchedulerConfig()
-    warmup: bool = False  # compile every bucket shape at start
+    warmup: bool = False  # compile every bucket shape at start (else only the covering shapes)
 
 
-def activation_reserve(cfg, ec: EngineConfig, max_model_len: int, itemsize: int) -> int:
-    """Upper estimate of the transient memory of the largest step (activations, scores, logits)."""
-    sc = ec.scheduler
-    tokens = max(sc.max_num_seqs, sc.max_prefill_rows * sc.max_num_batched_tokens)
-    ctx = max_model_len
-    act = tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
-    scores = tokens * cfg.num_heads * ctx * 4 * 2
-    gathered = max(sc.max_num_seqs, sc.max_prefill_rows) * ctx * cfg.kv_size * itemsize * 2
-    logits = max(sc.max_num_seqs, sc.max_prefill_rows) * cfg.vocab_size * 4 * 4
-    return int(1.5 * (act + scores + gathered + logits))
+@dataclasses.dataclass(frozen=True)
+class MemorySplit:
+    """Per-device bytes at start-up: what the KV page count was derived from."""
+
+    budget: int
+    weights: int  # this instance's parameter shards on the device (measured from its arrays)
+    other: int  # other live arrays on the device before the pools were allocated
+    reserve: int  # activation reserve from XLA's memory analysis
+    kv: int  # the pools allocated
+    page_bytes: int  # one page over all layers, per device
+
+    @property
+    def free(self) -> int:
+        return self.budget - self.weights - self.other - self.reserve - self.kv
 
 
-def run_to_completion(add: Callable[[Union[str, Sequence[int]], SamplingParams], str],
-                      step: Callable[[], list[RequestOutput]], has_unfinished: Callable[[], bool],
-                      prompts: Sequence[Union[str, Sequence[int]]],
-                      params: Union[SamplingParams, Sequence[SamplingParams]]) -> list[RequestOutput]:
-    """Adds every prompt (one SamplingParams for all, or one each), steps until all finish, and
-    returns the final outputs in input order: the offline loop of an engine or a cluster."""
-    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-    ids = [add(p, sp) for p, sp in zip(prompts, plist)]
-    final: dict[str, RequestOutput] = {}
-    while has_unfinished():
-        for out in step():
-            if out.finished:
-                final[out.request_id] = out
-    return [final[i] for i in ids]
+def single_device_mesh(device: jax.Device) -> Mesh:
+    return Mesh(np.array([device]), (TP,))
 
 
-class LLMEngine:
+def place_params(params, mesh: Mesh):
+    """This instance's own copy of the weights on its mesh, by the sharding rules. Never aliases the
+    caller's arrays: the instance deletes layers it drops, and the loaded model's copy (if it is on
+    a device) must stay intact."""
+    return jax.device_put(params, param_shardings(params, mesh), may_alias=False)
+
+
+def shard_bytes(arrays, device: jax.Device) -> int:
+    """Bytes of the shards of `arrays` that live on `device` (read from their shardings)."""
+    total = 0
+    for a in jax.tree.leaves(arrays):
+        if device in a.sharding.device_set:
+            total += int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+    return total
+
+
+class LLMEngine(UnitCore):
     def __init__(self, model: LoadedModel, config: EngineConfig = EngineConfig(),
-                 device: Optional[jax.Device] = None, mesh: Optional[jax.sharding.Mesh] = None):
-        """`mesh`: a 1-D ("tp",) mesh to shard this instance over (tensor parallel, sharding.rules);
-        the params are placed on it if they are not already. None: one device, as loaded."""
+                 device: Optional[jax.Device] = None, mesh: Optional[Mesh] = None,
+                 executables: Optional[StepExecutables] = None, reserve_bytes: Optional[int] = None,
+                 policy: Optional[OverloadPolicy] = None):
+        """`mesh`: a 1-D ("tp",) mesh to shard this instance over (tensor parallel, sharding.rules).
+        None: one device (`device`, else where the model's weights are, else the first device).
+        `reserve_bytes`: a measured activation reserve to reuse (instances of one cluster share it)."""
         self.model = model
         self.cfg = model.config
         self.config = config
         self.tokenizer = model.tokenizer
+        if mesh is None:
+            first = jax.tree.leaves(model.params)[0]
+            dev = device or (next(iter(first.devices())) if isinstance(first, jax.Array) else jax.devices()[0])
+            mesh = single_device_mesh(dev)
         self.mesh = mesh
-        self.tp = 1
-        step = None
-        params = model.params
-        if mesh is not None:
-            from sharding import rules, step as sharded_step
-
-            self.tp = mesh.size
-            params = rules.shard_params(params, mesh, self.cfg)  # the model object stays untouched
-            step = sharded_step.make_step_fn(mesh, params, self.cfg)
-        leaves = jax.tree.leaves(params)
-        if mesh is not None:  # a device this process can measure (multi-process meshes span hosts)
-            local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-            self.device = device or local[0]
-        else:
-            self.device = device or next(iter(leaves[0].devices()))
-        self.dtype = leaves[0].dtype
+        self.tp = mesh.size
+        validate_tp(self.cfg, self.tp)
+        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        self.device = local[0]  # a device this process can measure (multi-process meshes span hosts)
+        leaves = jax.tree.leaves(model.params)
+        self.dtype = jnp.dtype(leaves[0].dtype)
         self.max_model_len = min(config.max_model_len or 4096, self.cfg.max_position_embeddings)
         self.page_size = config.page_size
-        self.num_pages = config.num_pages or self._pages_from_memory()
-        max_pages_per_seq = pages_for(self.max_model_len, self.page_size)
         sc = config.scheduler
         self.buckets = Buckets(max_rows=sc.max_num_seqs, max_prefill_rows=sc.max_prefill_rows,
-                               max_chunk=sc.max_num_batched_tokens, max_pages_per_seq=max_pages_per_seq,
+                               max_chunk=sc.max_num_batched_tokens,
+                               max_pages_per_seq=pages_for(self.max_model_len, self.page_size),
                                page_size=self.page_size)
-        if mesh is not None:
-            from sharding.rules import kv_sharding
-
-            kv_place = kv_sharding(mesh)  # split on kv heads
-        else:
-            kv_place = jax.sharding.SingleDeviceSharding(self.device)
-        kv = allocate_pools(self.cfg, self.num_pages, self.page_size, self.dtype, range(self.cfg.num_layers),
-                            sharding=kv_place)
-        self.runner = ModelRunner(self.cfg, params, kv, self.page_size, self.buckets, step=step)
-        self.allocator = PageAllocator(self.num_pages)
-        self.scheduler = Scheduler(sc, self.allocator, self.page_size, self.max_model_len)
-        self.eos_ids = tuple(self.cfg.eos_token_ids) or tuple(getattr(self.tokenizer, "eos_token_ids", ()))
-        self.requests: dict[str, Request] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.exes = executables or StepExecutables(self.cfg, mesh, self.dtype, self.page_size)
+        params = place_params(model.params, mesh)
+        self.memory_split: Optional[MemorySplit] = None
+        self.reserve_bytes = reserve_bytes
+        num_pages = config.num_pages or self._pages_from_memory(params, reserve_bytes)
+        pools = allocate_pools(self.cfg, num_pages, self.page_size, self.dtype, range(self.cfg.num_layers),
+                               self.exes.kv_sh)
+        self.stage = Stage(self.exes, dict(enumerate(params["layers"])), pools, num_pages,
+                           embed=params["embed"], head=head_params(params))
+        self.num_pages = num_pages
+        eos = tuple(self.cfg.eos_token_ids) or tuple(getattr(self.tokenizer, "eos_token_ids", ()))
+        super().__init__(Scheduler(sc, PageAllocator(num_pages), self.page_size, self.max_model_len, policy), eos)
         self._ids = itertools.count()
-        self.num_steps = 0
-        if config.warmup:
-            self.warmup()
+        self.last_logits: Optional[jax.Array] = None
+        t = time.perf_counter()
+        n = self.compile(self.buckets.all_shapes() if config.warmup else self.buckets.covering_shapes())
+        if n:
+            log.info("compiled %d executables in %.1fs on %s", n, time.perf_counter() - t, self.device)
 
     # ---- sizing ----------------------------------------------------------------------------
-    def _pages_from_memory(self) -> int:
-        budget = memory.device_budget(self.device, self.config.hbm_bytes, self.config.hbm_fraction)
+    def measure_reserve(self) -> int:
+        """The activation reserve: the largest transient need of the executables that cover every
+        step, from XLA's memory analysis (compiled for a 2-page pool: the transient need does not
+        depend on the pool size, and the pool size is what this sizes)."""
+        need = 0
+        for shape in self.buckets.covering_shapes():
+            keys = keys_for(shape, 2)
+            self.exes.compile(keys)
+            need = max(need, max(self.exes.transient_bytes(k) for k in keys))
+        return need
+
+    def _pages_from_memory(self, params, reserve: Optional[int]) -> int:
+        budget = memory.device_budget(self.device, self.config.hbm_bytes, self.config.hbm_fraction,
+                                      cpu_share=len(self.mesh.local_devices))
         if budget is None:
             raise ValueError("cannot size the KV cache: this device reports no memory limit; "
                              "pass num_pages or hbm_bytes (--hbm_bytes on the command line)")
-        used = memory.device_live_bytes(self.device)  # parameters, measured
-        reserve = activation_reserve(self.cfg, self.config, self.max_model_len, jnp.dtype(self.dtype).itemsize)
+        weights = shard_bytes(params, self.device)
+        live = memory.device_live_bytes(self.device)
+        reserve = self.measure_reserve() if reserve is None else reserve
+        self.reserve_bytes = reserve
         per_page = page_bytes(self.cfg, self.page_size, self.dtype) // self.tp  # kv heads split over tp
-        pages = (budget - used - reserve) // per_page
+        pages = (budget - live - reserve) // per_page
         # More pages than max_num_seqs full-length sequences can never be used at once.
         useful = self.config.scheduler.max_num_seqs * pages_for(self.max_model_len, self.page_size) + 1
-        pages = min(pages, useful)
+        pages = int(min(pages, useful))
         if pages < 2:
-            raise ValueError(f"memory budget {budget / 2**20:.0f} MiB leaves no room for KV pages: parameters "
-                             f"take {used / 2**20:.0f} MiB and the activation reserve {reserve / 2**20:.0f} MiB")
-        log.info("KV cache: %d pages x %d tokens (%.1f MiB/page); budget %.0f MiB, params %.0f MiB, reserve %.0f MiB",
-                 pages, self.page_size, per_page / 2**20, budget / 2**20, used / 2**20, reserve / 2**20)
-        return int(pages)
+            raise ValueError(f"memory budget {budget / 2**20:.0f} MiB per device leaves no room for KV pages: "
+                             f"weights take {weights / 2**20:.0f} MiB, other arrays {(live - weights) / 2**20:.0f} "
+                             f"MiB and the activation reserve (XLA's measure of the largest step) "
+                             f"{reserve / 2**20:.0f} MiB; raise --hbm_bytes or lower --max_num_seqs / "
+                             f"--max_num_batched_tokens / --max_model_len")
+        self.memory_split = MemorySplit(budget, weights, live - weights, reserve, pages * per_page, per_page)
+        s = self.memory_split
+        log.info("memory per device on %s: budget %.0f MiB = weights %.0f + other %.0f + activation reserve %.0f "
+                 "+ KV %.0f (%d pages x %d tokens) + free %.0f", self.device, s.budget / 2**20, s.weights / 2**20,
+                 s.other / 2**20, s.reserve / 2**20, s.kv / 2**20, pages, self.page_size, s.free / 2**20)
+        return pages
+
+    # ---- compilation -----------------------------------------------------------------------
+    def shape_keys(self, shapes: Sequence[StepShape]):
+        return [k for s in shapes for k in self.stage.keys(s)]
+
+    def compile(self, shapes: Sequence[StepShape]) -> int:
+        """Compiles what these step shapes need on this instance's mesh (blocking)."""
+        return self.exes.compile(self.shape_keys(shapes))
 
     def warmup(self) -> int:
-        n = self.runner.warmup()
+        """Compiles every bucket shape now; returns the compilations done."""
+        n = self.compile(self.buckets.all_shapes())
         log.info("warm-up compiled %d executables", n)
         return n
 
@@ -173,6 +226,9 @@ class LLMEngine:
             return ""
         return backend.id_to_token(token_id) or ""
 
+    def detokenizer(self, prompt_token_ids: Sequence[int]) -> Optional[IncrementalDetokenizer]:
+        return IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids)) if self.tokenizer is not None else None
+
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raises ValueError naming the field for anything this engine can never serve."""
         validate_prompt(prompt_token_ids, self.cfg.vocab_size)
@@ -182,9 +238,9 @@ class LLMEngine:
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens {params.max_tokens} + prompt {len(prompt_token_ids)} tokens exceeds "
                              f"the context of {self.max_model_len} tokens")
-        if pages_for(len(prompt_token_ids) + params.max_tokens, self.page_size) > self.allocator.num_usable:
+        if pages_for(len(prompt_token_ids) + params.max_tokens, self.page_size) > self.num_pages - 1:
             raise ValueError(f"prompt + max_tokens needs more KV pages than this instance has "
-                             f"({self.allocator.num_usable} pages of {self.page_size} tokens)")
+                             f"({self.num_pages - 1} pages of {self.page_size} tokens)")
         for t in params.stop_token_ids:
             if not 0 <= t < self.cfg.vocab_size:
                 raise ValueError(f"stop_token_ids: {t} outside the vocabulary")
@@ -194,76 +250,42 @@ class LLMEngine:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         self.validate(ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, ids, params)
-        self.scheduler.add(req)
-        self.requests[request_id] = req
-        if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids)
+        self.add(req, self.detokenizer(ids))
         return req
 
-    def abort(self, request_id: str) -> Optional[RequestOutput]:
-        req = self.requests.get(request_id)
-        if req is None or req.is_finished:
-            return None
-        self.scheduler.abort(req, FinishReason.ABORT)
-        return self._output(req, [])
+    # ---- the step-unit interface -----------------------------------------------------------
+    def prepare(self, step: ScheduledStep) -> DeviceOp:
+        """The step as data: the cheapest compiled shape that covers it, and its padded batch."""
+        needed = self.buckets.needed(step.rows, step.prefill)
+        shape = pick_shape(needed, self.buckets, self.stage.ready)
+        if shape is None:
+            raise RuntimeError(f"no compiled step shape covers {needed}; the covering shapes are compiled at "
+                               f"start-up, so this is a bug")
+        return DeviceOp(STEP, 0, {"shape": [shape.rows, shape.query, shape.pages], "num_rows": len(step.rows)},
+                        build_batch(step.rows, shape, self.page_size))
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+    def execute(self, op: DeviceOp) -> InFlight:
+        shape = StepShape(*op.args["shape"])
+        if not self.stage.ready(shape):  # a follower process that has not compiled it yet
+            self.exes.compile(self.stage.keys(shape))
+        fl = self.stage.run(op.arrays, shape, op.args["num_rows"])
+        self.last_logits = fl.logits
+        return fl
 
-    # ---- the loop --------------------------------------------------------------------------
+    def finish(self, step: ScheduledStep, handle: InFlight) -> list[RequestOutput]:
+        t = time.perf_counter()
+        tokens = handle.result()
+        handle.wait_s = time.perf_counter() - t
+        return self.apply(step, tokens)
+
     def step(self) -> list[RequestOutput]:
-        """One scheduler iteration: one jitted step, one host sync. Returns outputs of requests
-        that got tokens or finished."""
-        step = self.scheduler.schedule()
+        """One scheduler iteration: one step, one host sync. Returns outputs of requests that got
+        tokens or finished."""
+        step = self.schedule()
         if step is None:
             return []
-        return self.apply_step(step, self.runner.step(step.rows, step.prefill))
-
-    def apply_step(self, step: ScheduledStep, tokens: np.ndarray) -> list[RequestOutput]:
-        """Applies a step's sampled tokens (host side only)."""
-        self.num_steps += 1
-        updated = self.scheduler.postprocess(step, tokens, self.eos_ids)
-        return [self._output(req, [req.output_token_ids[-1]]) for req in updated]
-
-    def _output(self, req: Request, new_ids: list[int]) -> RequestOutput:
-        delta = ""
-        detok = self._detok.get(req.request_id)
-        if detok is not None:
-            visible = [t for t in new_ids if not (req.is_finished and req.finish_reason == FinishReason.STOP
-                                                  and t in self.eos_ids + req.params.stop_token_ids)]
-            delta = detok.add(visible) if visible else ""
-            if req.is_finished:
-                delta += detok.flush()
-            if req.params.stop and not (req.is_finished and req.finish_reason == FinishReason.STOP):
-                delta = self._apply_stop_strings(req, detok, delta)
-        out = RequestOutput(
-            request_id=req.request_id, new_token_ids=list(new_ids), token_ids=list(req.output_token_ids),
-            finished=req.is_finished, finish_reason=req.finish_reason.value if req.finish_reason else None,
-            text=detok.text if detok else "", text_delta=delta, prompt_tokens=len(req.prompt_token_ids),
-            ttft_s=(req.first_token_time - req.arrival_time) if req.first_token_time else None)
-        if req.is_finished:
-            self._detok.pop(req.request_id, None)
-            self.requests.pop(req.request_id, None)
-        return out
-
-    def _apply_stop_strings(self, req: Request, detok: IncrementalDetokenizer, delta: str) -> str:
-        """Finishes the request at the first stop string; the stop string itself is not returned."""
-        text = detok.text
-        start = max(0, len(text) - len(delta) - max(len(s) for s in req.params.stop))
-        hits = [i for s in req.params.stop if (i := text.find(s, start)) >= 0]
-        if not hits:
-            return delta
-        cut = min(hits)
-        emitted_before = len(text) - len(delta)
-        detok.text = text[:cut]
-        if not req.is_finished:
-            self.scheduler.abort(req, FinishReason.STOP)
-        else:
-            req.finish_reason = FinishReason.STOP
-        return text[emitted_before:cut] if cut > emitted_before else ""
+        return self.finish(step, self.execute(self.prepare(step)))
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
                  params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams()) -> list[RequestOutput]:
@@ -274,14 +296,8 @@ class LLMEngine:
     # ---- status ----------------------------------------------------------------------------
     @property
     def devices(self) -> list[jax.Device]:
-        return list(self.mesh.devices.flat) if self.mesh is not None else [self.device]
+        return list(self.mesh.devices.flat)
 
     def status(self) -> dict:
         """Host-side state of this instance (no device reads; memory is the cluster's snapshot)."""
-        return {
-            "devices": [str(d) for d in self.devices], "tp": self.tp,
-            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-            "pages_total": self.allocator.num_usable, "pages_free": self.allocator.num_free,
-            "pages_used": self.allocator.num_used, "page_size": self.page_size, "steps": self.num_steps,
-            "preemptions": self.scheduler.num_preemptions,
-        }
+        return {"devices": [str(d) for d in self.devices], "tp": self.tp, **self.host_status()}

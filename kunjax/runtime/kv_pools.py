@@ -1,72 +1,19 @@
-"""Paged KV cache: per-layer page pools on device and the host-side page allocator.
+"""KV pools on device: one K and one V array per layer, `(kv_heads, pages, page_size, head_dim)`.
 
-Each layer owns its own K and V pool `(num_pages, page_size, kv_heads, head_dim)`, so a layer's KV
-can later be freed, grown or shipped on its own. Page 0 is a null page that no request owns: padded
-token slots write there, which keeps every step's shapes static.
+Per-layer pools let a layer's KV be freed, grown or shipped on its own (parameter dropping moves a
+layer's KV to the pipeline stage that owns the layer). The layout is KV-head-major (see
+kunjax.model.attention for why). Page ids are handed out by kunjax.control.pages; page 0 is the null
+page that padding writes to.
 """
 
 from __future__ import annotations
 
-import collections
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from kunjax.model.config import ModelConfig
-
-NULL_PAGE = 0
-
-
-class OutOfPages(Exception):
-    pass
-
-
-class PageAllocator:
-    """Free list of page ids 1..num_pages-1. Allocation failure is explicit, never a garbage page."""
-
-    def __init__(self, num_pages: int):
-        if num_pages < 2:
-            raise ValueError(f"need at least 2 pages (one is the null page), got {num_pages}")
-        self.num_pages = num_pages
-        self._free: collections.deque[int] = collections.deque(range(1, num_pages))
-        self._used: set[int] = set()
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_usable(self) -> int:
-        return self.num_pages - 1
-
-    @property
-    def num_used(self) -> int:
-        return len(self._used)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
-        pages = [self._free.popleft() for _ in range(n)]
-        self._used.update(pages)
-        return pages
-
-    def free(self, pages: Sequence[int]) -> None:
-        for p in pages:
-            if p not in self._used:
-                raise ValueError(f"page {p} freed twice or never allocated")
-            self._used.remove(p)
-            self._free.append(p)
-
-
-def pages_for(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
-
-
-def page_bytes(cfg: ModelConfig, page_size: int, dtype, num_layers: Optional[int] = None) -> int:
-    """Bytes one page costs across `num_layers` layers (K and V)."""
-    layers = cfg.num_layers if num_layers is None else num_layers
-    return 2 * layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
 def storage_dtype(dtype) -> jnp.dtype:
@@ -80,9 +27,31 @@ def storage_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
-def allocate_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype, layers: Sequence[int],
-                   sharding: Optional[Any] = None) -> list[tuple[jax.Array, jax.Array]]:
-    """Zeroed per-layer (K, V) pools, created directly on device (no host staging)."""
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    make = jax.jit(lambda: jnp.zeros(shape, storage_dtype(dtype)), out_shardings=sharding)
-    return [(make(), make()) for _ in layers]
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+    return (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype, num_layers: Optional[int] = None) -> int:
+    """Bytes one page costs across `num_layers` layers (K and V; all layers by default)."""
+    layers = cfg.num_layers if num_layers is None else num_layers
+    return 2 * layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+_ZEROS: dict = {}
+
+
+def zeros_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding: Any) -> jax.Array:
+    """One zeroed pool, created on device (no host staging). The jitted constructor is cached per
+    (shape, dtype, sharding) so re-creating pools of a known size (a drop, a restore) compiles
+    nothing."""
+    shape = pool_shape(cfg, num_pages, page_size)
+    key = (shape, storage_dtype(dtype), sharding)
+    if key not in _ZEROS:
+        _ZEROS[key] = jax.jit(lambda: jnp.zeros(shape, storage_dtype(dtype)), out_shardings=sharding)
+    return _ZEROS[key]()
+
+
+def allocate_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype, layers, sharding: Any) -> dict:
+    """Zeroed (K, V) pools for `layers`: {layer index: (k_pool, v_pool)}."""
+    return {l: (zeros_pool(cfg, num_pages, page_size, dtype, sharding),
+                zeros_pool(cfg, num_pages, page_size, dtype, sharding)) for l in layers}

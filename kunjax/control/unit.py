@@ -1,0 +1,155 @@
+"""The step-unit interface the cluster loop drives, and the host half every unit shares.
+
+A step unit is whatever runs one step at a time over one KV page space: a serving instance today, a
+pipeline group of merged instances after a parameter drop. The cluster loop (kunjax.control.cluster)
+reaches a unit only through this interface:
+
+    schedule()            -> the next ScheduledStep, or None          (host: scheduler + pages)
+    prepare(step)         -> DeviceOp: the step as data                (host: padded batch arrays)
+    execute(op)           -> an in-flight handle                       (device: every process runs it)
+    finish(step, handle)  -> RequestOutputs                            (host: waits for tokens, applies)
+    view() / status()     -> plain numbers for dispatch, policies and Admin.Status
+
+`UnitCore` is the host half: scheduler, request table and streaming detokenizers. It imports no JAX,
+so a unit whose device half is a fake (tests) or a cost model (a simulator) runs the very same
+scheduling and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Protocol, Sequence
+
+from kunjax.control.batch import ScheduledStep
+from kunjax.control.ops import DeviceOp
+from kunjax.control.pages import pages_for
+from kunjax.control.request import FinishReason, Request, RequestOutput
+from kunjax.control.scheduler import Scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitView:
+    """What dispatch and the overload policies see of a unit."""
+
+    index: int
+    pages_total: int
+    pages_free: int
+    queued_pages: int  # pages the waiting requests need for their (re)prompts
+    running: int
+    waiting: int
+    page_size: int
+
+
+class StepUnit(Protocol):
+    def add(self, request: Request, detokenizer: Any = None) -> None: ...
+    def abort(self, request_id: str) -> Optional[RequestOutput]: ...
+    def has_unfinished(self) -> bool: ...
+    def schedule(self) -> Optional[ScheduledStep]: ...
+    def prepare(self, step: ScheduledStep) -> DeviceOp: ...
+    def execute(self, op: DeviceOp) -> Any: ...
+    def finish(self, step: ScheduledStep, handle: Any) -> list[RequestOutput]: ...
+    def view(self, index: int = 0) -> UnitView: ...
+    def status(self) -> dict: ...
+
+
+class UnitCore:
+    """Scheduler, requests and detokenizers of one unit (host side, no JAX)."""
+
+    def __init__(self, scheduler: Scheduler, eos_ids: Sequence[int] = ()):
+        self.scheduler = scheduler
+        self.eos_ids = tuple(eos_ids)
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, Any] = {}
+        self.num_steps = 0
+
+    @property
+    def allocator(self):
+        return self.scheduler.allocator
+
+    def add(self, request: Request, detokenizer: Any = None) -> None:
+        """Queues a validated request (its `detokenizer`, if any, turns its tokens into text)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.scheduler.add(request)
+        self.requests[request.request_id] = request
+        if detokenizer is not None:
+            self._detok[request.request_id] = detokenizer
+
+    def take(self, request_id: str) -> tuple[Request, Any]:
+        """Removes a request from this unit's tables (not from its scheduler) and returns it with
+        its detokenizer: it moves to another unit (a drop, a restore)."""
+        return self.requests.pop(request_id), self._detok.pop(request_id, None)
+
+    def adopt(self, request: Request, detokenizer: Any = None) -> None:
+        """Takes a request that another unit ran (its scheduler state is set by the caller)."""
+        self.requests[request.request_id] = request
+        if detokenizer is not None:
+            self._detok[request.request_id] = detokenizer
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        self.scheduler.abort(req, FinishReason.ABORT)
+        return self.output(req, [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def schedule(self) -> Optional[ScheduledStep]:
+        return self.scheduler.schedule()
+
+    def apply(self, step: ScheduledStep, tokens: Sequence[int]) -> list[RequestOutput]:
+        """Applies a step's sampled tokens: appends, finishes, detokenizes."""
+        self.num_steps += 1
+        updated = self.scheduler.postprocess(step, tokens, self.eos_ids)
+        return [self.output(req, [req.output_token_ids[-1]]) for req in updated]
+
+    def output(self, req: Request, new_ids: list[int]) -> RequestOutput:
+        delta = ""
+        detok = self._detok.get(req.request_id)
+        if detok is not None:
+            visible = [t for t in new_ids if not (req.is_finished and req.finish_reason == FinishReason.STOP
+                                                  and t in self.eos_ids + req.params.stop_token_ids)]
+            delta = detok.add(visible) if visible else ""
+            if req.is_finished:
+                delta += detok.flush()
+            if req.params.stop and not (req.is_finished and req.finish_reason == FinishReason.STOP):
+                delta = self._apply_stop_strings(req, detok, delta)
+        out = RequestOutput(
+            request_id=req.request_id, new_token_ids=list(new_ids), token_ids=list(req.output_token_ids),
+            finished=req.is_finished, finish_reason=req.finish_reason.value if req.finish_reason else None,
+            text=detok.text if detok else "", text_delta=delta, prompt_tokens=len(req.prompt_token_ids),
+            ttft_s=(req.first_token_time - req.arrival_time) if req.first_token_time else None)
+        if req.is_finished:
+            self._detok.pop(req.request_id, None)
+            self.requests.pop(req.request_id, None)
+        return out
+
+    def _apply_stop_strings(self, req: Request, detok: Any, delta: str) -> str:
+        """Finishes the request at the first stop string; the stop string itself is not returned."""
+        text = detok.text
+        start = max(0, len(text) - len(delta) - max(len(s) for s in req.params.stop))
+        hits = [i for s in req.params.stop if (i := text.find(s, start)) >= 0]
+        if not hits:
+            return delta
+        cut = min(hits)
+        emitted_before = len(text) - len(delta)
+        detok.text = text[:cut]
+        if not req.is_finished:
+            self.scheduler.abort(req, FinishReason.STOP)
+        else:
+            req.finish_reason = FinishReason.STOP
+        return text[emitted_before:cut] if cut > emitted_before else ""
+
+    def view(self, index: int = 0) -> UnitView:
+        s = self.scheduler
+        return UnitView(index=index, pages_total=s.allocator.num_usable, pages_free=s.allocator.num_free,
+                        queued_pages=sum(pages_for(r.num_tokens, s.page_size) for r in s.waiting),
+                        running=len(s.running), waiting=len(s.waiting), page_size=s.page_size)
+
+    def host_status(self) -> dict:
+        s = self.scheduler
+        return {"running": len(s.running), "waiting": len(s.waiting), "pages_total": s.allocator.num_usable,
+                "pages_free": s.allocator.num_free, "pages_used": s.allocator.num_used, "page_size": s.page_size,
+                "steps": self.num_steps, "preemptions": s.num_preemptions}

@@ -1,0 +1,239 @@
+"""Compiled step pieces for one placement (a device mesh): embed, one decoder layer, head + sample.
+
+A step of an instance, or of one pipeline stage, is a short sequence of compiled calls: embed (on
+the stage that holds the embedding), one call per held layer, head (on the stage that holds the LM
+head). The layer executable takes the layer's weights and KV pools as arguments, so ONE executable
+per (shape bucket, pool size) serves every layer and any contiguous layer range: a pipeline stage
+made of layers [a, b) runs on the executables its devices already have. Compared with one executable
+holding all L layers unrolled per bucket, this compiles ~L times less code per instance (and keeps
+the LLVM code mapped in memory ~L times smaller); the price is one executable launch per layer.
+
+Everything is compiled ahead of time (`jit(...).lower(abstract args).compile()`) and called through
+the `Compiled` object: a call with a shape or sharding that was not compiled raises instead of
+compiling on the request path. `compile()` may run on a background thread while steps run.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from kunjax.control.batch import StepShape
+from kunjax.model.config import ModelConfig
+from kunjax.model.sampling import sample
+from kunjax.model.transformer import layer_forward, layer_shapes, lm_logits
+from kunjax.runtime.kv_pools import pool_shape, storage_dtype
+from sharding.rules import kv_sharding, replicated, spec_for
+
+log = logging.getLogger(__name__)
+
+EMBED, LAYER, HEAD = "embed", "layer", "head"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ExeKey:
+    kind: str
+    rows: int
+    query: int
+    pages: int = 0  # gathered context pages per row (layer only)
+    pool_pages: int = 0  # pages of the layer's KV pool (layer only)
+
+
+def keys_for(shape: StepShape, pool_pages: int, embed: bool = True, head: bool = True) -> list[ExeKey]:
+    """The executables a step of `shape` needs on a placement holding pools of `pool_pages` pages."""
+    keys = [ExeKey(LAYER, shape.rows, shape.query, shape.pages, pool_pages)]
+    if embed:
+        keys.insert(0, ExeKey(EMBED, shape.rows, shape.query))
+    if head:
+        keys.append(ExeKey(HEAD, shape.rows, shape.query))
+    return keys
+
+
+# ---- the pure functions that get compiled ---------------------------------------------------------
+def _embed(embed_w, tokens):
+    return jnp.take(embed_w, tokens, axis=0)
+
+
+def _layer(lp, k_pool, v_pool, h, positions, slots, block_tables, ctx_lens, *, cfg: ModelConfig):
+    h, (k_pool, v_pool) = layer_forward(lp, (k_pool, v_pool), h, positions, slots, block_tables, ctx_lens, cfg)
+    return h, k_pool, v_pool
+
+
+def _head(hp, h, last_idx, temperature, top_k, top_p, seeds, counters, *, cfg: ModelConfig):
+    rows = jnp.arange(h.shape[0])
+    logits = lm_logits(hp, h[rows, last_idx], cfg)
+    return sample(logits, temperature, top_k, top_p, seeds, counters), logits
+
+
+class NotCompiled(KeyError):
+    pass
+
+
+class StepExecutables:
+    """The compiled pieces of one placement; shared by everything that runs on that mesh (the
+    instance, and the pipeline stage it becomes after a drop)."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, dtype, page_size: int):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.dtype = jnp.dtype(dtype)
+        self.page_size = page_size
+        self.tied = cfg.tie_word_embeddings
+        rep = replicated(mesh)
+        self.rep = rep
+        self.kv_sh = kv_sharding(mesh)
+        self.layer_sh = {n: jax.sharding.NamedSharding(mesh, spec_for(n)) for n in layer_shapes(cfg)}
+        head_w = "embed" if self.tied else "lm_head"
+        self.head_sh = {"final_norm": jax.sharding.NamedSharding(mesh, spec_for("final_norm")),
+                        head_w: jax.sharding.NamedSharding(mesh, spec_for(head_w))}
+        self.embed_sh = jax.sharding.NamedSharding(mesh, spec_for("embed"))
+        self._jit = {
+            EMBED: jax.jit(_embed, in_shardings=(self.embed_sh, rep), out_shardings=rep),
+            LAYER: jax.jit(functools.partial(_layer, cfg=cfg), donate_argnums=(1, 2),
+                           in_shardings=(self.layer_sh, self.kv_sh, self.kv_sh) + (rep,) * 5,
+                           out_shardings=(rep, self.kv_sh, self.kv_sh)),
+            HEAD: jax.jit(functools.partial(_head, cfg=cfg), in_shardings=(self.head_sh,) + (rep,) * 7,
+                          out_shardings=(rep, rep)),
+        }
+        self._compiled: dict[ExeKey, Any] = {}
+        self._lock = threading.Lock()
+        self.compile_seconds = 0.0
+
+    # ---- abstract arguments ----------------------------------------------------------------
+    def _sds(self, shape, dtype, sharding=None):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding or self.rep)
+
+    def _abstract(self, key: ExeKey) -> tuple:
+        cfg, i32 = self.cfg, jnp.int32
+        R, Q = key.rows, key.query
+        h = self._sds((R, Q, cfg.hidden_size), self.dtype)
+        if key.kind == EMBED:
+            return (self._sds((cfg.vocab_size, cfg.hidden_size), self.dtype, self.embed_sh), self._sds((R, Q), i32))
+        if key.kind == LAYER:
+            lp = {n: self._sds(s, self.dtype, self.layer_sh[n]) for n, s in layer_shapes(cfg).items()}
+            pool = self._sds(pool_shape(cfg, key.pool_pages, self.page_size), storage_dtype(self.dtype), self.kv_sh)
+            return (lp, pool, pool, h, self._sds((R, Q), i32), self._sds((R, Q), i32),
+                    self._sds((R, key.pages), i32), self._sds((R,), i32))
+        w_shape = (cfg.vocab_size, cfg.hidden_size) if self.tied else (cfg.hidden_size, cfg.vocab_size)
+        hp = {n: self._sds(w_shape if n != "final_norm" else (cfg.hidden_size,), self.dtype, sh)
+              for n, sh in self.head_sh.items()}
+        rows = lambda dt: self._sds((R,), dt)  # noqa: E731
+        return (hp, h, rows(i32), rows(jnp.float32), rows(i32), rows(jnp.float32), rows(jnp.uint32), rows(i32))
+
+    # ---- compile / look up -------------------------------------------------------------------
+    def is_ready(self, key: ExeKey) -> bool:
+        return key in self._compiled
+
+    def all_ready(self, keys: Iterable[ExeKey]) -> bool:
+        return all(k in self._compiled for k in keys)
+
+    def compile(self, keys: Iterable[ExeKey]) -> int:
+        """Compiles the keys not compiled yet (the persistent compilation cache applies); returns how
+        many it compiled. Thread-safe; safe to call while steps run on other threads."""
+        n = 0
+        for key in keys:
+            if key in self._compiled:
+                continue
+            t = time.perf_counter()
+            compiled = self._jit[key.kind].lower(*self._abstract(key)).compile()
+            with self._lock:
+                if key not in self._compiled:
+                    self._compiled[key] = compiled
+                    n += 1
+            self.compile_seconds += time.perf_counter() - t
+        return n
+
+    def get(self, key: ExeKey):
+        try:
+            return self._compiled[key]
+        except KeyError:
+            raise NotCompiled(f"no compiled executable for {key} on {self.mesh.devices.flat[0]}") from None
+
+    def transient_bytes(self, key: ExeKey) -> int:
+        """Per-device bytes a call of this executable needs beyond its weights and KV pools, from
+        XLA's own accounting: scratch (temp) plus the outputs that do not alias a donated input
+        plus the per-step inputs (hidden states, batch arrays)."""
+        m = self.get(key).memory_analysis()
+        args = self._abstract(key)
+        per_step = sum(_shard_bytes(a) for a in jax.tree.leaves(args[1:] if key.kind == EMBED else
+                                                                  args[3:] if key.kind == LAYER else args[1:]))
+        out = m.output_size_in_bytes - m.alias_size_in_bytes
+        return int(m.temp_size_in_bytes + out + per_step)
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._compiled)
+
+
+def _shard_bytes(sds) -> int:
+    shape = sds.sharding.shard_shape(sds.shape) if sds.sharding is not None else sds.shape
+    n = 1
+    for d in shape:
+        n *= d
+    return n * jnp.dtype(sds.dtype).itemsize
+
+
+class BackgroundCompiler:
+    """One daemon thread that compiles queued (executables, keys) jobs in order, so a server can
+    answer with the shapes that cover every step while the cheaper ones follow. Compiling releases
+    the GIL for most of its time; the step loop keeps running meanwhile."""
+
+    def __init__(self):
+        self._queue: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._busy = 0
+        self.errors: list[str] = []
+        self.done = 0
+
+    def submit(self, exes: StepExecutables, keys: Sequence[ExeKey], on_done: Optional[Callable[[], None]] = None) -> None:
+        with self._cv:
+            self._queue.append((exes, list(keys), on_done))
+            self._busy += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kunjax-compile", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                exes, keys, on_done = self._queue.popleft()
+            try:
+                for key in keys:
+                    self.done += exes.compile([key])
+                if on_done is not None:
+                    on_done()
+            except Exception as e:  # never take the server down; the shape just stays unready
+                log.exception("background compilation failed")
+                self.errors.append(str(e))
+            finally:
+                with self._cv:
+                    self._busy -= 1
+                    self._cv.notify_all()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return self._busy == 0
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until every submitted job is done; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True

@@ -1,0 +1,182 @@
+"""The control plane on its own: no JAX, no devices. Scheduling, page accounting, dispatch, overload
+policy and the cluster loop are driven through the step-unit interface with a fake unit whose
+"device" answers (last token + 1) mod 100, so every output can be worked out by hand (the way
+JetStream tests its orchestrator with a mock engine)."""
+
+import os
+import pkgutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kunjax.control
+from kunjax.control.cluster import Cluster, MostFreePages
+from kunjax.control.ops import STEP, DeviceOp, decode_ops, encode_ops
+from kunjax.control.overload import Preempt, Stall
+from kunjax.control.pages import PageAllocator
+from kunjax.control.request import SamplingParams
+from kunjax.control.scheduler import Scheduler, SchedulerConfig
+from kunjax.control.unit import UnitCore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONTROL_MODULES = ["kunjax.control." + m.name for m in pkgutil.iter_modules(kunjax.control.__path__)]
+
+
+def test_control_plane_imports_without_jax():
+    """Every control-plane module imports with jax made unimportable (a fresh interpreter: this one
+    has jax loaded already)."""
+    assert len(CONTROL_MODULES) >= 8, CONTROL_MODULES
+    code = ("import sys, importlib\n"
+            "for name in ('jax', 'jaxlib', 'flax', 'orbax'):\n"
+            "    sys.modules[name] = None  # 'import jax' now raises ImportError\n"
+            f"for m in {CONTROL_MODULES!r}:\n"
+            "    importlib.import_module(m)\n"
+            "print('ok', len([m for m in sys.modules if m.startswith('kunjax.')]))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
+
+
+class FakeUnit(UnitCore):
+    """A step unit with a hand-computable device: every sampling row answers (last token + 1) % 100."""
+
+    def __init__(self, num_pages: int, page_size: int = 4, policy=None):
+        sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_prefill_rows=2),
+                          PageAllocator(num_pages), page_size, max_model_len=64, policy=policy)
+        super().__init__(sched, eos_ids=())
+        self.executed: list[DeviceOp] = []
+
+    def prepare(self, step):
+        last = [r.request.all_token_ids[r.start + r.n - 1] for r in step.rows]
+        return DeviceOp(STEP, 0, {"prefill": step.prefill}, {"last": np.asarray(last, np.int32)})
+
+    def execute(self, op):
+        self.executed.append(op)
+        return (op.arrays["last"] + 1) % 100
+
+    def finish(self, step, handle):
+        return self.apply(step, handle.tolist())
+
+    def status(self):
+        return self.host_status()
+
+
+class FakeFrontend:
+    tokenizer = None
+    max_model_len = 64
+
+    def validate(self, ids, params):
+        if not ids:
+            raise ValueError("prompt is empty")
+
+    def detokenizer(self, ids):
+        return None
+
+
+class RecordingLog:
+    def __init__(self, units):
+        self.units = units
+        self.sent: list[tuple[str, int, int]] = []
+
+    def send(self, ops):
+        for op in ops:  # the op is logged before any unit has executed it
+            self.sent.append((op.kind, op.target, len(self.units[op.target].executed) if op.target >= 0 else -1))
+
+
+def expected(prompt, n):
+    return [(prompt[-1] + i) % 100 for i in range(1, n + 1)]
+
+
+def test_cluster_loop_with_fake_units():
+    units = [FakeUnit(64), FakeUnit(64)]
+    log = RecordingLog(units)
+    cluster = Cluster(units, FakeFrontend(), MostFreePages(), oplog=log)
+    prompts = [[i, 10 + i, 20 + i] for i in range(6)]
+    outs = cluster.generate(prompts, [SamplingParams(max_tokens=3 + i % 4) for i in range(6)])
+    assert [o.token_ids for o in outs] == [expected(p, 3 + i % 4) for i, p in enumerate(prompts)]
+    assert all(u.executed for u in units), "the policy spreads requests over both units"
+    assert log.sent and all(kind == STEP for kind, _, _ in log.sent)
+    # every op was sent before its unit executed it, and each unit saw its ops in log order
+    for target in (0, 1):
+        seen = [n for _, t, n in log.sent if t == target]
+        assert seen == list(range(len(units[target].executed)))
+    st = cluster.status()
+    assert st["pages_free"] == st["pages_total"] and st["running"] == st["waiting"] == 0
+
+
+def test_recompute_preemption_keeps_outputs_and_frees_pages():
+    unit = FakeUnit(num_pages=9, page_size=4)  # 8 usable pages: 32 tokens for 4 requests of 14
+    cluster = Cluster([unit], FakeFrontend())
+    prompts = [[7, 8, 9, 10, 11, 12]] * 4
+    outs = cluster.generate(prompts, SamplingParams(max_tokens=8))
+    assert unit.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [expected(p, 8) for p in prompts]
+    assert unit.allocator.num_free == unit.allocator.num_usable
+
+
+def test_policy_actions_are_carried_out():
+    class StallThenPreempt:
+        """Stalls the needing request once, then preempts the latest arrival."""
+        name = "test"
+
+        def __init__(self):
+            self.calls = []
+
+        def on_out_of_pages(self, running, needing):
+            self.calls.append(needing.request_id)
+            if len(self.calls) == 1:
+                return Stall(needing)
+            return Preempt(max(running, key=lambda r: r.arrival_time))
+
+    policy = StallThenPreempt()
+    unit = FakeUnit(num_pages=9, page_size=4, policy=policy)
+    outs = Cluster([unit], FakeFrontend()).generate([[1, 2, 3, 4, 5, 6]] * 4, SamplingParams(max_tokens=8))
+    assert len(policy.calls) >= 2 and unit.scheduler.out_of_pages_events >= 2
+    assert [o.token_ids for o in outs] == [expected([6], 8)] * 4
+    assert unit.allocator.num_free == unit.allocator.num_usable
+
+
+def test_abort_and_duplicate_ids():
+    unit = FakeUnit(32)
+    cluster = Cluster([unit], FakeFrontend())
+    rid = cluster.add_request([1, 2, 3], SamplingParams(max_tokens=50), request_id="r")
+    with pytest.raises(ValueError, match="already in use"):
+        cluster.add_request([4], SamplingParams(max_tokens=2), request_id="r")
+    cluster.step()
+    assert unit.allocator.num_used > 0
+    out = cluster.abort(rid)
+    assert out.finished and out.finish_reason == "abort"
+    assert unit.allocator.num_used == 0 and not cluster.has_unfinished()
+
+
+def test_device_ops_round_trip_the_wire():
+    ops = [DeviceOp(STEP, 1, {"shape": [4, 1, 8], "num_rows": 3}, {"tokens": np.arange(4, dtype=np.int32)}),
+           DeviceOp("drop", -1, {"groups": [[0, 1]]}),
+           DeviceOp("kv_copy", -1, {"layer": 3}, {"pages": np.asarray([5, 6], np.int32),
+                                                   "f": np.ones((2, 2), np.float32)})]
+    back = decode_ops(*encode_ops(ops))
+    assert [(o.kind, o.target, o.args) for o in back] == [(o.kind, o.target, o.args) for o in ops]
+    for a, b in zip(ops, back):
+        assert a.arrays.keys() == b.arrays.keys()
+        for k in a.arrays:
+            np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
+            assert a.arrays[k].dtype == b.arrays[k].dtype
+
+
+def test_cluster_ops_go_through_the_log_in_order():
+    units = [FakeUnit(16)]
+    log = RecordingLog(units)
+    cluster = Cluster(units, FakeFrontend(), oplog=log)
+    ran = []
+    cluster.register_op("drop", lambda c, op: ran.append(("drop", op.args["g"])))
+    cluster.register_op("restore", lambda c, op: ran.append(("restore", None)))
+    cluster.add_request([1], SamplingParams(max_tokens=2))
+    cluster.step()
+    cluster.run_op(DeviceOp("drop", -1, {"g": 2}))
+    cluster.step()
+    cluster.run_op(DeviceOp("restore", -1))
+    assert [k for k, _, _ in log.sent] == [STEP, "drop", STEP, "restore"]
+    assert ran == [("drop", 2), ("restore", None)]
+    with pytest.raises(ValueError, match="no handler"):
+        cluster.execute(DeviceOp("unknown", -1))
