@@ -32,6 +32,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # prefill token budget per step
     max_prefill_rows: int = 4  # prompts chunked into one prefill step at most
     max_queue: int = 4096  # waiting requests; beyond this add_request refuses
+    max_chunk_tokens: Optional[int] = None  # prefill tokens of one row per step (default: the step budget)
 
 
 class QueueFull(Exception):
@@ -124,11 +125,12 @@ class Scheduler:
 
     def _schedule_prefill(self) -> Optional[ScheduledStep]:
         budget = self.config.max_num_batched_tokens
+        cap = self.config.max_chunk_tokens or budget
         rows: list[Row] = []
         for req in [r for r in self.running if r.num_pending > 1]:
             if budget <= 0 or len(rows) >= self.config.max_prefill_rows:
                 break
-            n = min(req.num_pending, budget)
+            n = min(req.num_pending, budget, cap)
             if not self._grow(req, req.num_computed + n):
                 n = min(n, len(req.pages) * self.page_size - req.num_computed)
                 if n <= 0:
@@ -142,7 +144,7 @@ class Scheduler:
             if pages_for(req.num_tokens, self.page_size) > self.allocator.num_free:
                 break
             self.waiting.popleft()
-            n = min(req.num_pending, budget)
+            n = min(req.num_pending, budget, cap)
             self._grow(req, req.num_computed + n)
             req.status = Status.RUNNING
             self.running.append(req)

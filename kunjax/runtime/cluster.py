@@ -30,13 +30,23 @@ log = logging.getLogger(__name__)
 
 
 class ServingCluster(Cluster):
-    """A Cluster whose units are LLMEngine instances (and, after a drop, pipeline groups)."""
+    """A Cluster whose units are LLMEngine instances and, after a parameter drop, pipeline groups
+    (kunjax.memory): `plan_drop` / `drop` / `restore` drive the mechanism."""
+
+    chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
 
     def __init__(self, engines: Sequence[LLMEngine], policy: Optional[DispatchPolicy] = None,
                  oplog: Optional[OpLog] = None):
+        from kunjax.memory.drop import DROP, execute_drop
+        from kunjax.memory.restore import RESTORE, execute_restore
+
         super().__init__(engines, engines[0], policy, oplog)
         self.engines: list[LLMEngine] = list(engines)  # the instances, whatever units they form
         self.compiler = BackgroundCompiler()
+        self._group_ids = 0
+        self.last_transition = None  # the report of the last drop or restore
+        self.register_op(DROP, execute_drop)
+        self.register_op(RESTORE, execute_restore)
 
     @classmethod
     def build(cls, model: LoadedModel, config: EngineConfig, num_instances: int = 1, tp: int = 1,
@@ -88,15 +98,160 @@ class ServingCluster(Cluster):
                 if keys:
                     self.compiler.submit(e.exes, keys)
 
+    # ---- units and groups ------------------------------------------------------------------
+    def next_group_id(self) -> int:
+        self._group_ids += 1
+        return self._group_ids - 1
+
+    def replace_units(self, old: Sequence, new: Sequence) -> None:
+        """`new` units take the place of `old` ones (a drop merges, a restore splits)."""
+        at = min(self.units.index(u) for u in old)
+        self.units = [u for u in self.units if u not in old]
+        self.units[at:at] = list(new)
+
+    def groups(self) -> list:
+        from kunjax.memory.group import PipelineGroup
+
+        return [u for u in self.units if isinstance(u, PipelineGroup)]
+
+    def group(self, group_id: int):
+        for g in self.groups():
+            if g.id == group_id:
+                return g
+        raise ValueError(f"group: no pipeline group {group_id} (groups now: {[g.id for g in self.groups()]})")
+
+    def forget(self, request_id: str) -> None:
+        self._where.pop(request_id, None)
+
+    # ---- the mechanism: plan, compile, drop, restore ---------------------------------------
+    def member_infos(self) -> dict:
+        """What the planner knows of each instance, per device, from the memory ledger."""
+        from kunjax.memory.ledger import device_ledgers
+        from kunjax.memory.plan import MemberInfo
+        from kunjax.runtime.kv_pools import page_bytes
+
+        first = {}
+        for led in device_ledgers(self.engines):
+            first.setdefault(led.instance, led)
+        infos = {}
+        for i, e in enumerate(self.engines):
+            led = first[i]
+            if e.budget is None:
+                raise ValueError("the memory budget of this device is unknown; start with --hbm_bytes")
+            infos[i] = MemberInfo(
+                index=i, budget=e.budget,
+                layer_bytes=tuple(led.layers.get(l, 0) for l in range(e.cfg.num_layers)),
+                embed_bytes=led.embed, head_bytes=led.head, other_bytes=led.other, reserve=led.reserve,
+                page_layer_bytes=page_bytes(e.cfg, e.page_size, e.dtype, 1) // e.tp,
+                num_pages=e.stage.num_pages, used_pages=e.allocator.num_used)
+        return infos
+
+    def plan_drop(self, group_size: int = 2):
+        """A dry run: which instances merge, each stage's layer range, the group page count and the
+        predicted peak per device. Changes nothing."""
+        from kunjax.memory.plan import PlanError, plan_drop
+
+        alone = [i for i, e in enumerate(self.engines) if e in self.units]
+        if len(alone) < 2:
+            raise PlanError("group_size: fewer than 2 instances serve on their own; restore a group first")
+        e0 = self.engines[0]
+        useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+        infos = self.member_infos()
+        for i in alone:
+            if any(b == 0 for b in infos[i].layer_bytes):
+                raise PlanError(f"instance {i} is missing layers; restore first")
+        return plan_drop([infos[i] for i in alone], group_size, e0.cfg.tie_word_embeddings, useful,
+                         chunk_pages=self.chunk_pages)
+
+    def plan_keys(self, plan, shapes=None) -> list[tuple]:
+        """(executables, keys) every process needs before it can apply `plan`, serve grouped, and
+        restore: the group's step pieces at its page count (`shapes`: default the covering ones) and
+        the page moves in and out of both pool sizes."""
+        from kunjax.runtime.executables import keys_for, pool_keys
+
+        out = []
+        for gp in plan.groups:
+            for st in gp.stages:
+                e = self.engines[st.instance]
+                keys = [k for sh in (shapes or e.buckets.covering_shapes())
+                        for k in keys_for(sh, gp.num_pages, st.embed, st.head)]
+                keys += pool_keys(gp.num_pages, self.chunk_pages) + pool_keys(e.stage.num_pages, self.chunk_pages)
+                out.append((e.exes, keys))
+        return out
+
+    def plan_ready(self, plan) -> tuple[int, int]:
+        """(ready, total) executables of the plan."""
+        pairs = self.plan_keys(plan)
+        total = sum(len(k) for _, k in pairs)
+        return sum(1 for ex, keys in pairs for k in keys if ex.is_ready(k)), total
+
+    def compile_plan(self, plan, background: bool = True, all_shapes: bool = False) -> None:
+        """Compiles what `plan` needs: on the background compiler (the server keeps answering), or now."""
+        shapes = self.engines[0].buckets.all_shapes() if all_shapes else None
+        for ex, keys in self.plan_keys(plan, shapes):
+            keys = [k for k in keys if not ex.is_ready(k)]
+            if not keys:
+                continue
+            if background:
+                self.compiler.submit(ex, keys)
+            else:
+                ex.compile(keys)
+
+    def drop(self, plan):
+        """Applies a drop plan now (between steps): returns (report, outputs of requests that failed)."""
+        from kunjax.memory.drop import DropError, adopt_after_drop, prepare_drop
+
+        ready, total = self.plan_ready(plan)
+        if ready < total:
+            raise DropError(f"the executables of this plan are not compiled yet ({ready} of {total} ready); "
+                            f"compile_plan() first, or retry once the background compiler has them")
+        op = prepare_drop(self, plan)
+        report = self.run_op(op)
+        return report, adopt_after_drop(self, op, report)
+
+    def restore(self, group_ids: Optional[Sequence[int]] = None):
+        """Splits groups back into instances (all by default): returns (reports, failed outputs)."""
+        from kunjax.memory.restore import adopt_after_restore, prepare_restore
+
+        reports, failed = [], []
+        for gid in (list(group_ids) if group_ids is not None else [g.id for g in self.groups()]):
+            group = self.group(gid)
+            infos = self.member_infos()
+            op = prepare_restore(self, group, infos)
+            report = self.run_op(op)
+            failed += adopt_after_restore(self, group, op, report)
+            reports.append(report)
+        return reports, failed
+
     # ---- status ----------------------------------------------------------------------------
     def devices(self) -> list[jax.Device]:
         return [d for e in self.engines for d in e.devices]
 
     def status(self, with_memory: bool = True) -> dict:
-        out = super().status(with_memory)
-        out["compiles"] = compile_stats.compile_count()
-        out["compiling"] = not self.compiler.idle()
+        units = [u.status() for u in self.units]
+        group_of = {}
+        groups = []
+        for g in self.groups():
+            ids = [self.engines.index(m) for m in g.members]
+            groups.append(g.group_status(ids))
+            group_of.update({i: (g, len(groups) - 1) for i in ids})
+        inst = []
+        for i, e in enumerate(self.engines):
+            g = group_of.get(i)
+            host = (g[0] if g else e).host_status()
+            st = e.stage
+            inst.append({"id": i, "devices": [str(d) for d in e.devices], "tp": e.tp, **host,
+                         "group": g[0].id if g else -1,
+                         "layers": [min(st.layers), max(st.layers) + 1] if st.layers else [0, 0]})
+        out = {
+            "instances": inst, "groups": groups,
+            "running": sum(s["running"] for s in units), "waiting": sum(s["waiting"] for s in units),
+            "pages_total": sum(s["pages_total"] for s in units), "pages_free": sum(s["pages_free"] for s in units),
+            "pages_used": sum(s["pages_used"] for s in units), "timing": self.timing.as_dict(),
+            "compiles": compile_stats.compile_count(), "compiling": not self.compiler.idle(),
+        }
         if with_memory:
-            local = [d for d in self.devices() if d.process_index == jax.process_index()]
-            out["memory"] = [dataclasses.asdict(m) for m in memory.snapshot(local)]
+            from kunjax.memory.ledger import device_ledgers
+
+            out["memory"] = [led.as_dict() for led in device_ledgers(self.engines)]
         return out

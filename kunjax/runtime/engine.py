@@ -130,9 +130,10 @@ class LLMEngine(UnitCore):
         params = place_params(model.params, mesh)
         self.memory_split: Optional[MemorySplit] = None
         self.reserve_bytes = reserve_bytes
-        num_pages = config.num_pages or self._pages_from_memory(params, reserve_bytes)
-        pools = allocate_pools(self.cfg, num_pages, self.page_size, self.dtype, range(self.cfg.num_layers),
-                               self.exes.kv_sh)
+        self.budget = memory.device_budget(self.device, config.hbm_bytes, config.hbm_fraction,
+                                           cpu_share=len(mesh.local_devices))
+        num_pages = config.num_pages or self._pages_from_memory(params)
+        pools = allocate_pools(self.exes, num_pages, range(self.cfg.num_layers))
         self.stage = Stage(self.exes, dict(enumerate(params["layers"])), pools, num_pages,
                            embed=params["embed"], head=head_params(params))
         self.num_pages = num_pages
@@ -157,16 +158,20 @@ class LLMEngine(UnitCore):
             need = max(need, max(self.exes.transient_bytes(k) for k in keys))
         return need
 
-    def _pages_from_memory(self, params, reserve: Optional[int]) -> int:
-        budget = memory.device_budget(self.device, self.config.hbm_bytes, self.config.hbm_fraction,
-                                      cpu_share=len(self.mesh.local_devices))
+    def reserve(self) -> int:
+        """The activation reserve (measured on first use when the pool size was given)."""
+        if self.reserve_bytes is None:
+            self.reserve_bytes = self.measure_reserve()
+        return self.reserve_bytes
+
+    def _pages_from_memory(self, params) -> int:
+        budget = self.budget
         if budget is None:
             raise ValueError("cannot size the KV cache: this device reports no memory limit; "
                              "pass num_pages or hbm_bytes (--hbm_bytes on the command line)")
         weights = shard_bytes(params, self.device)
         live = memory.device_live_bytes(self.device)
-        reserve = self.measure_reserve() if reserve is None else reserve
-        self.reserve_bytes = reserve
+        reserve = self.reserve()
         per_page = page_bytes(self.cfg, self.page_size, self.dtype) // self.tp  # kv heads split over tp
         pages = (budget - live - reserve) // per_page
         # More pages than max_num_seqs full-length sequences can never be used at once.

@@ -37,15 +37,22 @@ from sharding.rules import kv_sharding, replicated, spec_for
 log = logging.getLogger(__name__)
 
 EMBED, LAYER, HEAD = "embed", "layer", "head"
+ZEROS, GATHER, SCATTER = "zeros", "gather", "scatter"  # KV pool construction and page moves (kunjax.memory)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
 class ExeKey:
     kind: str
-    rows: int
+    rows: int  # step rows; pages moved per call (gather / scatter)
     query: int
     pages: int = 0  # gathered context pages per row (layer only)
-    pool_pages: int = 0  # pages of the layer's KV pool (layer only)
+    pool_pages: int = 0  # pages of the KV pool it reads or writes (layer, zeros, gather, scatter)
+
+
+def pool_keys(pool_pages: int, chunk_pages: int) -> list[ExeKey]:
+    """What creating pools of this size and moving pages in and out of them needs."""
+    return [ExeKey(ZEROS, 0, 0, 0, pool_pages), ExeKey(GATHER, chunk_pages, 0, 0, pool_pages),
+            ExeKey(SCATTER, chunk_pages, 0, 0, pool_pages)]
 
 
 def keys_for(shape: StepShape, pool_pages: int, embed: bool = True, head: bool = True) -> list[ExeKey]:
@@ -72,6 +79,16 @@ def _head(hp, h, last_idx, temperature, top_k, top_p, seeds, counters, *, cfg: M
     rows = jnp.arange(h.shape[0])
     logits = lm_logits(hp, h[rows, last_idx], cfg)
     return sample(logits, temperature, top_k, top_p, seeds, counters), logits
+
+
+def _gather_pages(pool, ids):
+    """(KV, P, ps, hd)[ids] -> (KV, C, ps, hd): pages leave a pool."""
+    return pool[:, ids]
+
+
+def _scatter_pages(pool, ids, pages):
+    """Writes (KV, C, ps, hd) pages into a (donated) pool at ids; padding ids are the null page."""
+    return pool.at[:, ids].set(pages)
 
 
 class NotCompiled(KeyError):
@@ -103,6 +120,9 @@ class StepExecutables:
                            out_shardings=(rep, self.kv_sh, self.kv_sh)),
             HEAD: jax.jit(functools.partial(_head, cfg=cfg), in_shardings=(self.head_sh,) + (rep,) * 7,
                           out_shardings=(rep, rep)),
+            GATHER: jax.jit(_gather_pages, in_shardings=(self.kv_sh, rep), out_shardings=self.kv_sh),
+            SCATTER: jax.jit(_scatter_pages, donate_argnums=(0,), in_shardings=(self.kv_sh, rep, self.kv_sh),
+                             out_shardings=self.kv_sh),
         }
         self._compiled: dict[ExeKey, Any] = {}
         self._lock = threading.Lock()
@@ -112,9 +132,19 @@ class StepExecutables:
     def _sds(self, shape, dtype, sharding=None):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding or self.rep)
 
+    def _pool_sds(self, num_pages: int):
+        return self._sds(pool_shape(self.cfg, num_pages, self.page_size), storage_dtype(self.dtype), self.kv_sh)
+
     def _abstract(self, key: ExeKey) -> tuple:
         cfg, i32 = self.cfg, jnp.int32
         R, Q = key.rows, key.query
+        if key.kind == ZEROS:
+            return ()
+        if key.kind in (GATHER, SCATTER):
+            ids = self._sds((key.rows,), i32)
+            if key.kind == GATHER:
+                return (self._pool_sds(key.pool_pages), ids)
+            return (self._pool_sds(key.pool_pages), ids, self._pool_sds(key.rows))
         h = self._sds((R, Q, cfg.hidden_size), self.dtype)
         if key.kind == EMBED:
             return (self._sds((cfg.vocab_size, cfg.hidden_size), self.dtype, self.embed_sh), self._sds((R, Q), i32))
@@ -144,13 +174,22 @@ class StepExecutables:
             if key in self._compiled:
                 continue
             t = time.perf_counter()
-            compiled = self._jit[key.kind].lower(*self._abstract(key)).compile()
+            fn = self._zeros_jit(key.pool_pages) if key.kind == ZEROS else self._jit[key.kind]
+            compiled = fn.lower(*self._abstract(key)).compile()
             with self._lock:
                 if key not in self._compiled:
                     self._compiled[key] = compiled
                     n += 1
             self.compile_seconds += time.perf_counter() - t
         return n
+
+    def _zeros_jit(self, num_pages: int):
+        shape, dt = pool_shape(self.cfg, num_pages, self.page_size), storage_dtype(self.dtype)
+        return jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=self.kv_sh)
+
+    def new_pool(self, num_pages: int) -> jax.Array:
+        """A zeroed KV pool of this size on this mesh (compiled ahead: pool_keys)."""
+        return self.get(ExeKey(ZEROS, 0, 0, 0, num_pages))()
 
     def get(self, key: ExeKey):
         try:

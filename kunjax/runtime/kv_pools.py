@@ -8,9 +8,8 @@ page that padding writes to.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
 from kunjax.model.config import ModelConfig
@@ -37,21 +36,10 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype, num_layers: Optional[int
     return 2 * layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-_ZEROS: dict = {}
+def allocate_pools(exes, num_pages: int, layers) -> dict:
+    """Zeroed (K, V) pools for `layers` on the mesh of `exes` (kunjax.runtime.executables), created
+    on device by a compiled constructor: {layer index: (k_pool, v_pool)}."""
+    from kunjax.runtime.executables import pool_keys
 
-
-def zeros_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding: Any) -> jax.Array:
-    """One zeroed pool, created on device (no host staging). The jitted constructor is cached per
-    (shape, dtype, sharding) so re-creating pools of a known size (a drop, a restore) compiles
-    nothing."""
-    shape = pool_shape(cfg, num_pages, page_size)
-    key = (shape, storage_dtype(dtype), sharding)
-    if key not in _ZEROS:
-        _ZEROS[key] = jax.jit(lambda: jnp.zeros(shape, storage_dtype(dtype)), out_shardings=sharding)
-    return _ZEROS[key]()
-
-
-def allocate_pools(cfg: ModelConfig, num_pages: int, page_size: int, dtype, layers, sharding: Any) -> dict:
-    """Zeroed (K, V) pools for `layers`: {layer index: (k_pool, v_pool)}."""
-    return {l: (zeros_pool(cfg, num_pages, page_size, dtype, sharding),
-                zeros_pool(cfg, num_pages, page_size, dtype, sharding)) for l in layers}
+    exes.compile(pool_keys(num_pages, 1)[:1])
+    return {l: (exes.new_pool(num_pages), exes.new_pool(num_pages)) for l in layers}

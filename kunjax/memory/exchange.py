@@ -1,0 +1,115 @@
+"""KV exchange: moving the pages that hold data from one pool to another, device to device.
+
+A page id names the same slots in every layer, so a request's KV of one layer is the pages its page
+table lists in that layer's K and V pools. Moving it is: gather `chunk` pages on the source mesh,
+transfer them to the destination mesh (jax.device_put: a device-to-device copy, nothing compiled),
+scatter them into the destination pool (donated, updated in place) at the new ids. Only pages that
+requests hold are moved; chunks are padded with the null page, so one compiled gather and one
+compiled scatter per pool size serve every move. Each chunk is waited for before the next one, so
+at most one chunk is in flight per device pair (the transient the drop plan budgets for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from kunjax.control.pages import NULL_PAGE
+from kunjax.runtime.executables import GATHER, SCATTER, ExeKey
+from kunjax.runtime.runner import Stage
+
+log = logging.getLogger(__name__)
+
+# Tests inject failures here: called as FAULT_HOOK(event, info) before every chunk copy; may raise.
+FAULT_HOOK: Optional[Callable[[str, dict], None]] = None
+
+
+@dataclasses.dataclass
+class ExchangeStats:
+    bytes_between_devices: int = 0  # pages that crossed from one mesh to another (per device pair sum)
+    bytes_local: int = 0  # pages copied within a mesh (renumbering, pool rebuild)
+    seconds: float = 0.0
+    chunks: int = 0
+
+    def add(self, other: "ExchangeStats") -> None:
+        self.bytes_between_devices += other.bytes_between_devices
+        self.bytes_local += other.bytes_local
+        self.seconds += other.seconds
+        self.chunks += other.chunks
+
+
+def page_bytes_per_device(stage: Stage) -> int:
+    """Bytes of one page of one pool (K or V) on one device of the stage's mesh."""
+    pool = next(iter(stage.pools.values()))[0]
+    shard = pool.sharding.shard_shape(pool.shape)
+    return int(np.prod(shard)) // shard[1] * pool.dtype.itemsize
+
+
+def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_ids: Sequence[int],
+               dst_ids: Sequence[int], chunk: int, stats: ExchangeStats, event: str = "copy",
+               info: Optional[dict] = None, lost: Optional[set] = None) -> tuple:
+    """Copies pages src_ids of (k, v) `src_pools` into `dst_pools` at dst_ids; returns the new
+    destination pools (the old ones were donated). With `lost` given, a chunk whose copy fails adds
+    its destination ids there and the copy goes on with the next chunk (the caller fails the
+    requests that hold them); without it, the failure propagates."""
+    if len(src_ids) != len(dst_ids):
+        raise ValueError("source and destination page lists differ in length")
+    if not len(src_ids):
+        return dst_pools
+    t = time.perf_counter()
+    src_p = src_pools[0].shape[1]
+    dst_p = dst_pools[0].shape[1]
+    gather = src.exes.get(ExeKey(GATHER, chunk, 0, 0, src_p))
+    scatter = dst.exes.get(ExeKey(SCATTER, chunk, 0, 0, dst_p))
+    crossing = src.mesh != dst.mesh
+    per_page = page_bytes_per_device(dst) * dst.mesh.size
+    k_dst, v_dst = dst_pools
+    for i in range(0, len(src_ids), chunk):
+        s = np.full((chunk,), NULL_PAGE, np.int32)
+        d = np.full((chunk,), NULL_PAGE, np.int32)
+        n = min(chunk, len(src_ids) - i)
+        s[:n] = src_ids[i:i + n]
+        d[:n] = dst_ids[i:i + n]
+        try:
+            if FAULT_HOOK is not None:
+                FAULT_HOOK(event, {**(info or {}), "src_ids": s[:n].tolist(), "dst_ids": d[:n].tolist()})
+            s_dev = jax.device_put(s, src.exes.rep)
+            d_dev = jax.device_put(d, dst.exes.rep)
+            k_pages, v_pages = gather(src_pools[0], s_dev), gather(src_pools[1], s_dev)
+            if crossing:
+                k_pages, v_pages = jax.device_put((k_pages, v_pages), dst.exes.kv_sh)
+            k_dst = scatter(k_dst, d_dev, k_pages)
+            v_dst = scatter(v_dst, d_dev, v_pages)
+            v_dst.block_until_ready()
+        except Exception:
+            if lost is None or k_dst.is_deleted() or v_dst.is_deleted():
+                raise
+            log.exception("%s: copying pages %s failed; the requests holding them fail", event, d[:n].tolist())
+            lost.update(int(p) for p in d[:n])
+            continue
+        moved = 2 * n * per_page
+        if crossing:
+            stats.bytes_between_devices += moved
+        else:
+            stats.bytes_local += moved
+        stats.chunks += 1
+    stats.seconds += time.perf_counter() - t
+    return k_dst, v_dst
+
+
+def delete_arrays(tree) -> int:
+    """Deletes every array of a pytree now (its device memory returns to the allocator); returns the
+    bytes per device of the arrays it deleted (first device of each)."""
+    freed, seen = 0, set()
+    for a in jax.tree.leaves(tree):
+        if id(a) in seen or a.is_deleted():
+            continue
+        seen.add(id(a))
+        freed += int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+        a.delete()
+    return freed

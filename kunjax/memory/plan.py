@@ -1,0 +1,265 @@
+"""Drop and restore plans: which instances merge, who keeps which layers, how many KV pages the group
+gets, and the memory of every device through the transition (plain Python, no JAX).
+
+A group of g instances becomes one pipeline of g stages. Stage s keeps a contiguous layer range
+(sizes as equal as possible; the layers the division leaves over go to the last stages, since the
+first one also keeps the embedding), the first stage keeps the embedding, the head (final norm + LM
+head) stays on the last stage, or on the first when it is the tied embedding (one copy of every
+weight per group, as KunServe intends). The group serves one page-id space: stage s holds, for each
+of its layers, a pool of `num_pages` pages.
+
+The page count is the largest for which (1) every member fits its budget in the steady state, with
+the activation reserve kept free, and (2) the predicted peak of the transition fits the budget on
+every device (no step runs during the transition, so the reserve is usable then). The transition
+is simulated event by event, in the order `kunjax.memory.drop` carries it out:
+
+    drop:    each member frees the weights it gives up; then, layer by layer (interleaved over the
+             stages), the owner allocates the layer's group pools, every member copies its requests'
+             pages of that layer into them (in chunks of `chunk_pages` pages), and every member
+             deletes its old pools of that layer.
+    restore: layer by layer, every member allocates the layer's instance pools (and receives the
+             weights it lacks), the owner copies each request's pages into its target member's
+             pools, and the owner deletes the group pools of that layer; embedding and head last.
+
+Numbers are bytes per device (an instance's devices are alike: tp shards are equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberInfo:
+    """What the planner knows of one instance, per device (from the ledger: measured arrays)."""
+
+    index: int
+    budget: int
+    layer_bytes: tuple[int, ...]  # weights of each layer
+    embed_bytes: int
+    head_bytes: int  # final norm + lm_head (the final norm only when tied to the embedding)
+    other_bytes: int  # live bytes that are neither weights nor KV pools
+    reserve: int  # activation reserve of a step
+    page_layer_bytes: int  # one page of one layer, K and V
+    num_pages: int  # pages of its pools now (incl. the null page)
+    used_pages: int  # pages its requests hold
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    instance: int
+    start: int  # first layer
+    stop: int  # one past the last layer
+    embed: bool
+    head: bool
+
+    @property
+    def num_layers(self) -> int:
+        return self.stop - self.start
+
+    def holds(self, layer: int) -> bool:
+        return self.start <= layer < self.stop
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    instances: tuple[int, ...]
+    stages: tuple[StagePlan, ...]
+    num_pages: int  # pages of every group pool (the group's page space, incl. the null page)
+    pages_before: dict[int, int]  # member -> pages of its pools before (every layer)
+    peak_bytes: dict[int, int]  # member -> predicted peak bytes per device during the drop
+    steady_bytes: dict[int, int]  # member -> bytes per device once grouped (reserve excluded)
+    layer_order: tuple[int, ...]  # the order the transition handles the layers in
+    tied: bool
+
+    def owner(self, layer: int) -> StagePlan:
+        return next(s for s in self.stages if s.holds(layer))
+
+    @property
+    def head_stage(self) -> StagePlan:
+        return next(s for s in self.stages if s.head)
+
+    def to_dict(self) -> dict:
+        return {"instances": list(self.instances), "num_pages": self.num_pages, "tied": self.tied,
+                "stages": [dataclasses.asdict(s) for s in self.stages], "layer_order": list(self.layer_order),
+                "pages_before": {str(k): v for k, v in self.pages_before.items()},
+                "peak_bytes": {str(k): v for k, v in self.peak_bytes.items()},
+                "steady_bytes": {str(k): v for k, v in self.steady_bytes.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GroupPlan":
+        return cls(tuple(d["instances"]), tuple(StagePlan(**s) for s in d["stages"]), d["num_pages"],
+                   {int(k): v for k, v in d["pages_before"].items()}, {int(k): v for k, v in d["peak_bytes"].items()},
+                   {int(k): v for k, v in d["steady_bytes"].items()}, tuple(d["layer_order"]), d["tied"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DropPlan:
+    groups: tuple[GroupPlan, ...]
+    alone: tuple[int, ...]  # instances that stay as they are
+
+    def to_dict(self) -> dict:
+        return {"groups": [g.to_dict() for g in self.groups], "alone": list(self.alone)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DropPlan":
+        return cls(tuple(GroupPlan.from_dict(g) for g in d["groups"]), tuple(d["alone"]))
+
+
+class PlanError(ValueError):
+    """The plan asked for cannot be made (names the reason)."""
+
+
+def split_layers(num_layers: int, g: int) -> list[tuple[int, int]]:
+    """g contiguous ranges covering [0, num_layers), sizes differing by at most one, the larger ones
+    last (the first stage also holds the embedding)."""
+    if not 2 <= g <= num_layers:
+        raise PlanError(f"group_size {g} must be between 2 and the layer count {num_layers}")
+    base, extra = divmod(num_layers, g)
+    sizes = [base + (1 if s >= g - extra else 0) for s in range(g)]
+    out, a = [], 0
+    for n in sizes:
+        out.append((a, a + n))
+        a += n
+    return out
+
+
+def interleaved_order(ranges: Sequence[tuple[int, int]]) -> list[int]:
+    """Layers in rounds: the i-th layer of every stage, stage by stage, so that frees and allocations
+    alternate on every member instead of piling up."""
+    order, i = [], 0
+    while len(order) < sum(b - a for a, b in ranges):
+        for a, b in ranges:
+            if a + i < b:
+                order.append(a + i)
+        i += 1
+    return order
+
+
+def stage_plans(members: Sequence[int], num_layers: int, tied: bool) -> list[StagePlan]:
+    ranges = split_layers(num_layers, len(members))
+    last = len(members) - 1
+    return [StagePlan(m, a, b, embed=(s == 0), head=(s == 0) if tied else (s == last))
+            for s, (m, (a, b)) in enumerate(zip(members, ranges))]
+
+
+def _kept_weights(info: MemberInfo, st: StagePlan, tied: bool) -> int:
+    w = sum(info.layer_bytes[st.start:st.stop])
+    if st.embed:
+        w += info.embed_bytes
+    if st.head:
+        w += info.head_bytes
+    return w
+
+
+def _full_weights(info: MemberInfo) -> int:
+    return sum(info.layer_bytes) + info.embed_bytes + info.head_bytes
+
+
+def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int],
+                  num_pages: int, tied: bool, chunk_pages: int) -> tuple[dict[int, int], dict[int, int]]:
+    """(peak, final) bytes per device of each member through the drop, event by event."""
+    num_layers = len(next(iter(infos.values())).layer_bytes)
+    owner = {l: st for st in stages for l in range(st.start, st.stop)}
+    cur, peak = {}, {}
+    for st in stages:
+        i = infos[st.instance]
+        cur[st.instance] = i.other_bytes + _full_weights(i) + num_layers * i.num_pages * i.page_layer_bytes
+        peak[st.instance] = cur[st.instance]
+    for st in stages:  # weights given up are deleted first
+        cur[st.instance] -= _full_weights(infos[st.instance]) - _kept_weights(infos[st.instance], st, tied)
+    for l in order:
+        s = owner[l].instance
+        cur[s] += num_pages * infos[s].page_layer_bytes
+        for m in cur:  # copies, one chunk at a time: gathered on the sender, received on the owner
+            chunk = min(chunk_pages, infos[m].used_pages) * infos[m].page_layer_bytes
+            peak[m] = max(peak[m], cur[m] + chunk)
+            peak[s] = max(peak[s], cur[s] + chunk)
+        for m in cur:
+            cur[m] -= infos[m].num_pages * infos[m].page_layer_bytes
+        for m in cur:
+            peak[m] = max(peak[m], cur[m])
+    return peak, cur
+
+
+def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool, max_pages: int,
+               chunk_pages: int = 64) -> GroupPlan:
+    """The largest group page count whose steady state and transition fit every member's budget."""
+    num_layers = len(infos[members[0]].layer_bytes)
+    stages = stage_plans(members, num_layers, tied)
+    order = interleaved_order([(s.start, s.stop) for s in stages])
+    need = 1 + sum(infos[m].used_pages for m in members)  # the null page + every running request's pages
+
+    def fits(p: int) -> bool:
+        peak, final = simulate_drop(infos, stages, order, p, tied, chunk_pages)
+        return all(peak[m] <= infos[m].budget and final[m] + infos[m].reserve <= infos[m].budget for m in members)
+
+    if not fits(need):
+        raise PlanError(f"a group of instances {list(members)} cannot hold the {need - 1} pages its requests use "
+                        f"within the memory budget")
+    lo, hi = need, max(need, max_pages)
+    while lo < hi:  # largest p with fits(p); fits is monotone in p
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    peak, final = simulate_drop(infos, stages, order, lo, tied, chunk_pages)
+    return GroupPlan(tuple(members), tuple(stages), lo, {m: infos[m].num_pages for m in members},
+                     peak, final, tuple(order), tied)
+
+
+def plan_drop(infos: Sequence[MemberInfo], group_size: int, tied: bool, max_pages_per_instance: int,
+              eligible: Optional[Sequence[int]] = None, chunk_pages: int = 64) -> DropPlan:
+    """Groups of `group_size` consecutive eligible instances (those left over stay alone)."""
+    by_index = {i.index: i for i in infos}
+    pool = list(eligible if eligible is not None else sorted(by_index))
+    if not 2 <= group_size <= len(pool):
+        raise PlanError(f"group_size must be between 2 and the number of instances that can merge "
+                        f"({len(pool)}), got {group_size}")
+    groups = []
+    while len(pool) >= group_size:
+        members, pool = pool[:group_size], pool[group_size:]
+        groups.append(plan_group(by_index, members, tied, group_size * max_pages_per_instance, chunk_pages))
+    return DropPlan(tuple(groups), tuple(pool))
+
+
+def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages: int,
+                     used_after: dict[int, int]) -> dict[int, int]:
+    """Peak bytes per device of each member through a restore of `plan`'s group, starting from the
+    grouped steady state; `used_after` are the pages each member's share of the requests takes."""
+    cur = dict(plan.steady_bytes)
+    peak = dict(cur)
+    owner = {l: st for st in plan.stages for l in range(st.start, st.stop)}
+    for l in plan.layer_order:
+        s = owner[l].instance
+        for m in cur:
+            i = infos[m]
+            cur[m] += i.num_pages * i.page_layer_bytes + (0 if m == s else i.layer_bytes[l])
+        for m in cur:
+            chunk = min(chunk_pages, used_after.get(m, 0)) * infos[m].page_layer_bytes
+            peak[m] = max(peak[m], cur[m] + chunk)
+            peak[s] = max(peak[s], cur[s] + chunk)
+        cur[s] -= plan.num_pages * infos[s].page_layer_bytes
+        for m in cur:
+            peak[m] = max(peak[m], cur[m])
+    for st in plan.stages:  # embedding and head back where they are missing
+        i = infos[st.instance]
+        cur[st.instance] += (0 if st.embed else i.embed_bytes) + (0 if st.head else i.head_bytes)
+        peak[st.instance] = max(peak[st.instance], cur[st.instance])
+    return peak
+
+
+def assign_requests(request_pages: dict[str, int], capacity: dict[int, int]) -> Optional[dict[str, int]]:
+    """Requests (pages each) onto members (free pages each), largest first onto the member with the
+    most room left; None when they do not fit (the group cannot split yet)."""
+    room = dict(capacity)
+    out = {}
+    for rid, n in sorted(request_pages.items(), key=lambda kv: (-kv[1], kv[0])):
+        m = max(room, key=lambda k: (room[k], -k))
+        if room[m] < n:
+            return None
+        out[rid] = m
+        room[m] -= n
+    return out
