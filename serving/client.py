@@ -48,6 +48,10 @@ def make_request(prompt: Optional[str] = None, *, prompt_token_ids: Optional[Seq
     return req
 
 
+def _drop_request(cls, group_size: Optional[int]):
+    return cls() if group_size is None else cls(group_size=group_size)
+
+
 class Client:
     """Blocking client. `generate` streams GenerateResponse chunks; breaking out of the loop (or
     `cancel()` on the returned iterator) cancels the call, which frees the request's KV pages."""
@@ -65,6 +69,18 @@ class Client:
 
     def status(self, skip_memory: bool = False, timeout: Optional[float] = None) -> pb.StatusResponse:
         return self.admin.Status(pb.StatusRequest(skip_memory=skip_memory), timeout=timeout)
+
+    def plan_drop(self, group_size: Optional[int] = None, timeout: Optional[float] = None) -> pb.PlanDropResponse:
+        """A dry run of a parameter drop (nothing changes)."""
+        return self.admin.PlanDrop(_drop_request(pb.PlanDropRequest, group_size), timeout=timeout)
+
+    def drop(self, group_size: Optional[int] = None, timeout: Optional[float] = None) -> pb.DropResponse:
+        """Merges instances into pipeline groups now (group_size None/0: the server's choice)."""
+        return self.admin.Drop(_drop_request(pb.DropRequest, group_size), timeout=timeout)
+
+    def restore(self, group_ids: Sequence[int] = (), timeout: Optional[float] = None) -> pb.RestoreResponse:
+        """Splits pipeline groups back into instances (every group when `group_ids` is empty)."""
+        return self.admin.Restore(pb.RestoreRequest(group_ids=list(group_ids)), timeout=timeout)
 
     def close(self) -> None:
         self.channel.close()
@@ -93,6 +109,15 @@ class AsyncClient:
     async def status(self, skip_memory: bool = False, timeout: Optional[float] = None) -> pb.StatusResponse:
         return await self.admin.Status(pb.StatusRequest(skip_memory=skip_memory), timeout=timeout)
 
+    async def plan_drop(self, group_size: Optional[int] = None, timeout: Optional[float] = None) -> pb.PlanDropResponse:
+        return await self.admin.PlanDrop(_drop_request(pb.PlanDropRequest, group_size), timeout=timeout)
+
+    async def drop(self, group_size: Optional[int] = None, timeout: Optional[float] = None) -> pb.DropResponse:
+        return await self.admin.Drop(_drop_request(pb.DropRequest, group_size), timeout=timeout)
+
+    async def restore(self, group_ids: Sequence[int] = (), timeout: Optional[float] = None) -> pb.RestoreResponse:
+        return await self.admin.Restore(pb.RestoreRequest(group_ids=list(group_ids)), timeout=timeout)
+
     async def close(self) -> None:
         await self.channel.close()
 
@@ -112,6 +137,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--system", help="system message for --chat")
     ap.add_argument("--stream", action="store_true", help="print text as it is generated")
     ap.add_argument("--status", action="store_true", help="print the server status as JSON and exit")
+    ap.add_argument("--plan_drop", type=int, metavar="G", help="dry run of a parameter drop into groups of G "
+                    "instances (0: the server's choice); prints the plan as JSON")
+    ap.add_argument("--drop", type=int, metavar="G", help="drop parameters now: groups of G instances (0: the "
+                    "server's choice); prints the report as JSON")
+    ap.add_argument("--restore", nargs="*", type=int, metavar="GROUP", help="restore these pipeline groups "
+                    "(none given: all); prints the reports as JSON")
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--top_p", type=float)
@@ -124,6 +155,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             if args.status:
                 print(json_format.MessageToJson(c.status(timeout=args.timeout), preserving_proto_field_name=True))
+                return 0
+            admin = None
+            if args.plan_drop is not None:
+                admin = c.plan_drop(args.plan_drop, timeout=args.timeout)
+            elif args.drop is not None:
+                admin = c.drop(args.drop, timeout=args.timeout)
+            elif args.restore is not None:
+                admin = c.restore(args.restore, timeout=args.timeout)
+            if admin is not None:
+                print(json_format.MessageToJson(admin, preserving_proto_field_name=True))
                 return 0
             kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                       seed=args.seed, stop=args.stop, timeout=args.timeout)

@@ -136,6 +136,16 @@ class Executor:
         self._wake.set()
         return fut
 
+    def transition(self, fn: Callable[[Cluster], tuple]) -> concurrent.futures.Future:
+        """Runs fn(cluster) -> (result, outputs) between steps (a drop, a restore) and delivers the
+        outputs (requests it ended, e.g. with an error) to their streams; the future gets result."""
+        def run(cluster):
+            result, outs = fn(cluster)
+            self._deliver_outputs(outs)
+            self._publish()
+            return result
+        return self.call(run)
+
     def stop(self, abort_inflight: bool = True, timeout: Optional[float] = 30.0) -> None:
         """Stops after aborting (or, with abort_inflight=False, finishing) every request."""
         self._stop = True
@@ -238,6 +248,16 @@ class Executor:
             self._fail_all("INTERNAL", f"step failed: {e}")
             return
         t1 = time.perf_counter()
+        self._deliver_outputs(outs)
+        t2 = time.perf_counter()
+        self.timing.step_s += t1 - t0
+        self.timing.deliver_s += t2 - t1
+        if self.metrics is not None:
+            self.metrics.step.observe(t1 - t0)
+        self._publish()
+
+    def _deliver_outputs(self, outs) -> None:
+        """Hands outputs to their streams, one call_soon_threadsafe per event loop."""
         now = time.monotonic()
         per_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
         for out in outs:
@@ -250,12 +270,6 @@ class Executor:
                 del self._subs[out.request_id]
         for loop, items in per_loop.items():
             self._deliver(loop, items)
-        t2 = time.perf_counter()
-        self.timing.step_s += t1 - t0
-        self.timing.deliver_s += t2 - t1
-        if self.metrics is not None:
-            self.metrics.step.observe(t1 - t0)
-        self._publish()
 
     def _publish(self) -> None:
         """The waiting count for admission, and the metrics gauges (device memory at most every

@@ -38,6 +38,20 @@ class Metrics:
         self.live_bytes = Gauge("kunjax_device_live_bytes", "Bytes of live jax arrays", ["device"], registry=r)
         self.bytes_in_use = Gauge("kunjax_device_bytes_in_use", "Allocator bytes in use (GPU/TPU)", ["device"],
                                   registry=r)
+        # the memory ledger: live bytes by purpose, per device
+        self.ledger = Gauge("kunjax_device_bytes", "Bytes per device by purpose (memory ledger: weights, kv, "
+                            "reserve, other, free, budget)", ["device", "kind"], registry=r)
+        self.groups = Gauge("kunjax_pipeline_groups", "Pipeline groups of merged instances", registry=r)
+        self.grouped = Gauge("kunjax_grouped_instances", "Instances serving as a stage of a pipeline group",
+                             registry=r)
+        self.transitions = Counter("kunjax_memory_transitions", "Parameter drops and restores", ["kind"],
+                                   registry=r)
+        self.transition_s = Histogram("kunjax_memory_transition_seconds", "Duration of a drop or a restore",
+                                      ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.exchange_bytes = Counter("kunjax_kv_exchange_bytes", "KV bytes moved between devices by drops and "
+                                      "restores", registry=r)
+        self.freed_weight_bytes = Counter("kunjax_dropped_weight_bytes", "Weight bytes deleted by drops",
+                                          registry=r)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
@@ -49,7 +63,19 @@ class Metrics:
             used = s["pages_total"] - s["pages_free"]
             self.kv_util.labels(str(s["id"])).set(used / max(1, s["pages_total"]))
             self.pages_free.labels(str(s["id"])).set(s["pages_free"])
+        self.groups.set(len(status.get("groups", [])))
+        self.grouped.set(sum(len(g["instances"]) for g in status.get("groups", [])))
         for m in status.get("memory", []):
-            self.live_bytes.labels(m["device"]).set(m["live_bytes"])
+            self.live_bytes.labels(m["device"]).set(m["live"])
             if m.get("bytes_in_use") is not None:
                 self.bytes_in_use.labels(m["device"]).set(m["bytes_in_use"])
+            for kind in ("weights", "kv", "reserve", "other", "free", "budget"):
+                if m.get(kind) is not None:
+                    self.ledger.labels(m["device"], kind).set(m[kind])
+
+    def observe_transition(self, report) -> None:
+        self.transitions.labels(report.kind).inc()
+        self.transition_s.labels(report.kind).observe(report.seconds)
+        self.exchange_bytes.inc(report.exchange.bytes_between_devices)
+        if report.kind == "drop":
+            self.freed_weight_bytes.inc(sum(report.freed_weight_bytes.values()))

@@ -181,35 +181,200 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, executor: Executor, model_name: str, options: ServerOptions):
+    """Status, and the memory mechanism by hand: PlanDrop (dry run), Drop, Restore. Every cluster
+    call runs on the executor thread between steps; a drop or a restore pauses the units it
+    touches for its duration, the others keep their place in the loop."""
+
+    DEFAULT_GROUP_SIZE = 2  # until an overload policy chooses
+
+    def __init__(self, executor: Executor, model_name: str, options: ServerOptions, metrics: Optional[Metrics] = None):
         self.executor = executor
         self.model_name = model_name
         self.options = options
+        self.metrics = metrics
+        self._transition: Optional[str] = None  # "drop" / "restore" while one runs
 
-    async def Status(self, request, context):
+    async def _call(self, fn, context):
         if not self.executor.alive:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "executor is not running")
-        fut = self.executor.call(lambda c: c.status(with_memory=not request.skip_memory))
-        st = await asyncio.wrap_future(fut)
+        return await asyncio.wrap_future(self.executor.call(fn))
+
+    async def Status(self, request, context):
+        st = await self._call(lambda c: c.status(with_memory=not request.skip_memory), context)
         return status_to_proto(st, self.model_name, self.executor, self.options)
+
+    @classmethod
+    def _group_size(cls, request) -> int:
+        return request.group_size if request.HasField("group_size") and request.group_size != 0 \
+            else cls.DEFAULT_GROUP_SIZE
+
+    async def _abort_for(self, e: Exception, context):
+        from kunjax.memory.drop import DropError
+        from kunjax.memory.plan import PlanError
+        from kunjax.memory.restore import RestoreError
+
+        if isinstance(e, PlanError):
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        if isinstance(e, (DropError, RestoreError)):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        if isinstance(e, ValueError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        raise e
+
+    async def _plan(self, g: int, context):
+        try:
+            return await self._call(lambda c: (lambda p: (p, c.plan_ready(p), c.member_infos()))(c.plan_drop(g)),
+                                    context)
+        except Exception as e:
+            await self._abort_for(e, context)
+
+    async def PlanDrop(self, request, context):
+        if request.HasField("group_size") and request.group_size < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_size must be >= 2 (or 0 for the "
+                                                                  f"planner's choice), got {request.group_size}")
+        plan, (ready, total), infos = await self._plan(self._group_size(request), context)
+        return plan_to_proto(plan, ready, total, infos)
+
+    async def Drop(self, request, context):
+        from kunjax.memory.drop import DropError
+
+        if request.HasField("group_size") and request.group_size < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_size must be >= 2 (or 0 for the "
+                                                                  f"planner's choice), got {request.group_size}")
+        if self._transition is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a {self._transition} is running; retry when "
+                                                                     f"it has finished")
+        self._transition = "drop"
+        g = self._group_size(request)
+
+        def drop_now(c):
+            """On the executor thread: plan against the state of this very moment and apply it."""
+            plan = c.plan_drop(g)
+            report, failed = c.drop(plan)
+            return (plan, report, failed), failed
+
+        try:
+            submitted = False
+            while True:
+                plan, (ready, total), infos = await self._plan(g, context)
+                if ready < total:  # compile what the plan needs in the background; serving goes on
+                    if not submitted:
+                        await self._call(lambda c, p=plan: c.compile_plan(p), context)
+                        submitted = True
+                    await asyncio.sleep(0.1)
+                    continue
+                try:
+                    plan, rep, failed = await asyncio.wrap_future(self.executor.transition(drop_now))
+                    break
+                except DropError as e:
+                    if "not compiled" not in str(e):
+                        await self._abort_for(e, context)
+                    submitted = False  # the plan changed between planning and applying: compile it
+                except Exception as e:
+                    await self._abort_for(e, context)
+            if self.metrics is not None:
+                self.metrics.observe_transition(rep)
+            st = await self._call(lambda c: c.status(with_memory=False), context)
+            resp = pb.DropResponse(plan=plan_to_proto(plan, total, total, infos), report=report_to_proto(rep, failed))
+            for gs in st["groups"]:
+                if gs["id"] in rep.groups:
+                    add_group(resp.groups, gs)
+            return resp
+        finally:
+            self._transition = None
+
+    async def Restore(self, request, context):
+        if self._transition is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a {self._transition} is running; retry when "
+                                                                     f"it has finished")
+        self._transition = "restore"
+        try:
+            ids = list(request.group_ids)
+
+            def run(c):
+                if not c.groups():
+                    raise NothingToRestore("no pipeline group to restore")
+                reports, failed = c.restore(ids or None)
+                return (reports, failed), failed
+            try:
+                reports, failed = await asyncio.wrap_future(self.executor.transition(run))
+            except NothingToRestore as e:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            except Exception as e:
+                await self._abort_for(e, context)
+            resp = pb.RestoreResponse()
+            for rep in reports:
+                if self.metrics is not None:
+                    self.metrics.observe_transition(rep)
+                resp.reports.append(report_to_proto(rep, failed))
+            return resp
+        finally:
+            self._transition = None
+
+
+class NothingToRestore(Exception):
+    pass
+
+
+def plan_to_proto(plan, ready: int, total: int, infos: dict) -> pb.PlanDropResponse:
+    msg = pb.PlanDropResponse(alone=list(plan.alone), executables_ready=ready, executables_total=total)
+    for gp in plan.groups:
+        g = msg.groups.add(instances=list(gp.instances), num_pages=gp.num_pages)
+        for st in gp.stages:
+            g.stages.add(instance=st.instance, layer_start=st.start, layer_stop=st.stop, embed=st.embed, head=st.head)
+        for i in gp.instances:
+            g.pages_before[i] = gp.pages_before[i]
+            g.pages_gained[i] = gp.num_pages - gp.pages_before[i]
+            g.peak_bytes[i] = gp.peak_bytes[i]
+            g.steady_bytes[i] = gp.steady_bytes[i]
+            g.budget_bytes[i] = infos[i].budget
+    return msg
+
+
+def report_to_proto(rep, failed) -> pb.TransitionReport:
+    msg = pb.TransitionReport(kind=rep.kind, groups=list(rep.groups), seconds=rep.seconds, compiles=rep.compiles,
+                              exchange_bytes_between_devices=rep.exchange.bytes_between_devices,
+                              exchange_bytes_local=rep.exchange.bytes_local, exchange_seconds=rep.exchange.seconds,
+                              failed_requests=len(failed))
+    for name in ("freed_weight_bytes", "live_before", "peak_live", "live_after"):
+        for k, v in getattr(rep, name).items():
+            getattr(msg, name)[k] = int(v)
+    return msg
+
+
+def add_group(container, gs: dict) -> None:
+    g = container.add(id=gs["id"], instances=gs["instances"], state=gs["state"], num_pages=gs["num_pages"],
+                      running=gs["running"], waiting=gs["waiting"], pages_total=gs["pages_total"],
+                      pages_free=gs["pages_free"])
+    for st in gs["stages"]:
+        g.stages.add(instance=st["instance"], layer_start=st["start"], layer_stop=st["stop"], embed=st["embed"],
+                     head=st["head"])
 
 
 def status_to_proto(st: dict, model_name: str, executor: Executor, options: ServerOptions) -> pb.StatusResponse:
     msg = pb.StatusResponse(model=model_name, running=st["running"], waiting=st["waiting"],
                             queued=executor.inbox_size(),
                             pages_total=st["pages_total"], pages_free=st["pages_free"], compiles=st["compiles"],
-                            overload_policy=options.overload_policy,
+                            overload_policy=options.overload_policy, compiling=st.get("compiling", False),
                             max_model_len=executor.cluster.max_model_len)
     for k, v in st.get("timing", {}).items():
         msg.timing[k] = float(v)
     for k, v in dataclasses.asdict(executor.timing).items():
         msg.timing[k] = float(v)
+    fields = {f.name for f in pb.InstanceStatus.DESCRIPTOR.fields}
     for s in st["instances"]:
-        msg.instances.add(**s)
+        i = msg.instances.add(**{k: v for k, v in s.items() if k in fields})
+        i.layer_start, i.layer_stop = s.get("layers", (0, 0))
     for g in st["groups"]:
-        msg.groups.add(**g)
+        add_group(msg.groups, g)
     for m in st.get("memory", []):
-        msg.memory.add(**{k: v for k, v in m.items() if v is not None})
+        d = msg.memory.add(device=m["device"], live_bytes=m["live"], instance=m["instance"], budget=m["budget"] or 0,
+                           weights=m["weights"], embed=m["embed"], head=m["head"], kv=m["kv"], reserve=m["reserve"],
+                           other=m["other"], free=m["free"] if m["budget"] else 0)
+        if m.get("bytes_in_use") is not None:
+            d.bytes_in_use = m["bytes_in_use"]
+        for layer, n in m["layers"].items():
+            d.layers[int(layer)] = n
     return msg
 
 
@@ -235,7 +400,8 @@ class KunjaxServer:
         self.executor.start()
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.executor, self.model_name, self.options), self.server)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.executor, self.model_name, self.options, self.metrics),
+                                            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

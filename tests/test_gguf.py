@@ -101,6 +101,7 @@ def test_logits_and_greedy_through_engine(case):
         ref_ids, ref_logits = _hf_greedy(hf_q, prompt, NEW_TOKENS)
         assert out.token_ids == ref_ids, f"{family}: prompt of {len(prompt)} tokens"
     # last-position logits of one prompt, and they are not near-ties
+    eng.keep_logits = True
     eng.generate([prompts[1]], SamplingParams(max_tokens=1))
     ours = np.asarray(eng.last_logits[0])
     with torch.no_grad():

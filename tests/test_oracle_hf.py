@@ -58,6 +58,7 @@ def test_greedy_token_identical(family_model):
 def test_last_logits_match(family_model):
     family, hf, lm = family_model
     eng = LLMEngine(lm, EngineConfig(page_size=PAGE, num_pages=64, max_model_len=256))
+    eng.keep_logits = True
     for prompt in _prompts(lm.config.vocab_size)[2:]:
         eng.generate([prompt], SamplingParams(max_tokens=1))
         ours = np.asarray(eng.last_logits[0])

@@ -48,7 +48,6 @@ class PipelineGroup(UnitCore):
         self.members = list(members)
         self.buckets = self.members[0].buckets
         self.page_size = self.members[0].page_size
-        self.last_logits: Optional[jax.Array] = None
         self.state = "grouped"
 
     @property
@@ -94,7 +93,6 @@ class PipelineGroup(UnitCore):
             prefix = f"{j}/"
             batch = {k[len(prefix):]: v for k, v in op.arrays.items() if k.startswith(prefix)}
             out.append(self.run_micro_batch(batch, shape, n))
-        self.last_logits = out[-1].logits if out else None
         return out
 
     def run_micro_batch(self, batch: dict, shape: StepShape, num_rows: int) -> InFlight:

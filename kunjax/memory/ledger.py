@@ -22,7 +22,7 @@ from kunjax.memory import measure
 class DeviceLedger:
     device: str
     instance: int
-    budget: int
+    budget: Optional[int]  # None: the device reports no limit and none was given
     layers: dict[int, int]  # layer -> weight bytes held on this device
     embed: int
     head: int  # final norm + lm_head (+ the tied embedding when it is only here as the head)
@@ -37,8 +37,8 @@ class DeviceLedger:
         return sum(self.layers.values()) + self.embed + self.head
 
     @property
-    def free(self) -> int:
-        return self.budget - self.live - self.reserve
+    def free(self) -> Optional[int]:
+        return None if self.budget is None else self.budget - self.live - self.reserve
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -108,7 +108,13 @@ class DropPlan:
 
 
 class PlanError(ValueError):
-    """The plan asked for cannot be made (names the reason)."""
+    """The plan asked for cannot be made (names the reason). `code` is the gRPC status a front
+    answers with: INVALID_ARGUMENT for a request no state of the cluster can satisfy,
+    FAILED_PRECONDITION for one the present state refuses."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+        super().__init__(message)
+        self.code = code
 
 
 def split_layers(num_layers: int, g: int) -> list[tuple[int, int]]:
@@ -197,7 +203,7 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
 
     if not fits(need):
         raise PlanError(f"a group of instances {list(members)} cannot hold the {need - 1} pages its requests use "
-                        f"within the memory budget")
+                        f"within the memory budget", "FAILED_PRECONDITION")
     lo, hi = need, max(need, max_pages)
     while lo < hi:  # largest p with fits(p); fits is monotone in p
         mid = (lo + hi + 1) // 2

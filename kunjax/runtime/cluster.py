@@ -151,15 +151,19 @@ class ServingCluster(Cluster):
         predicted peak per device. Changes nothing."""
         from kunjax.memory.plan import PlanError, plan_drop
 
+        if not 2 <= group_size <= len(self.engines):
+            raise PlanError(f"group_size must be between 2 and the number of instances ({len(self.engines)}), "
+                            f"got {group_size}")
         alone = [i for i, e in enumerate(self.engines) if e in self.units]
-        if len(alone) < 2:
-            raise PlanError("group_size: fewer than 2 instances serve on their own; restore a group first")
+        if len(alone) < group_size:
+            raise PlanError(f"group_size {group_size}: only {len(alone)} instances serve on their own (the others are "
+                            f"in pipeline groups); restore first", "FAILED_PRECONDITION")
         e0 = self.engines[0]
         useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
         infos = self.member_infos()
         for i in alone:
             if any(b == 0 for b in infos[i].layer_bytes):
-                raise PlanError(f"instance {i} is missing layers; restore first")
+                raise PlanError(f"instance {i} is missing layers; restore first", "FAILED_PRECONDITION")
         return plan_drop([infos[i] for i in alone], group_size, e0.cfg.tie_word_embeddings, useful,
                          chunk_pages=self.chunk_pages)
 

@@ -40,7 +40,7 @@ from kunjax.control.unit import UnitCore
 from kunjax.io.loader import LoadedModel
 from kunjax.memory import measure as memory
 from kunjax.model.transformer import head_params
-from kunjax.runtime.executables import StepExecutables, keys_for
+from kunjax.runtime.executables import StepExecutables, executables_for, keys_for
 from kunjax.runtime.kv_pools import allocate_pools, page_bytes
 from kunjax.runtime.runner import InFlight, Stage, pick_shape
 from kunjax.text.tokenizer import IncrementalDetokenizer
@@ -126,7 +126,7 @@ class LLMEngine(UnitCore):
                                max_chunk=sc.max_num_batched_tokens,
                                max_pages_per_seq=pages_for(self.max_model_len, self.page_size),
                                page_size=self.page_size)
-        self.exes = executables or StepExecutables(self.cfg, mesh, self.dtype, self.page_size)
+        self.exes = executables or executables_for(self.cfg, mesh, self.dtype, self.page_size)
         params = place_params(model.params, mesh)
         self.memory_split: Optional[MemorySplit] = None
         self.reserve_bytes = reserve_bytes
@@ -141,19 +141,21 @@ class LLMEngine(UnitCore):
         super().__init__(Scheduler(sc, PageAllocator(num_pages), self.page_size, self.max_model_len, policy), eos)
         self._ids = itertools.count()
         self.last_logits: Optional[jax.Array] = None
+        self.keep_logits = False  # keep the last step's logits on device (tests compare them)
         t = time.perf_counter()
         n = self.compile(self.buckets.all_shapes() if config.warmup else self.buckets.covering_shapes())
         if n:
             log.info("compiled %d executables in %.1fs on %s", n, time.perf_counter() - t, self.device)
 
     # ---- sizing ----------------------------------------------------------------------------
-    def measure_reserve(self) -> int:
+    def measure_reserve(self, pool_pages: int) -> int:
         """The activation reserve: the largest transient need of the executables that cover every
-        step, from XLA's memory analysis (compiled for a 2-page pool: the transient need does not
-        depend on the pool size, and the pool size is what this sizes)."""
+        step, from XLA's memory analysis. The transient need does not depend on the pool size, so
+        sizing the pools measures executables compiled for a 2-page pool; afterwards the instance's
+        own (already compiled) executables are measured."""
         need = 0
         for shape in self.buckets.covering_shapes():
-            keys = keys_for(shape, 2)
+            keys = keys_for(shape, pool_pages)
             self.exes.compile(keys)
             need = max(need, max(self.exes.transient_bytes(k) for k in keys))
         return need
@@ -161,7 +163,7 @@ class LLMEngine(UnitCore):
     def reserve(self) -> int:
         """The activation reserve (measured on first use when the pool size was given)."""
         if self.reserve_bytes is None:
-            self.reserve_bytes = self.measure_reserve()
+            self.reserve_bytes = self.measure_reserve(self.stage.num_pages)
         return self.reserve_bytes
 
     def _pages_from_memory(self, params) -> int:
@@ -171,7 +173,9 @@ class LLMEngine(UnitCore):
                              "pass num_pages or hbm_bytes (--hbm_bytes on the command line)")
         weights = shard_bytes(params, self.device)
         live = memory.device_live_bytes(self.device)
-        reserve = self.reserve()
+        if self.reserve_bytes is None:
+            self.reserve_bytes = self.measure_reserve(2)
+        reserve = self.reserve_bytes
         per_page = page_bytes(self.cfg, self.page_size, self.dtype) // self.tp  # kv heads split over tp
         pages = (budget - live - reserve) // per_page
         # More pages than max_num_seqs full-length sequences can never be used at once.
@@ -275,7 +279,8 @@ class LLMEngine(UnitCore):
         if not self.stage.ready(shape):  # a follower process that has not compiled it yet
             self.exes.compile(self.stage.keys(shape))
         fl = self.stage.run(op.arrays, shape, op.args["num_rows"])
-        self.last_logits = fl.logits
+        if self.keep_logits:
+            self.last_logits = fl.logits
         return fl
 
     def finish(self, step: ScheduledStep, handle: InFlight) -> list[RequestOutput]:

@@ -95,6 +95,20 @@ class NotCompiled(KeyError):
     pass
 
 
+_SHARED: dict = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def executables_for(cfg: ModelConfig, mesh: Mesh, dtype, page_size: int) -> "StepExecutables":
+    """The process-wide StepExecutables of (model config, mesh, dtype, page size): an instance rebuilt
+    on the same devices (a restarted cluster, a test suite) reuses every executable compiled there."""
+    key = (cfg, mesh, jnp.dtype(dtype), page_size)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = StepExecutables(cfg, mesh, dtype, page_size)
+        return _SHARED[key]
+
+
 class StepExecutables:
     """The compiled pieces of one placement; shared by everything that runs on that mesh (the
     instance, and the pipeline stage it becomes after a drop)."""

@@ -34,7 +34,9 @@ class InFlight:
 
     def result(self) -> np.ndarray:
         """Blocks until the step's tokens are on the host."""
-        return np.asarray(self.tokens)[:self.num_rows]
+        out = np.asarray(self.tokens)[:self.num_rows]
+        self.logits = None  # nobody reads a finished step's logits on device (the engine keeps its own)
+        return out
 
 
 class Stage:

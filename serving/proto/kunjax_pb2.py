@@ -24,17 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aserving/proto/kunjax.proto\x12\tkunjax.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf1\x02\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.kunjax.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\r\n\x0b_request_idB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"l\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x04 \x01(\x01\x12\x10\n\x08instance\x18\x05 \x01(\x05\"\x98\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kunjax.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kunjax.v1.Usage\"\x98\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kunjax.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kunjax.v1.Usage\"$\n\rStatusRequest\x12\x13\n\x0bskip_memory\x18\x01 \x01(\x08\"\xcf\x01\n\x0eInstanceStatus\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65vices\x18\x02 \x03(\t\x12\n\n\x02tp\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x13\n\x0bpages_total\x18\x06 \x01(\x03\x12\x12\n\npages_free\x18\x07 \x01(\x03\x12\x12\n\npages_used\x18\x08 \x01(\x03\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\r\n\x05steps\x18\n \x01(\x03\x12\x13\n\x0bpreemptions\x18\x0b \x01(\x03\",\n\x0bGroupStatus\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x11\n\tinstances\x18\x02 \x03(\x05\"\xbe\x01\n\x0c\x44\x65viceMemory\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x12\n\nlive_bytes\x18\x02 \x01(\x03\x12\x19\n\x0c\x62ytes_in_use\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0b\x62ytes_limit\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x1e\n\x11peak_bytes_in_use\x18\x05 \x01(\x03H\x02\x88\x01\x01\x42\x0f\n\r_bytes_in_useB\x0e\n\x0c_bytes_limitB\x14\n\x12_peak_bytes_in_use\"\xa1\x03\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\tinstances\x18\x02 \x03(\x0b\x32\x19.kunjax.v1.InstanceStatus\x12&\n\x06groups\x18\x03 \x03(\x0b\x32\x16.kunjax.v1.GroupStatus\x12\'\n\x06memory\x18\x04 \x03(\x0b\x32\x17.kunjax.v1.DeviceMemory\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x0e\n\x06queued\x18\x07 \x01(\x05\x12\x13\n\x0bpages_total\x18\x08 \x01(\x03\x12\x12\n\npages_free\x18\t \x01(\x03\x12\x10\n\x08\x63ompiles\x18\n \x01(\x03\x12\x17\n\x0foverload_policy\x18\x0b \x01(\t\x12\x15\n\rmax_model_len\x18\x0c \x01(\x05\x12\x35\n\x06timing\x18\r \x03(\x0b\x32%.kunjax.v1.StatusResponse.TimingEntry\x1a-\n\x0bTimingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x98\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.kunjax.v1.GenerateRequest\x1a\x1b.kunjax.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.kunjax.v1.GenerateRequest\x1a\x1b.kunjax.v1.CompleteResponse2F\n\x05\x41\x64min\x12=\n\x06Status\x12\x18.kunjax.v1.StatusRequest\x1a\x19.kunjax.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aserving/proto/kunjax.proto\x12\tkunjax.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf1\x02\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12(\n\x08messages\x18\x04 \x03(\x0b\x32\x16.kunjax.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\r\n\x0b_request_idB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"l\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x04 \x01(\x01\x12\x10\n\x08instance\x18\x05 \x01(\x05\"\x98\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kunjax.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kunjax.v1.Usage\"\x98\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kunjax.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kunjax.v1.Usage\"$\n\rStatusRequest\x12\x13\n\x0bskip_memory\x18\x01 \x01(\x08\"\x87\x02\n\x0eInstanceStatus\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65vices\x18\x02 \x03(\t\x12\n\n\x02tp\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x13\n\x0bpages_total\x18\x06 \x01(\x03\x12\x12\n\npages_free\x18\x07 \x01(\x03\x12\x12\n\npages_used\x18\x08 \x01(\x03\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\r\n\x05steps\x18\n \x01(\x03\x12\x13\n\x0bpreemptions\x18\x0b \x01(\x03\x12\r\n\x05group\x18\x0c \x01(\x05\x12\x13\n\x0blayer_start\x18\r \x01(\x05\x12\x12\n\nlayer_stop\x18\x0e \x01(\x05\"c\n\tStagePlan\x12\x10\n\x08instance\x18\x01 \x01(\x05\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x12\n\nlayer_stop\x18\x03 \x01(\x05\x12\r\n\x05\x65mbed\x18\x04 \x01(\x08\x12\x0c\n\x04head\x18\x05 \x01(\x08\"\xbf\x01\n\x0bGroupStatus\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x11\n\tinstances\x18\x02 \x03(\x05\x12$\n\x06stages\x18\x03 \x03(\x0b\x32\x14.kunjax.v1.StagePlan\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\tnum_pages\x18\x05 \x01(\x03\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x13\n\x0bpages_total\x18\x08 \x01(\x03\x12\x12\n\npages_free\x18\t \x01(\x03\"\xcc\x02\n\x0c\x44\x65viceMemory\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x12\n\nlive_bytes\x18\x02 \x01(\x03\x12\x19\n\x0c\x62ytes_in_use\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08instance\x18\x04 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x05 \x01(\x03\x12\x0f\n\x07weights\x18\x06 \x01(\x03\x12\x33\n\x06layers\x18\x07 \x03(\x0b\x32#.kunjax.v1.DeviceMemory.LayersEntry\x12\r\n\x05\x65mbed\x18\x08 \x01(\x03\x12\x0c\n\x04head\x18\t \x01(\x03\x12\n\n\x02kv\x18\n \x01(\x03\x12\x0f\n\x07reserve\x18\x0b \x01(\x03\x12\r\n\x05other\x18\x0c \x01(\x03\x12\x0c\n\x04\x66ree\x18\r \x01(\x03\x1a-\n\x0bLayersEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x42\x0f\n\r_bytes_in_use\"\xb4\x03\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\tinstances\x18\x02 \x03(\x0b\x32\x19.kunjax.v1.InstanceStatus\x12&\n\x06groups\x18\x03 \x03(\x0b\x32\x16.kunjax.v1.GroupStatus\x12\'\n\x06memory\x18\x04 \x03(\x0b\x32\x17.kunjax.v1.DeviceMemory\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x0e\n\x06queued\x18\x07 \x01(\x05\x12\x13\n\x0bpages_total\x18\x08 \x01(\x03\x12\x12\n\npages_free\x18\t \x01(\x03\x12\x10\n\x08\x63ompiles\x18\n \x01(\x03\x12\x17\n\x0foverload_policy\x18\x0b \x01(\t\x12\x15\n\rmax_model_len\x18\x0c \x01(\x05\x12\x35\n\x06timing\x18\r \x03(\x0b\x32%.kunjax.v1.StatusResponse.TimingEntry\x12\x11\n\tcompiling\x18\x0e \x01(\x08\x1a-\n\x0bTimingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x0fPlanDropRequest\x12\x17\n\ngroup_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_group_size\"\x86\x05\n\tGroupPlan\x12\x11\n\tinstances\x18\x01 \x03(\x05\x12$\n\x06stages\x18\x02 \x03(\x0b\x32\x14.kunjax.v1.StagePlan\x12\x11\n\tnum_pages\x18\x03 \x01(\x03\x12;\n\x0cpages_before\x18\x04 \x03(\x0b\x32%.kunjax.v1.GroupPlan.PagesBeforeEntry\x12;\n\x0cpages_gained\x18\x05 \x03(\x0b\x32%.kunjax.v1.GroupPlan.PagesGainedEntry\x12\x37\n\npeak_bytes\x18\x06 \x03(\x0b\x32#.kunjax.v1.GroupPlan.PeakBytesEntry\x12;\n\x0csteady_bytes\x18\x07 \x03(\x0b\x32%.kunjax.v1.GroupPlan.SteadyBytesEntry\x12;\n\x0c\x62udget_bytes\x18\x08 \x03(\x0b\x32%.kunjax.v1.GroupPlan.BudgetBytesEntry\x1a\x32\n\x10PagesBeforeEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x32\n\x10PagesGainedEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x30\n\x0ePeakBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x32\n\x10SteadyBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x32\n\x10\x42udgetBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"}\n\x10PlanDropResponse\x12$\n\x06groups\x18\x01 \x03(\x0b\x32\x14.kunjax.v1.GroupPlan\x12\r\n\x05\x61lone\x18\x02 \x03(\x05\x12\x19\n\x11\x65xecutables_ready\x18\x03 \x01(\x05\x12\x19\n\x11\x65xecutables_total\x18\x04 \x01(\x05\"5\n\x0b\x44ropRequest\x12\x17\n\ngroup_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_group_size\"\xaa\x05\n\x10TransitionReport\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\x05\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12M\n\x12\x66reed_weight_bytes\x18\x04 \x03(\x0b\x32\x31.kunjax.v1.TransitionReport.FreedWeightBytesEntry\x12&\n\x1e\x65xchange_bytes_between_devices\x18\x05 \x01(\x03\x12\x1c\n\x14\x65xchange_bytes_local\x18\x06 \x01(\x03\x12\x18\n\x10\x65xchange_seconds\x18\x07 \x01(\x01\x12@\n\x0blive_before\x18\x08 \x03(\x0b\x32+.kunjax.v1.TransitionReport.LiveBeforeEntry\x12<\n\tpeak_live\x18\t \x03(\x0b\x32).kunjax.v1.TransitionReport.PeakLiveEntry\x12>\n\nlive_after\x18\n \x03(\x0b\x32*.kunjax.v1.TransitionReport.LiveAfterEntry\x12\x10\n\x08\x63ompiles\x18\x0b \x01(\x03\x12\x17\n\x0f\x66\x61iled_requests\x18\x0c \x01(\x05\x1a\x37\n\x15\x46reedWeightBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x31\n\x0fLiveBeforeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a/\n\rPeakLiveEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x30\n\x0eLiveAfterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x8e\x01\n\x0c\x44ropResponse\x12)\n\x04plan\x18\x01 \x01(\x0b\x32\x1b.kunjax.v1.PlanDropResponse\x12+\n\x06report\x18\x02 \x01(\x0b\x32\x1b.kunjax.v1.TransitionReport\x12&\n\x06groups\x18\x03 \x03(\x0b\x32\x16.kunjax.v1.GroupStatus\"#\n\x0eRestoreRequest\x12\x11\n\tgroup_ids\x18\x01 \x03(\x05\"?\n\x0fRestoreResponse\x12,\n\x07reports\x18\x01 \x03(\x0b\x32\x1b.kunjax.v1.TransitionReport*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x98\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.kunjax.v1.GenerateRequest\x1a\x1b.kunjax.v1.GenerateResponse0\x01\x12\x43\n\x08\x43omplete\x12\x1a.kunjax.v1.GenerateRequest\x1a\x1b.kunjax.v1.CompleteResponse2\x86\x02\n\x05\x41\x64min\x12=\n\x06Status\x12\x18.kunjax.v1.StatusRequest\x1a\x19.kunjax.v1.StatusResponse\x12\x43\n\x08PlanDrop\x12\x1a.kunjax.v1.PlanDropRequest\x1a\x1b.kunjax.v1.PlanDropResponse\x12\x37\n\x04\x44rop\x12\x16.kunjax.v1.DropRequest\x1a\x17.kunjax.v1.DropResponse\x12@\n\x07Restore\x12\x19.kunjax.v1.RestoreRequest\x1a\x1a.kunjax.v1.RestoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serving.proto.kunjax_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DEVICEMEMORY_LAYERSENTRY']._loaded_options = None
+  _globals['_DEVICEMEMORY_LAYERSENTRY']._serialized_options = b'8\001'
   _globals['_STATUSRESPONSE_TIMINGENTRY']._loaded_options = None
   _globals['_STATUSRESPONSE_TIMINGENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1787
-  _globals['_FINISHREASON']._serialized_end=1932
+  _globals['_GROUPPLAN_PAGESBEFOREENTRY']._loaded_options = None
+  _globals['_GROUPPLAN_PAGESBEFOREENTRY']._serialized_options = b'8\001'
+  _globals['_GROUPPLAN_PAGESGAINEDENTRY']._loaded_options = None
+  _globals['_GROUPPLAN_PAGESGAINEDENTRY']._serialized_options = b'8\001'
+  _globals['_GROUPPLAN_PEAKBYTESENTRY']._loaded_options = None
+  _globals['_GROUPPLAN_PEAKBYTESENTRY']._serialized_options = b'8\001'
+  _globals['_GROUPPLAN_STEADYBYTESENTRY']._loaded_options = None
+  _globals['_GROUPPLAN_STEADYBYTESENTRY']._serialized_options = b'8\001'
+  _globals['_GROUPPLAN_BUDGETBYTESENTRY']._loaded_options = None
+  _globals['_GROUPPLAN_BUDGETBYTESENTRY']._serialized_options = b'8\001'
+  _globals['_TRANSITIONREPORT_FREEDWEIGHTBYTESENTRY']._loaded_options = None
+  _globals['_TRANSITIONREPORT_FREEDWEIGHTBYTESENTRY']._serialized_options = b'8\001'
+  _globals['_TRANSITIONREPORT_LIVEBEFOREENTRY']._loaded_options = None
+  _globals['_TRANSITIONREPORT_LIVEBEFOREENTRY']._serialized_options = b'8\001'
+  _globals['_TRANSITIONREPORT_PEAKLIVEENTRY']._loaded_options = None
+  _globals['_TRANSITIONREPORT_PEAKLIVEENTRY']._serialized_options = b'8\001'
+  _globals['_TRANSITIONREPORT_LIVEAFTERENTRY']._loaded_options = None
+  _globals['_TRANSITIONREPORT_LIVEAFTERENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=4075
+  _globals['_FINISHREASON']._serialized_end=4220
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_GENERATEREQUEST']._serialized_start=88
@@ -48,17 +68,55 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=879
   _globals['_STATUSREQUEST']._serialized_end=915
   _globals['_INSTANCESTATUS']._serialized_start=918
-  _globals['_INSTANCESTATUS']._serialized_end=1125
-  _globals['_GROUPSTATUS']._serialized_start=1127
-  _globals['_GROUPSTATUS']._serialized_end=1171
-  _globals['_DEVICEMEMORY']._serialized_start=1174
-  _globals['_DEVICEMEMORY']._serialized_end=1364
-  _globals['_STATUSRESPONSE']._serialized_start=1367
-  _globals['_STATUSRESPONSE']._serialized_end=1784
-  _globals['_STATUSRESPONSE_TIMINGENTRY']._serialized_start=1739
-  _globals['_STATUSRESPONSE_TIMINGENTRY']._serialized_end=1784
-  _globals['_GENERATION']._serialized_start=1935
-  _globals['_GENERATION']._serialized_end=2087
-  _globals['_ADMIN']._serialized_start=2089
-  _globals['_ADMIN']._serialized_end=2159
+  _globals['_INSTANCESTATUS']._serialized_end=1181
+  _globals['_STAGEPLAN']._serialized_start=1183
+  _globals['_STAGEPLAN']._serialized_end=1282
+  _globals['_GROUPSTATUS']._serialized_start=1285
+  _globals['_GROUPSTATUS']._serialized_end=1476
+  _globals['_DEVICEMEMORY']._serialized_start=1479
+  _globals['_DEVICEMEMORY']._serialized_end=1811
+  _globals['_DEVICEMEMORY_LAYERSENTRY']._serialized_start=1749
+  _globals['_DEVICEMEMORY_LAYERSENTRY']._serialized_end=1794
+  _globals['_STATUSRESPONSE']._serialized_start=1814
+  _globals['_STATUSRESPONSE']._serialized_end=2250
+  _globals['_STATUSRESPONSE_TIMINGENTRY']._serialized_start=2205
+  _globals['_STATUSRESPONSE_TIMINGENTRY']._serialized_end=2250
+  _globals['_PLANDROPREQUEST']._serialized_start=2252
+  _globals['_PLANDROPREQUEST']._serialized_end=2309
+  _globals['_GROUPPLAN']._serialized_start=2312
+  _globals['_GROUPPLAN']._serialized_end=2958
+  _globals['_GROUPPLAN_PAGESBEFOREENTRY']._serialized_start=2702
+  _globals['_GROUPPLAN_PAGESBEFOREENTRY']._serialized_end=2752
+  _globals['_GROUPPLAN_PAGESGAINEDENTRY']._serialized_start=2754
+  _globals['_GROUPPLAN_PAGESGAINEDENTRY']._serialized_end=2804
+  _globals['_GROUPPLAN_PEAKBYTESENTRY']._serialized_start=2806
+  _globals['_GROUPPLAN_PEAKBYTESENTRY']._serialized_end=2854
+  _globals['_GROUPPLAN_STEADYBYTESENTRY']._serialized_start=2856
+  _globals['_GROUPPLAN_STEADYBYTESENTRY']._serialized_end=2906
+  _globals['_GROUPPLAN_BUDGETBYTESENTRY']._serialized_start=2908
+  _globals['_GROUPPLAN_BUDGETBYTESENTRY']._serialized_end=2958
+  _globals['_PLANDROPRESPONSE']._serialized_start=2960
+  _globals['_PLANDROPRESPONSE']._serialized_end=3085
+  _globals['_DROPREQUEST']._serialized_start=3087
+  _globals['_DROPREQUEST']._serialized_end=3140
+  _globals['_TRANSITIONREPORT']._serialized_start=3143
+  _globals['_TRANSITIONREPORT']._serialized_end=3825
+  _globals['_TRANSITIONREPORT_FREEDWEIGHTBYTESENTRY']._serialized_start=3620
+  _globals['_TRANSITIONREPORT_FREEDWEIGHTBYTESENTRY']._serialized_end=3675
+  _globals['_TRANSITIONREPORT_LIVEBEFOREENTRY']._serialized_start=3677
+  _globals['_TRANSITIONREPORT_LIVEBEFOREENTRY']._serialized_end=3726
+  _globals['_TRANSITIONREPORT_PEAKLIVEENTRY']._serialized_start=3728
+  _globals['_TRANSITIONREPORT_PEAKLIVEENTRY']._serialized_end=3775
+  _globals['_TRANSITIONREPORT_LIVEAFTERENTRY']._serialized_start=3777
+  _globals['_TRANSITIONREPORT_LIVEAFTERENTRY']._serialized_end=3825
+  _globals['_DROPRESPONSE']._serialized_start=3828
+  _globals['_DROPRESPONSE']._serialized_end=3970
+  _globals['_RESTOREREQUEST']._serialized_start=3972
+  _globals['_RESTOREREQUEST']._serialized_end=4007
+  _globals['_RESTORERESPONSE']._serialized_start=4009
+  _globals['_RESTORERESPONSE']._serialized_end=4072
+  _globals['_GENERATION']._serialized_start=4223
+  _globals['_GENERATION']._serialized_end=4375
+  _globals['_ADMIN']._serialized_start=4378
+  _globals['_ADMIN']._serialized_end=4640
 # @@protoc_insertion_point(module_scope)

@@ -105,7 +105,7 @@ class StatusRequest(_message.Message):
     def __init__(self, skip_memory: _Optional[bool] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("id", "devices", "tp", "running", "waiting", "pages_total", "pages_free", "pages_used", "page_size", "steps", "preemptions")
+    __slots__ = ("id", "devices", "tp", "running", "waiting", "pages_total", "pages_free", "pages_used", "page_size", "steps", "preemptions", "group", "layer_start", "layer_stop")
     ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,9 @@ class InstanceStatus(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STOP_FIELD_NUMBER: _ClassVar[int]
     id: int
     devices: _containers.RepeatedScalarFieldContainer[str]
     tp: int
@@ -128,32 +131,86 @@ class InstanceStatus(_message.Message):
     page_size: int
     steps: int
     preemptions: int
-    def __init__(self, id: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    group: int
+    layer_start: int
+    layer_stop: int
+    def __init__(self, id: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., group: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ...) -> None: ...
+
+class StagePlan(_message.Message):
+    __slots__ = ("instance", "layer_start", "layer_stop", "embed", "head")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STOP_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    instance: int
+    layer_start: int
+    layer_stop: int
+    embed: bool
+    head: bool
+    def __init__(self, instance: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("id", "instances")
+    __slots__ = ("id", "instances", "stages", "state", "num_pages", "running", "waiting", "pages_total", "pages_free")
     ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
     id: int
     instances: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[int] = ..., instances: _Optional[_Iterable[int]] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[StagePlan]
+    state: str
+    num_pages: int
+    running: int
+    waiting: int
+    pages_total: int
+    pages_free: int
+    def __init__(self, id: _Optional[int] = ..., instances: _Optional[_Iterable[int]] = ..., stages: _Optional[_Iterable[_Union[StagePlan, _Mapping]]] = ..., state: _Optional[str] = ..., num_pages: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ...) -> None: ...
 
 class DeviceMemory(_message.Message):
-    __slots__ = ("device", "live_bytes", "bytes_in_use", "bytes_limit", "peak_bytes_in_use")
+    __slots__ = ("device", "live_bytes", "bytes_in_use", "instance", "budget", "weights", "layers", "embed", "head", "kv", "reserve", "other", "free")
+    class LayersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_USE_FIELD_NUMBER: _ClassVar[int]
-    BYTES_LIMIT_FIELD_NUMBER: _ClassVar[int]
-    PEAK_BYTES_IN_USE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_FIELD_NUMBER: _ClassVar[int]
+    OTHER_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
     device: str
     live_bytes: int
     bytes_in_use: int
-    bytes_limit: int
-    peak_bytes_in_use: int
-    def __init__(self, device: _Optional[str] = ..., live_bytes: _Optional[int] = ..., bytes_in_use: _Optional[int] = ..., bytes_limit: _Optional[int] = ..., peak_bytes_in_use: _Optional[int] = ...) -> None: ...
+    instance: int
+    budget: int
+    weights: int
+    layers: _containers.ScalarMap[int, int]
+    embed: int
+    head: int
+    kv: int
+    reserve: int
+    other: int
+    free: int
+    def __init__(self, device: _Optional[str] = ..., live_bytes: _Optional[int] = ..., bytes_in_use: _Optional[int] = ..., instance: _Optional[int] = ..., budget: _Optional[int] = ..., weights: _Optional[int] = ..., layers: _Optional[_Mapping[int, int]] = ..., embed: _Optional[int] = ..., head: _Optional[int] = ..., kv: _Optional[int] = ..., reserve: _Optional[int] = ..., other: _Optional[int] = ..., free: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "instances", "groups", "memory", "running", "waiting", "queued", "pages_total", "pages_free", "compiles", "overload_policy", "max_model_len", "timing")
+    __slots__ = ("model", "instances", "groups", "memory", "running", "waiting", "queued", "pages_total", "pages_free", "compiles", "overload_policy", "max_model_len", "timing", "compiling")
     class TimingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +231,7 @@ class StatusResponse(_message.Message):
     OVERLOAD_POLICY_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    COMPILING_FIELD_NUMBER: _ClassVar[int]
     model: str
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
@@ -187,4 +245,162 @@ class StatusResponse(_message.Message):
     overload_policy: str
     max_model_len: int
     timing: _containers.ScalarMap[str, float]
-    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[DeviceMemory, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., compiles: _Optional[int] = ..., overload_policy: _Optional[str] = ..., max_model_len: _Optional[int] = ..., timing: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    compiling: bool
+    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[DeviceMemory, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., compiles: _Optional[int] = ..., overload_policy: _Optional[str] = ..., max_model_len: _Optional[int] = ..., timing: _Optional[_Mapping[str, float]] = ..., compiling: _Optional[bool] = ...) -> None: ...
+
+class PlanDropRequest(_message.Message):
+    __slots__ = ("group_size",)
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    group_size: int
+    def __init__(self, group_size: _Optional[int] = ...) -> None: ...
+
+class GroupPlan(_message.Message):
+    __slots__ = ("instances", "stages", "num_pages", "pages_before", "pages_gained", "peak_bytes", "steady_bytes", "budget_bytes")
+    class PagesBeforeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class PagesGainedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class PeakBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class SteadyBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class BudgetBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_GAINED_FIELD_NUMBER: _ClassVar[int]
+    PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEADY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedScalarFieldContainer[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StagePlan]
+    num_pages: int
+    pages_before: _containers.ScalarMap[int, int]
+    pages_gained: _containers.ScalarMap[int, int]
+    peak_bytes: _containers.ScalarMap[int, int]
+    steady_bytes: _containers.ScalarMap[int, int]
+    budget_bytes: _containers.ScalarMap[int, int]
+    def __init__(self, instances: _Optional[_Iterable[int]] = ..., stages: _Optional[_Iterable[_Union[StagePlan, _Mapping]]] = ..., num_pages: _Optional[int] = ..., pages_before: _Optional[_Mapping[int, int]] = ..., pages_gained: _Optional[_Mapping[int, int]] = ..., peak_bytes: _Optional[_Mapping[int, int]] = ..., steady_bytes: _Optional[_Mapping[int, int]] = ..., budget_bytes: _Optional[_Mapping[int, int]] = ...) -> None: ...
+
+class PlanDropResponse(_message.Message):
+    __slots__ = ("groups", "alone", "executables_ready", "executables_total")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    ALONE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTABLES_READY_FIELD_NUMBER: _ClassVar[int]
+    EXECUTABLES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[GroupPlan]
+    alone: _containers.RepeatedScalarFieldContainer[int]
+    executables_ready: int
+    executables_total: int
+    def __init__(self, groups: _Optional[_Iterable[_Union[GroupPlan, _Mapping]]] = ..., alone: _Optional[_Iterable[int]] = ..., executables_ready: _Optional[int] = ..., executables_total: _Optional[int] = ...) -> None: ...
+
+class DropRequest(_message.Message):
+    __slots__ = ("group_size",)
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    group_size: int
+    def __init__(self, group_size: _Optional[int] = ...) -> None: ...
+
+class TransitionReport(_message.Message):
+    __slots__ = ("kind", "groups", "seconds", "freed_weight_bytes", "exchange_bytes_between_devices", "exchange_bytes_local", "exchange_seconds", "live_before", "peak_live", "live_after", "compiles", "failed_requests")
+    class FreedWeightBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LiveBeforeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class PeakLiveEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LiveAfterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FREED_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_BYTES_BETWEEN_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_BYTES_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    PEAK_LIVE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    COMPILES_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    groups: _containers.RepeatedScalarFieldContainer[int]
+    seconds: float
+    freed_weight_bytes: _containers.ScalarMap[str, int]
+    exchange_bytes_between_devices: int
+    exchange_bytes_local: int
+    exchange_seconds: float
+    live_before: _containers.ScalarMap[str, int]
+    peak_live: _containers.ScalarMap[str, int]
+    live_after: _containers.ScalarMap[str, int]
+    compiles: int
+    failed_requests: int
+    def __init__(self, kind: _Optional[str] = ..., groups: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., freed_weight_bytes: _Optional[_Mapping[str, int]] = ..., exchange_bytes_between_devices: _Optional[int] = ..., exchange_bytes_local: _Optional[int] = ..., exchange_seconds: _Optional[float] = ..., live_before: _Optional[_Mapping[str, int]] = ..., peak_live: _Optional[_Mapping[str, int]] = ..., live_after: _Optional[_Mapping[str, int]] = ..., compiles: _Optional[int] = ..., failed_requests: _Optional[int] = ...) -> None: ...
+
+class DropResponse(_message.Message):
+    __slots__ = ("plan", "report", "groups")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    plan: PlanDropResponse
+    report: TransitionReport
+    groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
+    def __init__(self, plan: _Optional[_Union[PlanDropResponse, _Mapping]] = ..., report: _Optional[_Union[TransitionReport, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ...) -> None: ...
+
+class RestoreRequest(_message.Message):
+    __slots__ = ("group_ids",)
+    GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
+    group_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, group_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RestoreResponse(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[TransitionReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[TransitionReport, _Mapping]]] = ...) -> None: ...

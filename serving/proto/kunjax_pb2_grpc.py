@@ -157,8 +157,8 @@ class Generation:
 
 class AdminStub:
     """---------------------------------------------------------------------------------------------
-    Admin. Memory controls (drop / restore layers, grow KV, pick the overload policy) will be added
-    here as new rpcs and new fields; field numbers below 100 of each message are kept for status.
+    Admin: status, and the parameter-centric memory mechanism driven by hand. Field numbers below 100
+    of each message are kept for status.
     ---------------------------------------------------------------------------------------------
 
     """
@@ -174,18 +174,57 @@ class AdminStub:
                 request_serializer=serving_dot_proto_dot_kunjax__pb2.StatusRequest.SerializeToString,
                 response_deserializer=serving_dot_proto_dot_kunjax__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.PlanDrop = channel.unary_unary(
+                '/kunjax.v1.Admin/PlanDrop',
+                request_serializer=serving_dot_proto_dot_kunjax__pb2.PlanDropRequest.SerializeToString,
+                response_deserializer=serving_dot_proto_dot_kunjax__pb2.PlanDropResponse.FromString,
+                _registered_method=True)
+        self.Drop = channel.unary_unary(
+                '/kunjax.v1.Admin/Drop',
+                request_serializer=serving_dot_proto_dot_kunjax__pb2.DropRequest.SerializeToString,
+                response_deserializer=serving_dot_proto_dot_kunjax__pb2.DropResponse.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/kunjax.v1.Admin/Restore',
+                request_serializer=serving_dot_proto_dot_kunjax__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=serving_dot_proto_dot_kunjax__pb2.RestoreResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
     """---------------------------------------------------------------------------------------------
-    Admin. Memory controls (drop / restore layers, grow KV, pick the overload policy) will be added
-    here as new rpcs and new fields; field numbers below 100 of each message are kept for status.
+    Admin: status, and the parameter-centric memory mechanism driven by hand. Field numbers below 100
+    of each message are kept for status.
     ---------------------------------------------------------------------------------------------
 
     """
 
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanDrop(self, request, context):
+        """A dry run of a parameter drop: which instances merge into pipeline groups, each stage's layer
+        range, the group's KV pages, the predicted peak bytes per device. Nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drop(self, request, context):
+        """Applies a drop now: groups of instances drop the layers a peer keeps and serve as pipelines;
+        running requests keep going (their KV moves to the stage that owns each layer). Waits (within
+        the call's deadline) for the plan's executables when they are still compiling.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Restores groups: missing layers come back device to device, groups split into instances.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -198,6 +237,21 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=serving_dot_proto_dot_kunjax__pb2.StatusRequest.FromString,
                     response_serializer=serving_dot_proto_dot_kunjax__pb2.StatusResponse.SerializeToString,
             ),
+            'PlanDrop': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanDrop,
+                    request_deserializer=serving_dot_proto_dot_kunjax__pb2.PlanDropRequest.FromString,
+                    response_serializer=serving_dot_proto_dot_kunjax__pb2.PlanDropResponse.SerializeToString,
+            ),
+            'Drop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drop,
+                    request_deserializer=serving_dot_proto_dot_kunjax__pb2.DropRequest.FromString,
+                    response_serializer=serving_dot_proto_dot_kunjax__pb2.DropResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=serving_dot_proto_dot_kunjax__pb2.RestoreRequest.FromString,
+                    response_serializer=serving_dot_proto_dot_kunjax__pb2.RestoreResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'kunjax.v1.Admin', rpc_method_handlers)
@@ -208,8 +262,8 @@ def add_AdminServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Admin:
     """---------------------------------------------------------------------------------------------
-    Admin. Memory controls (drop / restore layers, grow KV, pick the overload policy) will be added
-    here as new rpcs and new fields; field numbers below 100 of each message are kept for status.
+    Admin: status, and the parameter-centric memory mechanism driven by hand. Field numbers below 100
+    of each message are kept for status.
     ---------------------------------------------------------------------------------------------
 
     """
@@ -231,6 +285,87 @@ class Admin:
             '/kunjax.v1.Admin/Status',
             serving_dot_proto_dot_kunjax__pb2.StatusRequest.SerializeToString,
             serving_dot_proto_dot_kunjax__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanDrop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunjax.v1.Admin/PlanDrop',
+            serving_dot_proto_dot_kunjax__pb2.PlanDropRequest.SerializeToString,
+            serving_dot_proto_dot_kunjax__pb2.PlanDropResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunjax.v1.Admin/Drop',
+            serving_dot_proto_dot_kunjax__pb2.DropRequest.SerializeToString,
+            serving_dot_proto_dot_kunjax__pb2.DropResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kunjax.v1.Admin/Restore',
+            serving_dot_proto_dot_kunjax__pb2.RestoreRequest.SerializeToString,
+            serving_dot_proto_dot_kunjax__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
