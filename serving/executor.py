@@ -2,10 +2,11 @@
 
 The gRPC front validates a request, then hands it over through a bounded inbox (full -> the caller
 answers RESOURCE_EXHAUSTED); cancellations go through an unbounded side queue so they are never
-refused. Each iteration the executor (1) admits everything in the inbox, (2) applies cancellations,
-so a cancelled request's pages are free before the next step is scheduled, (3) runs one cluster
-step (every instance dispatched before any is awaited), (4) hands the outputs back to the
-requests' asyncio queues with one `call_soon_threadsafe` per event loop. Nothing that goes wrong
+refused. Each iteration the executor (1) admits everything in the inbox, (2) runs the calls queued
+for it (status, a drop, a restore), (3) applies cancellations, so a cancelled request's pages are
+free before the next step is scheduled, (4) runs one cluster step (every unit dispatched before any
+is awaited), (5) hands the outputs back to the requests' asyncio queues with one
+`call_soon_threadsafe` per event loop. Nothing that goes wrong
 in a step brings the thread down: the affected requests fail with an error and serving goes on.
 """
 
@@ -164,11 +165,13 @@ class Executor:
             while True:
                 t0 = time.perf_counter()
                 self._admit()
+                # Calls (status, a drop, a restore) run before the cancellations are applied, so a
+                # request cancelled while a transition runs is freed before the next step.
+                self._run_calls()
                 self._apply_cancels()
                 if self._abort_requested or (self._stop and self._abort_all):
                     self._abort_requested = False
                     self._abort_inflight()
-                self._run_calls()
                 if self._stop and (self._abort_all or not self.cluster.has_unfinished()):
                     break
                 t1 = time.perf_counter()
