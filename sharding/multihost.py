@@ -121,7 +121,12 @@ class FollowerChannel:
 
 
 def follow(cluster, channel: FollowerChannel) -> int:
-    """Replays the controller's operations on this process until it stops; returns the ops run."""
+    """Replays the controller's operations on this process until it stops; returns the ops run.
+    What the controller had compiled and this process has not yet (its background compiler may lag)
+    is compiled when an operation needs it."""
+    from kunjax.runtime.executables import StepExecutables
+
+    StepExecutables.compile_on_demand = True
     count = 0
     while True:
         try:

@@ -24,7 +24,7 @@ def test_two_process_serving():
     env["JAX_PLATFORMS"] = "cpu"
     common = [sys.executable, "-m", "serving.launch", "--model=tiny", "--dtype=float32", "--num_instances=2",
               "--tp=2", "--cpu_devices=4", "--num_pages=64", "--max_model_len=128", "--max_num_seqs=4",
-              "--max_num_batched_tokens=64", "--nowarmup", f"--coordinator_address=localhost:{coord}",
+              "--max_num_batched_tokens=64", "--nowarmup", "--hbm_bytes=67108864", f"--coordinator_address=localhost:{coord}",
               "--num_processes=2"]
     procs = [subprocess.Popen(common + [f"--process_id={i}", f"--port={port}"], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -45,6 +45,19 @@ def test_two_process_serving():
                 chunks = list(c.generate(p, max_tokens=6, timeout=120))
                 assert [t for ch in chunks for t in ch.token_ids] == w
                 assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            # A drop and a restore are logged device operations: process 1 replays them in order, and a
+            # stream running across both gives the tokens of one process with no drop.
+            long_want = ref.generate([prompts[0]], SamplingParams(max_tokens=40, ignore_eos=True))[0].token_ids
+            stream = c.generate(prompts[0], max_tokens=40, ignore_eos=True, timeout=120)
+            got = list(next(stream).token_ids)
+            drop = c.drop(2, timeout=120)
+            assert drop.report.compiles == 0 and len(drop.groups) == 1
+            mid = [t for ch in c.generate(prompts[1], max_tokens=6, timeout=120) for t in ch.token_ids]
+            assert mid == want[1]
+            rest = c.restore(timeout=120)
+            assert rest.reports[0].compiles == 0
+            got += [t for ch in stream for t in ch.token_ids]
+            assert got == long_want
             st = c.status()
             # every instance has one device in each process (ids >= 2048 belong to process 1 on CPU)
             assert all(len(i.devices) == 2 for i in st.instances)

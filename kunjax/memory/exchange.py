@@ -2,7 +2,7 @@
 
 A page id names the same slots in every layer, so a request's KV of one layer is the pages its page
 table lists in that layer's K and V pools. Moving it is: gather `chunk` pages on the source mesh,
-transfer them to the destination mesh (jax.device_put: a device-to-device copy, nothing compiled),
+transfer them to the destination mesh (sharding.transfer.move: device to device, nothing compiled),
 scatter them into the destination pool (donated, updated in place) at the new ids. Only pages that
 requests hold are moved; chunks are padded with the null page, so one compiled gather and one
 compiled scatter per pool size serve every move. Each chunk is waited for before the next one, so
@@ -22,6 +22,7 @@ import numpy as np
 from kunjax.control.pages import NULL_PAGE
 from kunjax.runtime.executables import GATHER, SCATTER, ExeKey
 from kunjax.runtime.runner import Stage
+from sharding.transfer import move, put
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,11 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
         try:
             if FAULT_HOOK is not None:
                 FAULT_HOOK(event, {**(info or {}), "src_ids": s[:n].tolist(), "dst_ids": d[:n].tolist()})
-            s_dev = jax.device_put(s, src.exes.rep)
-            d_dev = jax.device_put(d, dst.exes.rep)
+            s_dev = put(s, src.exes.rep)
+            d_dev = put(d, dst.exes.rep)
             k_pages, v_pages = gather(src_pools[0], s_dev), gather(src_pools[1], s_dev)
             if crossing:
-                k_pages, v_pages = jax.device_put((k_pages, v_pages), dst.exes.kv_sh)
+                k_pages, v_pages = move(k_pages, dst.exes.kv_sh), move(v_pages, dst.exes.kv_sh)
             k_dst = scatter(k_dst, d_dev, k_pages)
             v_dst = scatter(v_dst, d_dev, v_pages)
             v_dst.block_until_ready()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence
 
-import jax
 import numpy as np
 
 from kunjax.control.batch import Row, ScheduledStep, StepShape, build_batch
@@ -28,6 +27,7 @@ from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 from kunjax.memory.plan import GroupPlan
 from kunjax.runtime.runner import InFlight, Stage, launched, pick_shape
+from sharding.transfer import move
 
 
 def group_scheduler_config(base: SchedulerConfig, g: int) -> SchedulerConfig:
@@ -101,11 +101,11 @@ class PipelineGroup(UnitCore):
         for s, st in enumerate(self.stages):
             dev = st.put(batch)
             devs.append(dev)
-            h = st.run_embed(dev, shape) if s == 0 else jax.device_put(h, st.exes.rep)
+            h = st.run_embed(dev, shape) if s == 0 else move(h, st.exes.rep)
             h = st.run_layers(h, dev, shape)
         head = next(i for i, st in enumerate(self.stages) if st.head is not None)
         if head != len(self.stages) - 1:  # tied embedding: the head is the first stage's
-            h = jax.device_put(h, self.stages[head].exes.rep)
+            h = move(h, self.stages[head].exes.rep)
         tokens, logits = self.stages[head].run_head(h, devs[head], shape)
         return launched(tokens, num_rows, logits)
 

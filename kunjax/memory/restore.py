@@ -33,6 +33,7 @@ from kunjax.memory.drop import TransitionReport, _live, _sample_peak
 from kunjax.memory.exchange import copy_pages, delete_arrays
 from kunjax.memory.plan import assign_requests, simulate_restore
 from kunjax.runtime import compile_stats
+from sharding.transfer import move, move_tree
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def execute_restore(cluster, op: DeviceOp) -> TransitionReport:
             st = m.stage
             if j != o:
                 lp = owner.layers[l]
-                st.layers[l] = jax.device_put(lp, {n: st.exes.layer_sh[n] for n in lp})
+                st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
             pools = (st.exes.new_pool(pages[j]), st.exes.new_pool(pages[j]))
             _sample_peak(report, devices)
             pools = copy_pages(owner, group_pools, st, pools, src[j], dst[j], chunk, report.exchange, "restore",
@@ -118,9 +119,9 @@ def execute_restore(cluster, op: DeviceOp) -> TransitionReport:
     for m in members:
         st = m.stage
         if st.embed is None:
-            st.embed = jax.device_put(embed_holder.embed, st.exes.embed_sh)
+            st.embed = move(embed_holder.embed, st.exes.embed_sh)
         if st.head is None:
-            st.head = {n: (st.embed if n == "embed" else jax.device_put(a, st.exes.head_sh[n]))
+            st.head = {n: (st.embed if n == "embed" else move(a, st.exes.head_sh[n]))
                        for n, a in head_holder.head.items()}
         st.num_pages = pages[members.index(m)]
         _sample_peak(report, devices)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import jax
 
 from kunjax.control.cluster import Cluster, DispatchPolicy, OpLog
+from kunjax.control.ops import DeviceOp
 from kunjax.io.loader import LoadedModel
 from kunjax.memory import measure as memory
 from kunjax.runtime import compile_stats
@@ -27,6 +28,8 @@ from kunjax.runtime.engine import EngineConfig, LLMEngine
 from kunjax.runtime.executables import BackgroundCompiler
 
 log = logging.getLogger(__name__)
+
+COMPILE_PLAN = "compile_plan"
 
 
 class ServingCluster(Cluster):
@@ -47,6 +50,7 @@ class ServingCluster(Cluster):
         self.last_transition = None  # the report of the last drop or restore
         self.register_op(DROP, execute_drop)
         self.register_op(RESTORE, execute_restore)
+        self.register_op(COMPILE_PLAN, ServingCluster._execute_compile_plan)
 
     @classmethod
     def build(cls, model: LoadedModel, config: EngineConfig, num_instances: int = 1, tp: int = 1,
@@ -190,13 +194,21 @@ class ServingCluster(Cluster):
         return sum(1 for ex, keys in pairs for k in keys if ex.is_ready(k)), total
 
     def compile_plan(self, plan, background: bool = True, all_shapes: bool = False) -> None:
-        """Compiles what `plan` needs: on the background compiler (the server keeps answering), or now."""
-        shapes = self.engines[0].buckets.all_shapes() if all_shapes else None
+        """Compiles what `plan` needs: on the background compiler (the server keeps answering), or now.
+        A logged operation, so every process of a multi-host cluster compiles the same executables."""
+        self.run_op(DeviceOp(COMPILE_PLAN, -1, {"plan": plan.to_dict(), "background": background,
+                                                "all_shapes": all_shapes}))
+
+    def _execute_compile_plan(self, op: DeviceOp) -> None:
+        from kunjax.memory.plan import DropPlan
+
+        plan = DropPlan.from_dict(op.args["plan"])
+        shapes = self.engines[0].buckets.all_shapes() if op.args["all_shapes"] else None
         for ex, keys in self.plan_keys(plan, shapes):
             keys = [k for k in keys if not ex.is_ready(k)]
             if not keys:
                 continue
-            if background:
+            if op.args["background"]:
                 self.compiler.submit(ex, keys)
             else:
                 ex.compile(keys)

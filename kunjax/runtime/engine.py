@@ -45,6 +45,7 @@ from kunjax.runtime.kv_pools import allocate_pools, page_bytes
 from kunjax.runtime.runner import InFlight, Stage, pick_shape
 from kunjax.text.tokenizer import IncrementalDetokenizer
 from sharding.rules import TP, param_shardings, validate_tp
+from sharding.transfer import put_tree
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,10 @@ def place_params(params, mesh: Mesh):
     """This instance's own copy of the weights on its mesh, by the sharding rules. Never aliases the
     caller's arrays: the instance deletes layers it drops, and the loaded model's copy (if it is on
     a device) must stay intact."""
-    return jax.device_put(params, param_shardings(params, mesh), may_alias=False)
+    shardings = param_shardings(params, mesh)
+    if all(isinstance(a, np.ndarray) for a in jax.tree.leaves(params)):
+        return put_tree(params, shardings)  # host weights: each process places its own shards
+    return jax.device_put(params, shardings, may_alias=False)
 
 
 def shard_bytes(arrays, device: jax.Device) -> int:

@@ -205,10 +205,17 @@ class StepExecutables:
         """A zeroed KV pool of this size on this mesh (compiled ahead: pool_keys)."""
         return self.get(ExeKey(ZEROS, 0, 0, 0, num_pages))()
 
+    # A follower process of a multi-host cluster replays what the controller decided; when it has not
+    # compiled something the controller had ready, it compiles it on the spot (sharding.multihost).
+    compile_on_demand = False
+
     def get(self, key: ExeKey):
         try:
             return self._compiled[key]
         except KeyError:
+            if StepExecutables.compile_on_demand:
+                self.compile([key])
+                return self._compiled[key]
             raise NotCompiled(f"no compiled executable for {key} on {self.mesh.devices.flat[0]}") from None
 
     def transient_bytes(self, key: ExeKey) -> int:

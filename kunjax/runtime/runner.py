@@ -19,6 +19,7 @@ import numpy as np
 
 from kunjax.control.batch import Buckets, StepShape
 from kunjax.runtime.executables import EMBED, HEAD, LAYER, ExeKey, StepExecutables, keys_for
+from sharding.transfer import put_tree
 
 LayerParams = dict[str, jax.Array]
 
@@ -70,7 +71,7 @@ class Stage:
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The step's batch arrays on this mesh, replicated: one transfer, read by every layer."""
-        return jax.device_put(batch, self.exes.rep)
+        return put_tree(batch, self.exes.rep)
 
     def run_embed(self, dev: dict, shape: StepShape) -> jax.Array:
         return self.exes.get(ExeKey(EMBED, shape.rows, shape.query))(self.embed, dev["tokens"])
