@@ -394,35 +394,20 @@ def test_load_gen_rate(server, capsys):
         assert 0 < vals[0] <= vals[1] <= vals[2], line
 
 
-# Ten consecutive rows (5101-5110) of the Azure code trace (2023) in its CSV format: the test replays a real
-# burst end to end without depending on where the shared trace folder lives.
-AZURE_ROWS = """TIMESTAMP,ContextTokens,GeneratedTokens
-2023-11-16 18:45:10.1342190,2893,33
-2023-11-16 18:45:10.1349970,118,25
-2023-11-16 18:45:10.1361230,2278,14
-2023-11-16 18:45:10.1419930,73,15
-2023-11-16 18:45:10.1426320,381,22
-2023-11-16 18:45:10.3411560,1190,7
-2023-11-16 18:45:10.3467360,2654,15
-2023-11-16 18:45:10.4347420,75,15
-2023-11-16 18:45:10.4404200,1477,15
-2023-11-16 18:45:10.4412360,2148,14
-"""
-
-
 def test_load_gen_replays_azure_trace(server, capsys, tmp_path):
+    """Ten consecutive rows (5101-5110) of the Azure code trace shipped in data/traces, by its short
+    name: a real burst replayed end to end."""
     from tools import load_gen
 
-    trace = tmp_path / "azure_code.csv"
-    trace.write_text(AZURE_ROWS)
-    trace = str(trace)
-    arrivals = load_gen.load_trace(trace)
+    arrivals = load_gen.load_trace("azure_code", 5100, 10)
     assert len(arrivals) == 10 and arrivals[0].t == 0.0
+    assert [(a.input_len, a.output_len) for a in arrivals[:2]] == [(2893, 33), (118, 25)]
     assert all(b.t >= a.t for a, b in zip(arrivals, arrivals[1:])) and arrivals[-1].t > 0
     summary = tmp_path / "s.json"
     # Real time (the 10 rows span ~0.4 s); prompts of thousands of tokens cut to the tiny model's size.
-    rc = load_gen.main(["--target", f"localhost:{server.port}", "--trace", trace, "--max_input_len", "12",
-                        "--max_output_len", "4", "--json", str(summary)])
+    rc = load_gen.main(["--target", f"localhost:{server.port}", "--trace", "azure_code", "--trace_offset", "5100",
+                        "--trace_limit", "10", "--max_input_len", "12", "--max_output_len", "4",
+                        "--json", str(summary)])
     out = capsys.readouterr().out
     assert rc == 0, out
     s = json.loads(summary.read_text())
