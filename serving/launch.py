@@ -263,7 +263,8 @@ class StartupSignals:
                 data = os.read(self._r, 16)
             except OSError:
                 return
-            if not data:
+            if not data:  # done() closed the write end
+                os.close(self._r)
                 return
             for signum in data:
                 if self._active and signum in (signal.SIGTERM, signal.SIGINT):
@@ -273,10 +274,8 @@ class StartupSignals:
         name = signal.Signals(signum).name
         msg = (f"kunjax: {name} during start-up ({self.phase}): exiting now (status {128 + signum}), "
                f"nothing was served\n")
-        try:
-            sys.stdout.flush()
-        except Exception:  # noqa: BLE001 - best effort; the exit must happen
-            pass
+        # Straight to fd 2, no flush of sys.stdout: the main thread may hold its lock (start-up
+        # prints nothing to stdout; logging writes each record through at once).
         os.write(2, msg.encode())
         os._exit(128 + signum)
 
