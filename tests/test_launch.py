@@ -222,3 +222,30 @@ def test_two_processes_sigterm_while_serving(tmp_path):
     finally:
         for p in procs:
             p.kill()
+
+
+def test_model_spec_checks(tmp_path):
+    """What check_model_spec accepts and the one-line reasons it gives otherwise (no JAX, no weights)."""
+    import json
+
+    from kunjax.model_spec import ModelSpecError, check_model_spec
+
+    assert check_model_spec("tiny") == "embedded" and check_model_spec("smollm2-135m") == "embedded"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 32)
+    assert check_model_spec(str(gguf)) == "gguf"  # the loader parses the rest
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cases = [("{", "not valid JSON"), (json.dumps({"model_type": "gpt2"}), "unsupported model_type 'gpt2'"),
+             (json.dumps({"model_type": "llama"}), "missing")]
+    for text, message in cases:
+        (hf / "config.json").write_text(text)
+        with pytest.raises(ModelSpecError, match=message) as e:
+            check_model_spec(str(hf))
+        assert "\n" not in str(e.value)
+    orbax = tmp_path / "orbax"
+    orbax.mkdir()
+    (orbax / "kunjax_config.json").write_text("{}")
+    assert check_model_spec(str(orbax)) == "orbax"
+    with pytest.raises(ModelSpecError, match="--model is empty"):
+        check_model_spec("")
