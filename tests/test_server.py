@@ -419,6 +419,11 @@ def test_cli_exit_code_on_aborted_stream(host_model):
     srv = ServerThread(Cluster.build(host_model, CONFIG, num_instances=1, tp=1),
                        ServerOptions(port=portpicker.pick_unused_port(), host="localhost")).start()
     hold = threading.Event()
+    # The same request once first, so every shape it steps through is compiled: after the executor is
+    # unparked the abort is delivered at once, well inside gRPC's backstop (grace + ABORT_MARGIN_S),
+    # however slowly a compilation would run on a loaded machine.
+    with Client(f"localhost:{srv.port}") as c:
+        assert len(c.complete("long", max_tokens=110, ignore_eos=True, timeout=120).token_ids) == 110
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen([sys.executable, "-m", "serving.client", "--target", f"localhost:{srv.port}", "--prompt",
                              "long", "--stream", "--ignore_eos", "--max_tokens", "110"],
