@@ -37,7 +37,7 @@ test: install-test
 
 ## Ask the running server a question (chat mode).
 chat: install
-	$(PY) -m serving.client --target=localhost:$(PORT) --chat --stream --max_tokens=128 --prompt="$(or $(PROMPT),What is the capital of France?)"
+	@$(PY) -m serving.client --target=localhost:$(PORT) --chat --stream --max_tokens=128 --prompt="$(or $(PROMPT),What is the capital of France?)"
 
 bench: install-test
 	$(PY) -m tools.bench_engine $(ARGS)

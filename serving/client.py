@@ -10,6 +10,10 @@
     python -m serving.client --prompt "Hello" --stream
     python -m serving.client --chat --prompt "Hi there" --system "Be brief."
     python -m serving.client --status
+
+The CLI prints the generated text on stdout and a JSON summary on stderr; its exit status says how
+the request ended (`python -m serving.client --help`: 0 length/stop, 1 RPC error, 2 usage,
+3 aborted, 4 error).
 """
 
 from __future__ import annotations
@@ -128,8 +132,34 @@ class AsyncClient:
         await self.close()
 
 
+EXIT_OK = 0  # finish_reason length or stop (and --status)
+EXIT_RPC_ERROR = 1  # the call failed: server unreachable, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, deadline...
+EXIT_USAGE = 2  # bad command line (argparse)
+EXIT_ABORTED = 3  # the server ended the request early: finish_reason abort (shutdown, cancel)
+EXIT_FAILED = 4  # finish_reason error, or a stream that ended without a finish reason
+EXIT_CODES = {"length": EXIT_OK, "stop": EXIT_OK, "abort": EXIT_ABORTED, "error": EXIT_FAILED}
+
+EPILOG = """output: the generated text goes to stdout; a one-line JSON summary goes to stderr:
+  {"finish_reason": ..., "usage": {...}} (plus "token_ids" with --show_token_ids).
+
+exit status:
+  0  finished: finish_reason length or stop (or --status answered)
+  1  RPC error (server unreachable, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, deadline, ...)
+  2  usage error (e.g. --chat without --prompt)
+  3  aborted: finish_reason abort (the server shut down or cancelled the request)
+  4  failed: finish_reason error, or the stream ended without a finish reason"""
+
+
+def _summary(finish_reason, usage, token_ids, show_token_ids: bool) -> str:
+    d = {"finish_reason": finish_reason, "usage": json_format.MessageToDict(usage, preserving_proto_field_name=True)}
+    if show_token_ids:
+        d["token_ids"] = list(token_ids)
+    return json.dumps(d)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.split("\n")[0],
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="localhost:50051")
     ap.add_argument("--prompt", help="prompt text (the user message with --chat)")
     ap.add_argument("--token_ids", help="comma-separated prompt token ids instead of --prompt")
@@ -149,13 +179,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--top_k", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--stop", action="append", default=[])
+    ap.add_argument("--ignore_eos", action="store_true", help="generate max_tokens even past end-of-sequence")
+    ap.add_argument("--show_token_ids", action="store_true", help="add the generated token ids to the summary")
     ap.add_argument("--timeout", type=float, default=None)
     args = ap.parse_args(argv)
+    token_ids = None
+    admin_call = args.status or args.plan_drop is not None or args.drop is not None or args.restore is not None
+    if not admin_call:
+        if args.chat:
+            if not args.prompt:
+                ap.error("--chat needs --prompt (the user message)")
+            if args.token_ids:
+                ap.error("--chat sends --prompt as a message; --token_ids cannot go with it")
+        elif args.prompt is not None and args.token_ids:
+            ap.error("give --prompt or --token_ids, not both")
+        elif args.token_ids:
+            try:
+                token_ids = [int(t) for t in args.token_ids.split(",")]
+            except ValueError:
+                ap.error(f"--token_ids takes comma-separated integers, got {args.token_ids!r}")
+        elif not args.prompt:
+            ap.error("--prompt is missing or empty (or give --token_ids, or an admin call: --status, --plan_drop, "
+                     "--drop, --restore)")
+        if args.system and not args.chat:
+            ap.error("--system goes with --chat")
     with Client(args.target) as c:
         try:
             if args.status:
                 print(json_format.MessageToJson(c.status(timeout=args.timeout), preserving_proto_field_name=True))
-                return 0
+                return EXIT_OK
             admin = None
             if args.plan_drop is not None:
                 admin = c.plan_drop(args.plan_drop, timeout=args.timeout)
@@ -165,40 +217,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 admin = c.restore(args.restore, timeout=args.timeout)
             if admin is not None:
                 print(json_format.MessageToJson(admin, preserving_proto_field_name=True))
-                return 0
+                return EXIT_OK
             kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      seed=args.seed, stop=args.stop, timeout=args.timeout)
+                      seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, timeout=args.timeout)
+            prompt = None
             if args.chat:
                 msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-                msgs.append({"role": "user", "content": args.prompt or ""})
+                msgs.append({"role": "user", "content": args.prompt})
                 kw["messages"] = msgs
-                prompt = None
-            elif args.token_ids:
-                kw["prompt_token_ids"] = [int(t) for t in args.token_ids.split(",")]
-                prompt = None
+            elif token_ids is not None:
+                kw["prompt_token_ids"] = token_ids
             else:
                 prompt = args.prompt
             if args.stream:
                 last = None
+                ids: list[int] = []
                 for chunk in c.generate(prompt, **kw):
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
+                    ids.extend(chunk.token_ids)
                     last = chunk
                 sys.stdout.write("\n")
-                if last is not None:
-                    print(json.dumps({"finish_reason": FINISH_NAMES[last.finish_reason],
-                                      "usage": json_format.MessageToDict(last.usage, preserving_proto_field_name=True)}),
-                          file=sys.stderr)
+                sys.stdout.flush()
+                finish = FINISH_NAMES[last.finish_reason] if last is not None else None
+                usage = last.usage if last is not None else pb.Usage()
             else:
                 r = c.complete(prompt, **kw)
-                print(r.text)
-                print(json.dumps({"finish_reason": FINISH_NAMES[r.finish_reason], "token_ids": list(r.token_ids),
-                                  "usage": json_format.MessageToDict(r.usage, preserving_proto_field_name=True)}),
-                      file=sys.stderr)
+                print(r.text, flush=True)
+                finish, usage, ids = FINISH_NAMES[r.finish_reason], r.usage, r.token_ids
+            print(_summary(finish, usage, ids, args.show_token_ids), file=sys.stderr)
+            if finish is None:
+                print("error: the response ended without a finish reason", file=sys.stderr)
+            return EXIT_CODES.get(finish, EXIT_FAILED)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    return 0
+            return EXIT_RPC_ERROR
 
 
 if __name__ == "__main__":

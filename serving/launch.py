@@ -7,6 +7,19 @@ virtual CPU devices (--cpu_devices) must be in XLA_FLAGS before the first `impor
 Multi-host: run the same command on every process with --coordinator_address, --num_processes and
 --process_id. Process 0 serves gRPC and runs the control plane; the others follow its steps
 (sharding.multihost).
+
+Start-up checks what it can before anything slow: the --model value (a missing path or a directory
+without a checkpoint), then the gRPC port (bound before JAX starts and the model loads), then the
+metrics and control ports. Errors are one line on stderr.
+
+Stopping: SIGTERM or SIGINT during start-up (loading, warm-up, joining the other processes, waiting
+for followers) exits within moments, having served nothing. While serving, the first SIGTERM/SIGINT
+turns health NOT_SERVING, refuses new calls and gives in-flight streams --shutdown_grace_s to finish;
+the rest end with FINISH_REASON_ABORT (at once on a second signal). A follower keeps replaying the
+controller's steps until it stops, and exits on its own --shutdown_grace_s + 15 s after a signal.
+
+Exit status: 0 stopped after serving; 1 start-up failed (port in use, the model does not load);
+2 bad flag value (e.g. --model names nothing loadable); 143 / 130 SIGTERM / SIGINT during start-up.
 """
 
 from __future__ import annotations
@@ -14,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Optional
 
 from absl import app, flags
@@ -148,14 +163,29 @@ def _device_ids(value) -> Optional[tuple[int, ...]]:
     return ids
 
 
+def _check_distributed(d: DistributedOptions) -> None:
+    if d.num_processes < 1:
+        raise app.UsageError(f"--num_processes must be at least 1, got {d.num_processes}")
+    if d.enabled:
+        if not d.coordinator_address or ":" not in d.coordinator_address:
+            raise app.UsageError(f"--num_processes={d.num_processes} needs --coordinator_address=host:port "
+                                 f"(process 0's address), got {d.coordinator_address!r}")
+        if not d.coordinator_address.rsplit(":", 1)[1].isdigit():
+            raise app.UsageError(f"--coordinator_address={d.coordinator_address}: the port is not a number")
+    if not 0 <= d.process_id < d.num_processes:
+        raise app.UsageError(f"--process_id={d.process_id} is outside 0..{d.num_processes - 1}")
+
+
 def options_from_flags() -> LaunchOptions:
     server = ServerOptions(port=FLAGS.port, host=FLAGS.host, max_queue=FLAGS.max_queue,
                            shutdown_grace_s=FLAGS.shutdown_grace_s, default_max_tokens=FLAGS.default_max_tokens,
                            overload_policy=FLAGS.overload_policy)
     cluster = _pick(ClusterOptions, devices=_device_ids(FLAGS.devices))
+    distributed = _pick(DistributedOptions)
+    _check_distributed(distributed)
     return LaunchOptions(model=_pick(ModelOptions), cluster=cluster, cache=_pick(CacheOptions),
                          scheduler=_pick(SchedulerOptions), memory=_pick(MemoryPolicyOptions), server=server,
-                         metrics_port=FLAGS.metrics_port, distributed=_pick(DistributedOptions))
+                         metrics_port=FLAGS.metrics_port, distributed=distributed)
 
 
 def configure_devices(cluster: ClusterOptions, distributed: DistributedOptions) -> None:
@@ -187,6 +217,120 @@ def engine_config(opts: LaunchOptions):
                         hbm_fraction=c.hbm_fraction, max_model_len=c.max_model_len, scheduler=sched, warmup=False)
 
 
+class LaunchError(Exception):
+    """A start-up failure the user can act on (port in use, a model that does not load): `main`
+    prints the message as one line and exits with EXIT_STARTUP."""
+
+
+EXIT_STARTUP = 1  # start-up failed: port in use, the model does not load
+EXIT_USAGE = 2  # a bad flag value: --model names nothing loadable, --devices, too few devices
+# SIGTERM / SIGINT before serving began: 128 + the signal number (143 / 130), see StartupSignals.
+
+
+class StartupSignals:
+    """SIGTERM and SIGINT during start-up (loading, warm-up, connecting to the other processes,
+    waiting for followers) end the process within moments: one line on stderr naming the phase,
+    exit status 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as if the signal's
+    default action had killed it. Nothing has been served yet, so there is nothing to drain; the
+    exit skips atexit handlers (a jax.distributed shutdown barrier would wait for the other
+    processes).
+
+    Python runs signal handlers only on the main thread between bytecodes, not while it is inside
+    an XLA compilation or a blocking runtime call (jax.distributed.initialize waiting for its
+    peers). So the handler is Python's C-level one, which writes the signal number to a wake-up
+    pipe at once (`signal.set_wakeup_fd`), and a watcher thread reading that pipe ends the process.
+    `done()` hands the signals over to serving, whose own handlers drain gracefully."""
+
+    def __init__(self):
+        self.phase = "starting"
+        self.pending: Optional[int] = None  # a signal that arrived after done(), before serving's handlers
+        self._active = True
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+        signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="kunjax-startup-signals", daemon=True).start()
+
+    def _handler(self, signum, frame) -> None:
+        del frame
+        if not self._active:
+            self.pending = signum
+        # while active, the watcher thread has the byte and ends the process
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._r, 16)
+            except OSError:
+                return
+            if not data:  # done() closed the write end
+                os.close(self._r)
+                return
+            for signum in data:
+                if self._active and signum in (signal.SIGTERM, signal.SIGINT):
+                    self._exit(signum)
+
+    def _exit(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        msg = (f"kunjax: {name} during start-up ({self.phase}): exiting now (status {128 + signum}), "
+               f"nothing was served\n")
+        # Straight to fd 2, no flush of sys.stdout: the main thread may hold its lock (start-up
+        # prints nothing to stdout; logging writes each record through at once).
+        os.write(2, msg.encode())
+        os._exit(128 + signum)
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        logging.info("start-up: %s", phase)
+
+    def done(self) -> Optional[int]:
+        """Start-up is over: from now on SIGTERM/SIGINT go to serving's handlers. Returns a signal
+        that arrived in between (the caller acts on it as if it came after its handlers)."""
+        self._active = False
+        signal.set_wakeup_fd(-1)
+        os.close(self._w)  # the watcher reads EOF and ends
+        return self.pending
+
+
+_startup: Optional[StartupSignals] = None
+
+
+def startup_phase(phase: str) -> None:
+    """Names the start-up phase (logged; and in the line printed if SIGTERM ends start-up there)."""
+    if _startup is not None:
+        _startup.enter(phase)
+    else:
+        logging.info("start-up: %s", phase)
+
+
+def quiet_absent_tpu_probe() -> None:
+    """JAX tries every known backend and logs, at INFO, "Unable to initialize backend 'tpu'" on any
+    host without libtpu, i.e. on every CPU or GPU host. Drop exactly that record when no TPU library
+    is installed (nothing to report); everything else JAX logs, and the TPU message where libtpu is
+    present, stays. The backends JAX picks are unchanged (a GPU is still found and preferred)."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is not None or os.environ.get("TPU_LIBRARY_PATH"):
+        return
+
+    class _NoAbsentTpu(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Unable to initialize backend 'tpu'")
+
+    logging.getLogger("jax._src.xla_bridge").addFilter(_NoAbsentTpu())
+
+
+def check_model(spec: str) -> None:
+    """The --model value names something loadable (no JAX, no weights read); else a UsageError."""
+    from kunjax.io.model_spec import ModelSpecError, check_model_spec
+
+    try:
+        check_model_spec(spec)
+    except ModelSpecError as e:
+        raise app.UsageError(str(e)) from None
+
+
 def build_cluster(opts: LaunchOptions, oplog=None):
     """Loads the model once into host memory and places one sharded replica per instance."""
     import jax
@@ -212,32 +356,49 @@ def build_cluster(opts: LaunchOptions, oplog=None):
         raise app.UsageError(f"num_instances={opts.cluster.num_instances} x tp={opts.cluster.tp} needs {need} "
                              f"devices; this host has {len(devices)}.{hint}")
     dtype = parse_dtype(opts.model.dtype)
-    host = load_model(opts.model.model, dtype, place=lambda a: np.asarray(a).astype(dtype))
+    startup_phase(f"loading {opts.model.model}")
+    try:
+        host = load_model(opts.model.model, dtype, place=lambda a: np.asarray(a).astype(dtype))
+    except (OSError, ValueError) as e:  # the loader's messages name the file and the problem
+        logging.debug("loading %s failed", opts.model.model, exc_info=True)
+        raise LaunchError(f"cannot load model {opts.model.model}: {e}") from e
+    startup_phase("placing the instances and compiling the shapes that cover every step")
     cluster = ServingCluster.build(host, engine_config(opts), opts.cluster.num_instances, opts.cluster.tp,
                                    devices=devices, oplog=oplog)
-    if opts.scheduler.warmup:  # the covering shapes are compiled; the cheaper ones follow while serving
+    if opts.scheduler.warmup:  # the cheaper shapes compile in the background while the server answers
         cluster.compile_in_background()
     return cluster
 
 
-async def serve(opts: LaunchOptions, cluster, follower_channel=None) -> None:
+async def bind_server(opts: LaunchOptions, metrics):
+    """The gRPC server object with its port bound, before there is a cluster (nothing slow has
+    started, so a port in use is reported at once); `serve` attaches the cluster and starts it."""
+    from serving.server import KunjaxServer, PortUnavailable
+
+    server = KunjaxServer(None, opts.server, metrics, model_name=opts.model.model)
+    try:
+        server.bind()
+    except PortUnavailable as e:
+        raise LaunchError(f"{e} (--port, --host)") from None
+    return server
+
+
+async def serve(opts: LaunchOptions, server, cluster, follower_channel=None, startup=None) -> None:
+    """Starts `server` (bound by bind_server) on `cluster` and serves until SIGTERM/SIGINT: health
+    turns NOT_SERVING, in-flight streams get --shutdown_grace_s, a second signal aborts them."""
     import asyncio
-    import signal
 
-    from serving.metrics import Metrics
-    from serving.server import KunjaxServer
-
-    metrics = Metrics()
-    if opts.metrics_port:
-        metrics.serve(opts.metrics_port)
-        logging.info("metrics on port %d", opts.metrics_port)
-    server = KunjaxServer(cluster, opts.server, metrics, model_name=opts.model.model)
-    port = await server.start()
-    print(f"kunjax serving {opts.model.model} on port {port}", flush=True)
+    port = await server.start(cluster)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if startup is not None:
+        startup.done()  # before the loop's handlers: it clears the wake-up fd they set
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if startup is not None and startup.pending is not None:
+        stop.set()  # the signal came between the end of start-up and the handlers above
+    # From this line on a signal drains gracefully (tests and scripts wait for it).
+    print(f"kunjax serving {opts.model.model} on port {port}", flush=True)
     await stop.wait()
     logging.info("shutting down (grace %.1fs; a second SIGTERM/SIGINT aborts in-flight requests now)",
                  opts.server.shutdown_grace_s)
@@ -249,13 +410,8 @@ async def serve(opts: LaunchOptions, cluster, follower_channel=None) -> None:
     print("kunjax server stopped", flush=True)
 
 
-def main(argv) -> None:
-    del argv
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(FLAGS.log_level)
-    opts = options_from_flags()
-    configure_devices(opts.cluster, opts.distributed)
+def start_jax(opts: LaunchOptions) -> None:
+    """Persistent compilation cache; joins the multi-process job (waits for every process)."""
     import jax
 
     from kunjax.runtime.jax_setup import configure_jax
@@ -265,27 +421,132 @@ def main(argv) -> None:
     if d.enabled:
         from sharding import multihost
 
+        startup_phase(f"joining the {d.num_processes}-process job at {d.coordinator_address} "
+                      f"as process {d.process_id}")
         multihost.initialize(d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives)
     logging.info("devices: %s", jax.devices())
+
+
+def run_controller(opts: LaunchOptions, startup: StartupSignals) -> None:
+    """Process 0 (or the only process): binds the gRPC port (and metrics), then starts JAX, loads,
+    warms up, waits for the followers, and serves."""
     import asyncio
 
-    if not d.enabled:
-        cluster = build_cluster(opts)
-        asyncio.run(serve(opts, cluster))
-        return
+    from serving.metrics import Metrics
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        metrics = Metrics()
+        server = loop.run_until_complete(bind_server(opts, metrics))
+        if opts.metrics_port:
+            try:
+                metrics.serve(opts.metrics_port)
+            except OSError as e:
+                raise LaunchError(f"cannot serve metrics on port {opts.metrics_port}: {e.strerror} "
+                                  f"(--metrics_port)") from None
+            logging.info("metrics on port %d", opts.metrics_port)
+        start_jax(opts)
+        d = opts.distributed
+        channel = None
+        if d.enabled:
+            from sharding import multihost
+
+            port = d.control_port or multihost.default_control_port(d.coordinator_address)
+            try:
+                channel = multihost.ControllerChannel(port, d.num_processes - 1)
+            except OSError as e:
+                raise LaunchError(f"cannot listen on control port {port}: {e.strerror} (--control_port)") from None
+        cluster = build_cluster(opts, oplog=channel)
+        if channel is not None:
+            startup_phase(f"waiting for {d.num_processes - 1} follower(s) on port {port}")
+            channel.accept()
+        loop.run_until_complete(serve(opts, server, cluster, channel, startup))
+    finally:
+        loop.close()
+
+
+def run_follower(opts: LaunchOptions, startup: StartupSignals) -> None:
+    """Processes > 0: join the job, connect to process 0's step channel, build the same cluster and
+    replay its steps until it stops. A SIGTERM while following does not stop the steps at once (the
+    controller's collectives need this process until it has drained): the follower keeps going
+    until the controller says stop, and exits by itself --shutdown_grace_s + FOLLOWER_MARGIN_S
+    after the signal at the latest."""
     from sharding import multihost
 
+    start_jax(opts)
+    d = opts.distributed
     port = d.control_port or multihost.default_control_port(d.coordinator_address)
-    if d.process_id == 0:
-        channel = multihost.ControllerChannel(port, d.num_processes - 1)
-        cluster = build_cluster(opts, oplog=channel)
-        channel.accept()
-        asyncio.run(serve(opts, cluster, channel))
-    else:
-        channel = multihost.FollowerChannel(d.coordinator_address.rsplit(":", 1)[0], port)
-        cluster = build_cluster(opts)
-        multihost.follow(cluster, channel)
-        print("kunjax follower stopped", flush=True)
+    startup_phase(f"connecting to the controller's step channel on port {port}")
+    channel = multihost.FollowerChannel(d.coordinator_address.rsplit(":", 1)[0], port)
+    cluster = build_cluster(opts)
+    limit = opts.server.shutdown_grace_s + FOLLOWER_MARGIN_S
+    deadline: list = []
+
+    def on_signal(signum, frame=None):
+        del frame
+        if deadline:
+            return
+        name = signal.Signals(signum).name
+        logging.warning("%s: following the controller's steps until it stops; exiting in %.0fs at the latest",
+                        name, limit)
+
+        def give_up():
+            os.write(2, f"kunjax follower: the controller did not stop within {limit:.0f}s of {name}; "
+                        f"exiting\n".encode())
+            os._exit(128 + signum)
+        timer = threading.Timer(limit, give_up)
+        timer.daemon = True
+        timer.start()
+        deadline.append(timer)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    pending = startup.done()
+    if pending is not None:
+        on_signal(pending)
+    multihost.follow(cluster, channel)
+    print("kunjax follower stopped", flush=True)
+
+
+FOLLOWER_MARGIN_S = 15.0  # past the grace period: the controller's abort margin and its last steps
+
+
+def _exit(code: int, message: str) -> None:
+    """One line on stderr, then exit now: stdio flushed, atexit handlers skipped (after
+    jax.distributed.initialize a normal exit waits in a shutdown barrier for the other processes)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os.write(2, f"serving.launch: error: {message}\n".encode())
+    os._exit(code)
+
+
+def main(argv) -> None:
+    del argv
+    global _startup
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(FLAGS.log_level)
+    _startup = StartupSignals()
+    try:
+        opts = options_from_flags()
+        check_model(opts.model.model)
+    except app.UsageError as e:
+        _exit(EXIT_USAGE, str(e))
+    configure_devices(opts.cluster, opts.distributed)
+    quiet_absent_tpu_probe()
+    try:
+        if opts.distributed.enabled and opts.distributed.process_id > 0:
+            run_follower(opts, _startup)
+        else:
+            run_controller(opts, _startup)
+    except app.UsageError as e:
+        _exit(EXIT_USAGE, str(e))
+    except LaunchError as e:
+        _exit(EXIT_STARTUP, str(e))
 
 
 def run() -> None:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import itertools
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from typing import Any, Optional
@@ -46,6 +48,40 @@ ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "abort": pb.FINISH_REASON_ABORT,
           "error": pb.FINISH_REASON_ERROR}
+
+
+class PortUnavailable(OSError):
+    """The gRPC address cannot be bound; the message is one line meant for the user."""
+
+
+def probe_bind(host: str, port: int) -> None:
+    """Raises PortUnavailable, with the operating system's reason, when `host:port` cannot be bound
+    (the port in use, a host that is not an address of this machine). gRPC's own failure is a
+    C-core log line plus a bare "Failed to bind"; this says why, before gRPC tries."""
+    if not port:
+        return  # any free port
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        infos = socket.getaddrinfo(name or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise PortUnavailable(f"cannot listen on {host}:{port}: unknown host ({e.strerror})") from None
+    for family, kind, proto, _, addr in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # an address family this host lacks (no IPv6): gRPC skips it too
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            if family == socket.AF_INET6 and addr[0] == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "[::]" is dual-stack in gRPC
+            try:
+                sock.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EAFNOSUPPORT:
+                    continue
+                reason = ("the port is in use by another process" if e.errno == errno.EADDRINUSE
+                          else e.strerror)
+                raise PortUnavailable(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -379,35 +415,66 @@ def status_to_proto(st: dict, model_name: str, executor: Executor, options: Serv
 
 
 class KunjaxServer:
-    """The gRPC server plus its executor; start/stop inside a running asyncio loop."""
+    """The gRPC server plus its executor; start/stop inside a running asyncio loop.
 
-    def __init__(self, cluster: Cluster, options: ServerOptions = ServerOptions(), metrics: Optional[Metrics] = None,
-                 model_name: str = ""):
-        self.cluster = cluster
+    `bind()` creates the gRPC server and takes its port at once, before there is a cluster, so a
+    launcher finds a port in use before it loads and compiles anything; `start(cluster)` attaches
+    the cluster (when the constructor had none), registers the services and starts serving."""
+
+    def __init__(self, cluster: Optional[Cluster] = None, options: ServerOptions = ServerOptions(),
+                 metrics: Optional[Metrics] = None, model_name: str = ""):
         self.options = options
         self.metrics = metrics or Metrics()
-        self.executor = Executor(cluster, options.max_queue, self.metrics)
-        self.model_name = model_name or cluster.engines[0].model.name
+        self.model_name = model_name
         self.server: Optional[grpc.aio.Server] = None
         self.health = health.aio.HealthServicer()
         self.port: Optional[int] = None
-        self.generation = GenerationServicer(cluster, self.executor, options, self.metrics)
         self._abort_now = threading.Event()
+        self.cluster: Optional[Cluster] = None
+        if cluster is not None:
+            self.attach(cluster)
+
+    def attach(self, cluster: Cluster) -> None:
+        """The cluster to serve (once, before `start`)."""
+        if self.cluster is not None:
+            raise RuntimeError("KunjaxServer already has a cluster")
+        self.cluster = cluster
+        self.executor = Executor(cluster, self.options.max_queue, self.metrics)
+        self.model_name = self.model_name or cluster.engines[0].model.name
+        self.generation = GenerationServicer(cluster, self.executor, self.options, self.metrics)
+
+    def bind(self) -> int:
+        """Creates the gRPC server and binds its port now (inside the event loop that will serve).
+        Raises PortUnavailable when the address cannot be bound (in use, or not an address of this host)."""
+        if self.server is None:
+            address = f"{self.options.host}:{self.options.port}"
+            probe_bind(self.options.host, self.options.port)
+            # so_reuseport off: a second server on the same port must fail here, not share it.
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            try:
+                port = server.add_insecure_port(address)
+            except RuntimeError:  # grpc >= 1.60 raises "Failed to bind to address ..."
+                port = 0
+            if not port:
+                raise PortUnavailable(f"cannot listen on {address}: gRPC could not bind it")
+            self.server, self.port = server, port
+        return self.port
 
     ABORT_MARGIN_S = 5.0  # after the grace period, time for aborted streams to send their last message
 
-    async def start(self) -> int:
+    async def start(self, cluster: Optional[Cluster] = None) -> int:
+        if cluster is not None:
+            self.attach(cluster)
+        if self.cluster is None:
+            raise RuntimeError("KunjaxServer.start needs a cluster (constructor or start(cluster))")
+        self.bind()
         self.executor.start()
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(self.generation, self.server)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(self.executor, self.model_name, self.options, self.metrics),
                                             self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
-        if not self.port:
-            raise RuntimeError(f"could not bind {self.options.host}:{self.options.port}")
         await self.server.start()
         for svc in ("", GENERATION_SERVICE, ADMIN_SERVICE):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)

@@ -33,6 +33,12 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, cp
 
     # Only affects the CPU backend (collectives across processes); must precede backend start-up.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    # jax.distributed.initialize otherwise starts JAX's preemption sync manager, whose notifier
+    # installs its own SIGTERM handler: it logs "SIGTERM caught" and swallows the signal (it only
+    # marks a sync point for multihost_utils.reached_preemption_sync_point, which kunjax never
+    # polls), so a SIGTERM during loading or warm-up was ignored. The launcher handles SIGTERM itself
+    # (serving.launch: prompt exit during start-up, graceful drain while serving).
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     log.info("process %d/%d up: %d global devices, %d local", jax.process_index(), jax.process_count(),

@@ -39,17 +39,14 @@ ENGINE_CONFIG = EngineConfig(page_size=PAGE, num_pages=160, max_model_len=640,
                              scheduler=SchedulerConfig(max_num_batched_tokens=256, max_prefill_rows=8))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAREGPT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "traces", "sharegpt_v3_filtered_500.json")
+SHAREGPT = os.path.join(REPO_ROOT, "data", "traces", "sharegpt_v3_filtered_500.json")
 
 
 def _long_raw_text(tokenizer, min_tokens: int = LONG_MIN_TOKENS) -> str:
-    """Real ShareGPT prompts (../shared/traces) joined until the text is `min_tokens` tokens long."""
-    if os.path.exists(SHAREGPT):
-        with open(SHAREGPT) as f:
-            texts = [c["conversations"][0]["value"] for c in json.load(f)]
-    else:  # CI has the traces; without them the test still needs a long prompt, not these exact words
-        texts = [f"Paragraph {i}: the history of topic {i} spans {i * 37} years across {i % 7 + 2} regions, "
-                 f"from the first records to the present day." for i in range(200)]
+    """Real ShareGPT prompts (data/traces, shipped in the repository) joined until the text is
+    `min_tokens` tokens long."""
+    with open(SHAREGPT) as f:
+        texts = [c["conversations"][0]["value"] for c in json.load(f)]
     out = ""
     for t in texts:
         if 200 < len(t) < 800:

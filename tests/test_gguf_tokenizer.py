@@ -14,7 +14,7 @@ from kunjax.text.gguf_tokenizer import build_bpe_tokenizer, load_gguf_tokenizer,
 from kunjax.text.tokenizer import IncrementalDetokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRACES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "traces")  # CI clones shared/ beside the repo
+TRACES = os.path.join(REPO_ROOT, "data", "traces")  # shipped in the repository (data/traces/README.md)
 
 EXTRA = [
     "", " ", "  ", "\n", "\n\n\n", "\t\t x", "a  b   c    d", "trailing spaces   ", "   leading", "line\r\nbreak",
@@ -31,7 +31,7 @@ EXTRA = [
 
 
 def sharegpt_files() -> list[str]:
-    """The ShareGPT JSON files in ../shared/traces (each a list of {"id", "conversations": [...]})."""
+    """The ShareGPT JSON files in data/traces (each a list of {"id", "conversations": [...]})."""
     if not os.path.isdir(TRACES):
         return []
     names = [f for f in os.listdir(TRACES) if f.startswith("sharegpt") and f.endswith(".json")]
@@ -43,8 +43,8 @@ def sharegpt_prompts() -> tuple[str, ...]:
     """Every turn of every conversation in every ShareGPT file of the traces folder (3,478 texts, 1.7 MB)."""
     files = sharegpt_files()
     if not files:
-        pytest.fail(f"no ShareGPT traces (sharegpt*.json) in {TRACES}: the tokenizer corpus needs the shared/ "
-                    f"folder checked out beside the repository, as CI does")
+        pytest.fail(f"no ShareGPT traces (sharegpt*.json) in {TRACES}: the tokenizer corpus needs the prompt "
+                    f"files the repository ships there")
     texts = []
     for path in files:
         with open(path) as f:

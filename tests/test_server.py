@@ -380,6 +380,82 @@ def test_cli_stream(server, reference):
     assert r.returncode == 1 and "INVALID_ARGUMENT" in r.stderr and "top_p" in r.stderr
 
 
+def cli(*args, timeout=60):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "serving.client", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_complete_prints_text_and_a_summary(server, reference):
+    """Without --stream: the text on stdout, a JSON summary (finish_reason, usage) on stderr, token
+    ids only with --show_token_ids."""
+    want = reference.generate(["hello world"], SamplingParams(max_tokens=6))[0]
+    r = cli("--target", f"localhost:{server.port}", "--prompt", "hello world", "--max_tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.text + "\n"
+    tail = json.loads(r.stderr.strip().splitlines()[-1])
+    assert tail["finish_reason"] == "length" and tail["usage"]["completion_tokens"] == 6 and "token_ids" not in tail
+    r = cli("--target", f"localhost:{server.port}", "--prompt", "hello world", "--max_tokens", "6", "--show_token_ids")
+    assert r.returncode == 0 and json.loads(r.stderr.strip().splitlines()[-1])["token_ids"] == want.token_ids
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chat"], "--chat needs --prompt"),
+    (["--chat", "--prompt", ""], "--chat needs --prompt"),
+    ([], "--prompt is missing"),
+    (["--token_ids", "1,x"], "comma-separated integers"),
+    (["--system", "Be brief.", "--prompt", "hi"], "--system goes with --chat"),
+])
+def test_cli_usage_errors(args, message):
+    """Caught before any call is made (the target does not even exist): usage on stderr, exit 2."""
+    r = cli("--target", "localhost:1", *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and r.stdout == ""
+
+
+def test_cli_exit_code_on_aborted_stream(host_model):
+    """A stream the server aborts (shutdown past its grace period) ends with exit status 3, the text
+    so far on stdout and finish_reason "abort" in the summary."""
+    srv = ServerThread(Cluster.build(host_model, CONFIG, num_instances=1, tp=1),
+                       ServerOptions(port=portpicker.pick_unused_port(), host="localhost")).start()
+    hold = threading.Event()
+    # The same request once first, so every shape it steps through is compiled: after the executor is
+    # unparked the abort is delivered at once, well inside gRPC's backstop (grace + ABORT_MARGIN_S),
+    # however slowly a compilation would run on a loaded machine.
+    with Client(f"localhost:{srv.port}") as c:
+        assert len(c.complete("long", max_tokens=110, ignore_eos=True, timeout=120).token_ids) == 110
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "serving.client", "--target", f"localhost:{srv.port}", "--prompt",
+                             "long", "--stream", "--ignore_eos", "--max_tokens", "110"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with Client(f"localhost:{srv.port}") as c:
+            deadline = time.monotonic() + 60
+            while c.status(skip_memory=True).running == 0:  # the CLI's request is decoding
+                assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+                time.sleep(0.005)
+        # Park the executor between two steps, so the stream cannot finish within the grace period.
+        parked = srv.executor.call(lambda cluster: hold.wait(30))
+        stopper = threading.Thread(target=srv.stop, kwargs=dict(grace=0.2))
+        stopper.start()
+        time.sleep(0.4)
+        hold.set()
+        parked.result(10)
+        out, err = proc.communicate(timeout=60)
+        stopper.join(30)
+        assert proc.returncode == 3, err
+        tail = json.loads(err.strip().splitlines()[-1])
+        assert tail["finish_reason"] == "abort" and 0 < tail["usage"]["completion_tokens"] < 110
+        assert out.endswith("\n")
+    finally:
+        hold.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if srv.executor.alive:
+            srv.stop()
+
+
 def test_load_gen_rate(server, capsys):
     from tools import load_gen
 
@@ -394,35 +470,20 @@ def test_load_gen_rate(server, capsys):
         assert 0 < vals[0] <= vals[1] <= vals[2], line
 
 
-# Ten consecutive rows (5101-5110) of the Azure code trace (2023) in its CSV format: the test replays a real
-# burst end to end without depending on where the shared trace folder lives.
-AZURE_ROWS = """TIMESTAMP,ContextTokens,GeneratedTokens
-2023-11-16 18:45:10.1342190,2893,33
-2023-11-16 18:45:10.1349970,118,25
-2023-11-16 18:45:10.1361230,2278,14
-2023-11-16 18:45:10.1419930,73,15
-2023-11-16 18:45:10.1426320,381,22
-2023-11-16 18:45:10.3411560,1190,7
-2023-11-16 18:45:10.3467360,2654,15
-2023-11-16 18:45:10.4347420,75,15
-2023-11-16 18:45:10.4404200,1477,15
-2023-11-16 18:45:10.4412360,2148,14
-"""
-
-
 def test_load_gen_replays_azure_trace(server, capsys, tmp_path):
+    """Ten consecutive rows (5101-5110) of the Azure code trace shipped in data/traces, by its short
+    name: a real burst replayed end to end."""
     from tools import load_gen
 
-    trace = tmp_path / "azure_code.csv"
-    trace.write_text(AZURE_ROWS)
-    trace = str(trace)
-    arrivals = load_gen.load_trace(trace)
+    arrivals = load_gen.load_trace("azure_code", 5100, 10)
     assert len(arrivals) == 10 and arrivals[0].t == 0.0
+    assert [(a.input_len, a.output_len) for a in arrivals[:2]] == [(2893, 33), (118, 25)]
     assert all(b.t >= a.t for a, b in zip(arrivals, arrivals[1:])) and arrivals[-1].t > 0
     summary = tmp_path / "s.json"
     # Real time (the 10 rows span ~0.4 s); prompts of thousands of tokens cut to the tiny model's size.
-    rc = load_gen.main(["--target", f"localhost:{server.port}", "--trace", trace, "--max_input_len", "12",
-                        "--max_output_len", "4", "--json", str(summary)])
+    rc = load_gen.main(["--target", f"localhost:{server.port}", "--trace", "azure_code", "--trace_offset", "5100",
+                        "--trace_limit", "10", "--max_input_len", "12", "--max_output_len", "4",
+                        "--json", str(summary)])
     out = capsys.readouterr().out
     assert rc == 0, out
     s = json.loads(summary.read_text())

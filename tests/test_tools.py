@@ -97,6 +97,27 @@ def test_batch_generate_cli_tiny(tmp_path):
     assert [len(r["token_ids"]) for r in read_jsonl(out)] == [5] * 4
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--input={tmp}/missing.jsonl", "--output={tmp}/out.jsonl"], "--input={tmp}/missing.jsonl: no such file"),
+    (["--input={tmp}/in.jsonl", "--output={tmp}/no/such/dir/out.jsonl"], "does not exist"),
+    (["--input={tmp}/in.jsonl", "--output={tmp}/out.jsonl", "--model={tmp}/nope.gguf"], "no such file or directory"),
+])
+def test_batch_generate_bad_arguments_fail_fast(tmp_path, args, message):
+    """A missing input, an output folder that does not exist, a wrong --model: one line, exit 2, and
+    before the model loads (the default smollm2-135m takes seconds; this must not)."""
+    import time
+
+    write_jsonl(tmp_path / "in.jsonl", [{"id": 0, "prompt": "x"}])
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tools.batch_generate", *(a.format(tmp=tmp_path) for a in args)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batch_generate: error:"), proc.stderr
+    assert message.format(tmp=tmp_path) in lines[0]
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "out.jsonl").exists()
+
+
 def test_batch_generate_dtype_reaches_the_model(tmp_path, monkeypatch):
     import jax.numpy as jnp
 

@@ -13,11 +13,16 @@ top_p / top_k / seed / stop. Generation ends at the model's end-of-sequence or e
 (`<|im_end|>` for SmolLM2), which is not part of the text.
 Output rows: id, token_ids (generated only), text, finish_reason. A malformed row gets an output
 row with finish_reason "error" and an "error" message naming its line; the other rows still run.
+
+Exit status: 0 done (some rows may be errors); 1 every row was an error; 2 bad arguments (a missing
+--input, an --output folder that does not exist, a --model that names nothing loadable), reported in
+one line before the model loads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, Optional
@@ -172,8 +177,40 @@ def _safe_id(line: str, line_no: int):
     return line_no
 
 
+class UsageError(ValueError):
+    """A bad flag value, found before anything slow; `main` prints it as one line and exits 2."""
+
+
+def check_args(model: str, input_path: str, output_path: str) -> None:
+    """What can be checked before the model loads: the input file is readable, the output's folder
+    exists, the model spec names something loadable. Raises UsageError (one line)."""
+    from kunjax.io.model_spec import ModelSpecError, check_model_spec
+
+    if not os.path.isfile(input_path):
+        what = "is a directory" if os.path.isdir(input_path) else "no such file"
+        raise UsageError(f"--input={input_path}: {what}")
+    if not os.access(input_path, os.R_OK):
+        raise UsageError(f"--input={input_path}: not readable")
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    if os.path.isdir(output_path):
+        raise UsageError(f"--output={output_path}: is a directory")
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--output={output_path}: folder {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--output={output_path}: folder {out_dir} is not writable")
+    try:
+        check_model_spec(model)
+    except ModelSpecError as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv):
     del argv
+    try:
+        check_args(FLAGS.model, FLAGS.input, FLAGS.output)
+    except UsageError as e:
+        print(f"batch_generate: error: {e}", file=sys.stderr)
+        return 2
     from kunjax.runtime.jax_setup import configure_jax
 
     configure_jax()

@@ -3,8 +3,8 @@
     # Poisson arrivals at 20 req/s (gamma arrivals with --burstiness < 1 are burstier)
     python -m tools.load_gen --target localhost:50051 --rate 20 --num_requests 200 \
         --input_len 32 --output_len 32
-    # replay the Azure conversation trace, 10x faster, lengths clipped to the model's context
-    python -m tools.load_gen --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv \
+    # replay the Azure conversation trace shipped in data/traces, 10x faster, lengths clipped
+    python -m tools.load_gen --trace azure_conv \
         --trace_offset 9342 --trace_limit 200 --time_scale 10 --max_input_len 96 --max_output_len 32
 
 Prompts are random token ids (`prompt_token_ids`, ids in [--min_token_id, --max_token_id)) with
@@ -12,7 +12,8 @@ ignore_eos, so every request produces exactly its output length. TTFT is measure
 from sending the call to the first streamed token; TPOT is (last - first token) / (tokens - 1).
 Traces: Azure LLM inference CSV (TIMESTAMP, ContextTokens, GeneratedTokens), BurstGPT CSV
 (Timestamp, Request tokens, Response tokens) and Mooncake JSONL (timestamp ms, input_length,
-output_length).
+output_length). `--trace` takes a path or the short name of a trace shipped in data/traces
+(TRACES below; data/traces/README.md gives their sources and licences).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -69,25 +71,54 @@ def synthetic_arrivals(n: int, rate: float, burstiness: float, input_len: int, o
     return [Arrival(float(t), jitter(input_len), jitter(output_len)) for t in ts]
 
 
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "traces")
+# Short names for the traces shipped in the repository (data/traces).
+TRACES = {
+    "azure_code": "AzureLLMInferenceTrace_code.csv",
+    "azure_conv": "AzureLLMInferenceTrace_conv.csv",
+    "burstgpt": "burstgpt1_head400.csv",
+    "mooncake_conversation": "mooncake_conversation_trace_head1000.jsonl",
+    "mooncake_synthetic": "mooncake_synthetic_trace_head1000.jsonl",
+}
+
+
+def trace_path(name_or_path: str) -> str:
+    """A short name of TRACES (-> its file in data/traces) or a path; raises ValueError naming both
+    when it is neither."""
+    if name_or_path in TRACES:
+        return os.path.join(DATA_DIR, TRACES[name_or_path])
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    raise ValueError(f"--trace={name_or_path}: no such file, and not one of the shipped traces "
+                     f"({', '.join(TRACES)})")
+
+
 def load_trace(path: str, offset: int = 0, limit: Optional[int] = None) -> list[Arrival]:
+    """Arrivals of a trace file (or a short name of TRACES), from row `offset` (0-based, header not
+    counted), at most `limit` rows; times are relative to the first row returned."""
+    path = trace_path(path)
     rows: list[tuple[float, int, int]] = []
-    if path.endswith(".jsonl"):
-        with open(path) as f:
-            for line in f:
-                d = json.loads(line)
-                rows.append((d["timestamp"] / 1000.0, int(d["input_length"]), int(d["output_length"])))
-    else:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            for r in reader:
-                if "TIMESTAMP" in r:  # Azure 2023
-                    ts = datetime.datetime.fromisoformat(r["TIMESTAMP"][:26]).replace(
-                        tzinfo=datetime.timezone.utc).timestamp()  # no zone given; UTC avoids DST jumps
-                    rows.append((ts, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
-                elif "Timestamp" in r:  # BurstGPT
-                    rows.append((float(r["Timestamp"]), int(r["Request tokens"]), int(r["Response tokens"])))
-                else:
-                    raise ValueError(f"{path}: unknown trace columns {list(r)}")
+    try:
+        if path.endswith(".jsonl"):
+            with open(path) as f:
+                for line in f:
+                    d = json.loads(line)
+                    rows.append((d["timestamp"] / 1000.0, int(d["input_length"]), int(d["output_length"])))
+        else:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                for r in reader:
+                    if "TIMESTAMP" in r:  # Azure 2023
+                        ts = datetime.datetime.fromisoformat(r["TIMESTAMP"][:26]).replace(
+                            tzinfo=datetime.timezone.utc).timestamp()  # no zone given; UTC avoids DST jumps
+                        rows.append((ts, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
+                    elif "Timestamp" in r:  # BurstGPT
+                        rows.append((float(r["Timestamp"]), int(r["Request tokens"]), int(r["Response tokens"])))
+                    else:
+                        raise ValueError(f"unknown trace columns {list(r)}")
+    except (KeyError, TypeError, ValueError) as e:  # a missing field, a malformed number or line
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path}: row {len(rows) + 1}: {what}") from None
     rows = rows[offset:offset + limit if limit else None]
     if not rows:
         raise ValueError(f"{path}: no rows at offset {offset}")
@@ -245,7 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--input_len", type=int, default=32)
     ap.add_argument("--output_len", type=int, default=32)
     ap.add_argument("--len_jitter", type=float, default=0.0, help="uniform +-fraction on synthetic lengths")
-    ap.add_argument("--trace", help="trace file (Azure CSV, BurstGPT CSV, Mooncake JSONL)")
+    ap.add_argument("--trace", help="trace file (Azure CSV, BurstGPT CSV, Mooncake JSONL) or a shipped trace: "
+                    + ", ".join(TRACES))
     ap.add_argument("--trace_offset", type=int, default=0)
     ap.add_argument("--trace_limit", type=int, default=None)
     ap.add_argument("--time_scale", type=float, default=1.0, help="divide trace times by this (speed-up)")
@@ -262,7 +294,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     if args.trace:
-        arrivals = load_trace(args.trace, args.trace_offset, args.trace_limit)
+        try:
+            arrivals = load_trace(args.trace, args.trace_offset, args.trace_limit)
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(str(e))
         for a in arrivals:
             a.t /= args.time_scale
     else:

