@@ -362,7 +362,7 @@ def build_cluster(opts: LaunchOptions, oplog=None):
     except (OSError, ValueError) as e:  # the loader's messages name the file and the problem
         logging.debug("loading %s failed", opts.model.model, exc_info=True)
         raise LaunchError(f"cannot load model {opts.model.model}: {e}") from e
-    startup_phase("placing the instances and compiling the shapes that cover every step")
+    startup_phase("warm-up: placing the instances, compiling the shapes that cover every step")
     cluster = ServingCluster.build(host, engine_config(opts), opts.cluster.num_instances, opts.cluster.tp,
                                    devices=devices, oplog=oplog)
     if opts.scheduler.warmup:  # the cheaper shapes compile in the background while the server answers
@@ -462,6 +462,7 @@ def run_controller(opts: LaunchOptions, startup: StartupSignals) -> None:
             startup_phase(f"waiting for {d.num_processes - 1} follower(s) on port {port}")
             channel.accept()
         loop.run_until_complete(serve(opts, server, cluster, channel, startup))
+        cluster.close()
     finally:
         loop.close()
 
@@ -506,6 +507,7 @@ def run_follower(opts: LaunchOptions, startup: StartupSignals) -> None:
     if pending is not None:
         on_signal(pending)
     multihost.follow(cluster, channel)
+    cluster.close()
     print("kunjax follower stopped", flush=True)
 
 

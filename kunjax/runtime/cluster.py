@@ -102,6 +102,11 @@ class ServingCluster(Cluster):
                 if keys:
                     self.compiler.submit(e.exes, keys)
 
+    def close(self) -> None:
+        """Before the process exits: stops the background compiler (queued work dropped, the compile
+        in progress finished)."""
+        self.compiler.shutdown()
+
     # ---- units and groups ------------------------------------------------------------------
     def next_group_id(self) -> int:
         self._group_ids += 1

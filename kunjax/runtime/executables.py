@@ -283,6 +283,14 @@ class BackgroundCompiler:
                     self._busy -= 1
                     self._cv.notify_all()
 
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Drops the queued jobs and waits for the one compiling now: a process must not exit while
+        XLA compiles on this thread (the runtime aborts)."""
+        with self._cv:
+            self._busy -= len(self._queue)
+            self._queue.clear()
+        self.wait(timeout)
+
     def idle(self) -> bool:
         with self._cv:
             return self._busy == 0
