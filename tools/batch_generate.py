@@ -108,11 +108,11 @@ def run(model: str, input_path: str, output_path: str, defaults: Any, engine_con
     from tqdm import tqdm
 
     from kunjax.runtime.engine import EngineConfig, LLMEngine
-    from kunjax.io.loader import load_model
+    from kunjax.io.loader import host_place, load_model, parse_dtype
     from kunjax.control.scheduler import SchedulerConfig
 
     t_load = time.perf_counter()
-    lm = load_model(model, dtype=defaults.dtype)
+    lm = load_model(model, dtype=defaults.dtype, place=host_place(parse_dtype(defaults.dtype)))
     if engine_config is None:
         import jax
 

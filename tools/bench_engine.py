@@ -145,13 +145,13 @@ def main(argv):
     import torch
     import transformers
 
-    from kunjax.io.loader import load_model
+    from kunjax.io.loader import host_place, load_model, parse_dtype
 
     batch_sizes = [int(b) for b in FLAGS.batch_sizes]
     tdtype = torch.float32 if FLAGS.dtype == "float32" else torch.bfloat16
     torch.set_num_threads(os.cpu_count() or 1)
     if FLAGS.model:
-        lm = load_model(FLAGS.model, dtype=FLAGS.dtype)
+        lm = load_model(FLAGS.model, dtype=FLAGS.dtype, place=host_place(parse_dtype(FLAGS.dtype)))
         hf_model = None
         if FLAGS.hf and (FLAGS.model.endswith(".gguf") or FLAGS.model == "smollm2-135m"):
             from kunjax.io.checkpoints.gguf import smollm2_path
@@ -169,7 +169,7 @@ def main(argv):
         hf_model = transformers.LlamaForCausalLM(hcfg).to(tdtype)
         tmp = tempfile.mkdtemp()
         hf_model.save_pretrained(tmp)
-        lm = load_model(tmp, dtype=FLAGS.dtype)
+        lm = load_model(tmp, dtype=FLAGS.dtype, place=host_place(parse_dtype(FLAGS.dtype)))
         name = f"random Llama {FLAGS.preset}"
     if hf_model is not None:
         hf_model.eval()

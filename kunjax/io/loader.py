@@ -48,6 +48,12 @@ def default_place(dtype, device_or_sharding=None) -> Callable[[np.ndarray], Any]
     return place
 
 
+def host_place(dtype) -> Callable[[np.ndarray], Any]:
+    """Keeps weights in host memory (numpy, in the serving dtype): what engines and clusters are
+    built from, each placing its own replica on its own devices (no device copy held by the model)."""
+    return lambda a: np.asarray(a).astype(dtype)
+
+
 def load_model(spec: str, dtype=None, place: Optional[Callable[[np.ndarray], Any]] = None) -> LoadedModel:
     """Loads config, tokenizer and weights; weights go through `place` one tensor at a time."""
     dtype = parse_dtype(dtype) if (dtype is None or isinstance(dtype, str)) else dtype
