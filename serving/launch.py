@@ -334,10 +334,9 @@ def check_model(spec: str) -> None:
 def build_cluster(opts: LaunchOptions, oplog=None):
     """Loads the model once into host memory and places one sharded replica per instance."""
     import jax
-    import numpy as np
 
     from kunjax.runtime.cluster import ServingCluster
-    from kunjax.io.loader import load_model, parse_dtype
+    from kunjax.io.loader import host_place, load_model, parse_dtype
 
     devices = jax.devices()
     if opts.cluster.devices:
@@ -358,13 +357,16 @@ def build_cluster(opts: LaunchOptions, oplog=None):
     dtype = parse_dtype(opts.model.dtype)
     startup_phase(f"loading {opts.model.model}")
     try:
-        host = load_model(opts.model.model, dtype, place=lambda a: np.asarray(a).astype(dtype))
+        host = load_model(opts.model.model, dtype, place=host_place(dtype))
     except (OSError, ValueError) as e:  # the loader's messages name the file and the problem
         logging.debug("loading %s failed", opts.model.model, exc_info=True)
         raise LaunchError(f"cannot load model {opts.model.model}: {e}") from e
     startup_phase("warm-up: placing the instances, compiling the shapes that cover every step")
     cluster = ServingCluster.build(host, engine_config(opts), opts.cluster.num_instances, opts.cluster.tp,
                                    devices=devices, oplog=oplog)
+    # Every instance placed its own replica; the host copy of the weights is no longer needed (a
+    # restore brings dropped layers back from the peers that kept them, never from the host).
+    host.params = None
     if opts.scheduler.warmup:  # the cheaper shapes compile in the background while the server answers
         cluster.compile_in_background()
     return cluster

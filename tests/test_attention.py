@@ -14,7 +14,7 @@ def test_paged_equals_dense(q_len, window):
     R, H, KV, hd, ps, P = 3, 4, 2, 8, 4, 32
     ctx = np.array([5, 13, 22])  # total context per row after this step's tokens
     q_len_rows = np.minimum(q_len, ctx)
-    k_pool = jnp.asarray(rng.standard_normal((KV, P, ps, hd)), jnp.float32)
+    k_pool = jnp.asarray(rng.standard_normal((KV, P, hd, ps)), jnp.float32)  # K pages stored transposed
     v_pool = jnp.asarray(rng.standard_normal((KV, P, ps, hd)), jnp.float32)
     # Scattered, non-contiguous page tables (page 0 is the null page).
     perm = rng.permutation(np.arange(1, P))
@@ -35,7 +35,7 @@ def test_paged_equals_dense(q_len, window):
     k_new = jnp.asarray(rng.standard_normal((R, Q, KV, hd)), jnp.float32)
     v_new = jnp.asarray(rng.standard_normal((R, Q, KV, hd)), jnp.float32)
     q = jnp.asarray(rng.standard_normal((R, Q, H, hd)), jnp.float32)
-    k_pool2 = write_kv(k_pool, k_new, jnp.asarray(slots))
+    k_pool2 = write_kv(k_pool, k_new, jnp.asarray(slots), transposed=True)
     v_pool2 = write_kv(v_pool, v_new, jnp.asarray(slots))
     out = paged_attention(q, k_pool2, v_pool2, jnp.asarray(tables), jnp.asarray(positions), jnp.asarray(ctx),
                           scale=hd ** -0.5, sliding_window=window)
@@ -47,7 +47,7 @@ def test_paged_equals_dense(q_len, window):
     for r in range(R):
         for j in range(ctx[r]):
             page, o = tables[r, j // ps], j % ps
-            k_dense[r, j], v_dense[r, j] = kp[:, page, o], vp[:, page, o]
+            k_dense[r, j], v_dense[r, j] = kp[:, page, :, o], vp[:, page, o]
     ref = dense_attention(q, jnp.asarray(k_dense), jnp.asarray(v_dense), jnp.asarray(positions), jnp.asarray(ctx),
                           scale=hd ** -0.5, sliding_window=window)
     for r in range(R):
@@ -77,23 +77,28 @@ def test_bf16_pool_stored_as_bits_round_trips():
     k_new = jnp.asarray(rng.standard_normal((1, 6, KV, hd)), jnp.bfloat16)
     slots = jnp.asarray([[3 * ps + i for i in range(4)] + [5 * ps, 5 * ps + 1]], jnp.int32)
     pool = write_kv(pool, k_new, slots)
-    assert pool.dtype == jnp.uint16
+    k_pool = write_kv(jnp.zeros((KV, P, hd, ps), jnp.uint16), k_new, slots, transposed=True)
+    assert pool.dtype == jnp.uint16 and k_pool.dtype == jnp.uint16
     back = jax.lax.bitcast_convert_type(pool, jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(back[:, 3].transpose(1, 0, 2), np.float32),
                                   np.asarray(k_new[0, :4], np.float32))
     np.testing.assert_array_equal(np.asarray(back[:, 5, :2].transpose(1, 0, 2), np.float32),
                                   np.asarray(k_new[0, 4:], np.float32))
+    back_k = jax.lax.bitcast_convert_type(k_pool, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(back_k[:, 3].transpose(2, 0, 1), np.float32),
+                                  np.asarray(k_new[0, :4], np.float32))
     q = jnp.asarray(rng.standard_normal((1, 6, H, hd)), jnp.bfloat16)
     positions = jnp.arange(6, dtype=jnp.int32)[None]
     ctx = jnp.asarray([6], jnp.int32)
-    out = paged_attention(q, pool, pool, jnp.asarray([[3, 5]], jnp.int32), positions, ctx, scale=hd ** -0.5)
+    out = paged_attention(q, k_pool, pool, jnp.asarray([[3, 5]], jnp.int32), positions, ctx, scale=hd ** -0.5)
     ref = dense_attention(q, k_new, k_new, positions, ctx, scale=hd ** -0.5)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["v", "k"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_kv_write_updates_donated_pool_in_place(dtype):
+def test_kv_write_updates_donated_pool_in_place(dtype, transposed):
     """The compiled KV write must not copy or convert the pool (a full-pool copy per layer per step is
     what XLA's CPU backend did for a bf16 scatter): no instruction other than the in-place
     scatter / dynamic-update-slice produces a pool-shaped array."""
@@ -101,11 +106,12 @@ def test_kv_write_updates_donated_pool_in_place(dtype):
 
     from kunjax.runtime.kv_pools import storage_dtype
 
-    shape = (2, 512, 16, 64)
+    shape = (2, 512, 64, 16) if transposed else (2, 512, 16, 64)
     pool = jnp.zeros(shape, storage_dtype(dtype))
     new = jnp.ones((4, 1, 2, 64), dtype)
     slots = jnp.asarray([[17], [40], [99], [1000]], jnp.int32)
-    hlo = jax.jit(write_kv, donate_argnums=(0,)).lower(pool, new, slots).compile().as_text()
+    hlo = jax.jit(lambda p, n, s: write_kv(p, n, s, transposed), donate_argnums=(0,)).lower(
+        pool, new, slots).compile().as_text()
     dims = ",".join(map(str, shape))
     ops = [m.group(1) for m in re.finditer(rf"= \w+\[{dims}\]\{{[^}}]*\}} ([\w-]+)\(", hlo)]
     assert ops, hlo
@@ -118,13 +124,13 @@ def test_kv_write_updates_donated_pool_in_place(dtype):
 def test_decode_equals_dense_reference(dtype, atol):
     """Decode (one query per row) over scattered pages of a u16/f32 pool agrees with the independent
     dense reference over the same keys (bf16: to bf16 rounding of the probabilities)."""
-    from kunjax.model.attention import read_pages
+    from kunjax.model.attention import read_k, read_v
     from kunjax.runtime.kv_pools import storage_dtype
 
     rng = np.random.default_rng(3)
     R, H, KV, hd, ps, P = 4, 6, 2, 16, 4, 40
     ctx = np.array([1, 9, 16, 30])
-    k_pool = jnp.asarray(rng.standard_normal((KV, P, ps, hd)), dtype)
+    k_pool = jnp.asarray(rng.standard_normal((KV, P, hd, ps)), dtype)
     v_pool = jnp.asarray(rng.standard_normal((KV, P, ps, hd)), dtype)
     if storage_dtype(dtype) != dtype:
         k_pool, v_pool = (jax.lax.bitcast_convert_type(p, storage_dtype(dtype)) for p in (k_pool, v_pool))
@@ -133,8 +139,8 @@ def test_decode_equals_dense_reference(dtype, atol):
     positions = jnp.asarray(ctx[:, None] - 1, jnp.int32)
     ctx_lens = jnp.asarray(ctx, jnp.int32)
     got = paged_attention(q, k_pool, v_pool, tables, positions, ctx_lens, scale=hd ** -0.5)
-    k = read_pages(k_pool, tables, dtype).transpose(1, 2, 0, 3)  # (R, S, KV, hd)
-    v = read_pages(v_pool, tables, dtype).transpose(1, 2, 0, 3)
+    k = read_k(k_pool, tables, dtype).transpose(1, 3, 0, 2)  # (R, S, KV, hd)
+    v = read_v(v_pool, tables, dtype).transpose(1, 2, 0, 3)
     want = dense_attention(q, k, v, positions, ctx_lens, scale=hd ** -0.5)
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=atol)

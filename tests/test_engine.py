@@ -204,14 +204,14 @@ def test_compiled_steps_update_kv_pools_in_place(dtype):
     lm = load_model("tiny", dtype)
     eng = LLMEngine(lm, EngineConfig(page_size=16, num_pages=999, max_model_len=128, warmup=True,
                                      scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32)))
-    pool = eng.stage.pools[0][0]
-    dims = ",".join(map(str, pool.shape))
     keys = [k for k in eng.shape_keys(eng.buckets.all_shapes()) if k.kind == LAYER]
     assert len(keys) == len(eng.buckets.all_shapes())
-    for key in keys:
-        hlo = eng.exes.get(key).as_text()
-        ops = set(re.findall(rf"= \w+\[{dims}\]\{{[^}}]*\}} ([\w-]+)\(", hlo))
-        assert ops, key
-        assert not ops & {"copy", "convert"}, (key, ops)
-        for fused in re.findall(rf"%(\S+) = \w+\[{dims}\]\{{[^}}]*\}} fusion\(", hlo):
-            assert "copy" not in fused and "convert" not in fused, (key, fused)
+    for pool in eng.stage.pools[0]:  # K (pages stored transposed) and V
+        dims = ",".join(map(str, pool.shape))
+        for key in keys:
+            hlo = eng.exes.get(key).as_text()
+            ops = set(re.findall(rf"= \w+\[{dims}\]\{{[^}}]*\}} ([\w-]+)\(", hlo))
+            assert ops, key
+            assert not ops & {"copy", "convert"}, (key, ops)
+            for fused in re.findall(rf"%(\S+) = \w+\[{dims}\]\{{[^}}]*\}} fusion\(", hlo):
+                assert "copy" not in fused and "convert" not in fused, (key, fused)

@@ -118,7 +118,7 @@ def run(model: str, input_path: str, output_path: str, defaults: Any, engine_con
 
         hbm = defaults.hbm_bytes or (CPU_DEFAULT_BUDGET if jax.default_backend() == "cpu" else None)
         engine_config = EngineConfig(page_size=defaults.page_size, num_pages=defaults.num_pages, hbm_bytes=hbm,
-                                     max_model_len=defaults.max_model_len,
+                                     max_model_len=defaults.max_model_len, compile_on_demand=True,
                                      scheduler=SchedulerConfig(max_num_seqs=defaults.max_num_seqs,
                                                                max_num_batched_tokens=defaults.max_num_batched_tokens))
     engine = LLMEngine(lm, engine_config)

@@ -1,14 +1,16 @@
 """Engine speed, measured side by side in one run: kunjax vs Hugging Face transformers on the same
-weights, and kunjax's decode step vs the memory-bandwidth bound.
+weights, and every kunjax figure against both physical bounds measured in the same run.
 
     python -m tools.bench_engine                       # ~125M-parameter Llama-shaped model, f32, CPU
     python -m tools.bench_engine --preset=1b --dtype=bfloat16   # on a GPU
     python -m tools.bench_engine --model=smollm2-135m  # a real checkpoint (HF reference loads it too)
 
 Decode tokens/s is measured on steady-state decode steps only (after every prompt is prefilled);
-prefill tokens/s on full prefill chunks. The bandwidth bound of a decode step is
-(parameter bytes + KV bytes read) / memory bandwidth, where the bandwidth is measured in this run
-by a large on-device reduction.
+prefill tokens/s on full prefill chunks. Bounds, both measured in this run:
+- memory bandwidth: (parameter bytes + KV bytes read) / the bandwidth of a large on-device reduction;
+- compute: model FLOPs (2 x tokens x matmul parameters + attention) / the peak GEMM FLOP/s of a large
+  matmul in the step's dtype.
+"step/bound" divides the measured time by the larger of the two.
 """
 
 from __future__ import annotations
@@ -59,6 +61,32 @@ def measure_bandwidth(nbytes: int = 1 << 29) -> float:
     return nbytes / best
 
 
+def measure_peak_flops(dtype, n: int = 2048) -> float:
+    """FLOP/s of a large n x n matmul in `dtype`, accumulated in f32 as the model's matmuls are."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def matmul_params(cfg) -> int:
+    """Parameters every token multiplies by: the layers and the LM head (the embedding lookup is no
+    matmul; a tied embedding is the LM head)."""
+    return cfg.num_params() - cfg.hidden_size - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+
+
+def attention_flops(cfg, queries: int, keys: int) -> int:
+    return 4 * queries * keys * cfg.num_heads * cfg.head_dim * cfg.num_layers
+
+
 def kunjax_bench(lm, batch_sizes, prompt_len, decode_steps, prefill_len, prefill_prompts):
     import jax
     import numpy as np
@@ -76,7 +104,7 @@ def kunjax_bench(lm, batch_sizes, prompt_len, decode_steps, prefill_len, prefill
     sc = SchedulerConfig(max_num_seqs=max(max_b, prefill_prompts), max_num_batched_tokens=prefill_len,
                          max_prefill_rows=1)
     eng = LLMEngine(lm, EngineConfig(page_size=16, num_pages=(max(max_b, prefill_prompts) + 1) * max_len // 16 + 2,
-                                     max_model_len=max_len, scheduler=sc))
+                                     max_model_len=max_len, scheduler=sc, warmup=True))
     results = {}
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.params))
     for b in batch_sizes:
@@ -93,7 +121,8 @@ def kunjax_bench(lm, batch_sizes, prompt_len, decode_steps, prefill_len, prefill
         dt = (time.perf_counter() - t) / decode_steps
         ctx = prompt_len + 3 + decode_steps // 2
         kv_read = b * ctx * page_bytes(cfg, 1, lm.params["embed"].dtype)
-        results[f"decode_b{b}"] = dict(step_s=dt, tok_s=b / dt, bytes=param_bytes + kv_read)
+        flops = 2 * b * matmul_params(cfg) + attention_flops(cfg, b, ctx)
+        results[f"decode_b{b}"] = dict(step_s=dt, tok_s=b / dt, bytes=param_bytes + kv_read, flops=flops)
         for r in list(eng.scheduler.running):
             eng.abort(r.request_id)
     prompts = [rng.integers(0, cfg.vocab_size, prefill_len).tolist() for _ in range(prefill_prompts + 1)]
@@ -101,7 +130,9 @@ def kunjax_bench(lm, batch_sizes, prompt_len, decode_steps, prefill_len, prefill
     t = time.perf_counter()
     eng.generate(prompts[1:], SamplingParams(max_tokens=1))
     dt = time.perf_counter() - t
-    results["prefill"] = dict(tok_s=prefill_len * prefill_prompts / dt)
+    flops = prefill_prompts * (2 * prefill_len * matmul_params(cfg) + attention_flops(cfg, prefill_len, prefill_len) // 2)
+    results["prefill"] = dict(step_s=dt, tok_s=prefill_len * prefill_prompts / dt, flops=flops,
+                              bytes=prefill_prompts * param_bytes)
     return results
 
 
@@ -179,24 +210,26 @@ def main(argv):
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm.params))
     bw = measure_bandwidth()
+    peak = measure_peak_flops(parse_dtype(FLAGS.dtype))
     ours = kunjax_bench(lm, batch_sizes, FLAGS.prompt_len, FLAGS.decode_steps, FLAGS.prefill_len, FLAGS.prefill_prompts)
     ref = hf_bench(hf_model, batch_sizes, FLAGS.prompt_len, FLAGS.decode_steps, FLAGS.prefill_len,
                    FLAGS.prefill_prompts) if hf_model is not None else {}
     print(f"\nmodel: {name}, {n_params / 1e6:.1f}M parameters, {FLAGS.dtype}, backend {jax.default_backend()} "
           f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPU threads")
-    print(f"measured memory bandwidth: {bw / 1e9:.1f} GB/s; prompt {FLAGS.prompt_len} tokens, "
-          f"{FLAGS.decode_steps} timed decode steps\n")
-    print(f"{'measure':<16}{'kunjax tok/s':>14}{'HF tok/s':>12}{'kunjax/HF':>11}{'step ms':>10}{'bound ms':>10}{'step/bound':>12}")
+    print(f"measured memory bandwidth: {bw / 1e9:.1f} GB/s; peak GEMM ({FLAGS.dtype}, 2048^3): {peak / 1e9:.0f} GFLOP/s; "
+          f"prompt {FLAGS.prompt_len} tokens, {FLAGS.decode_steps} timed decode steps; prefill "
+          f"{FLAGS.prefill_prompts} x {FLAGS.prefill_len} tokens (its 'step' is the whole prefill)\n")
+    print(f"{'measure':<12}{'kunjax tok/s':>14}{'HF tok/s':>10}{'kunjax/HF':>11}{'step ms':>10}{'bw bound':>10}"
+          f"{'compute':>10}{'step/bound':>12}  closest to")
     for key in [f"decode_b{b}" for b in batch_sizes] + ["prefill"]:
         k = ours[key]
         h = ref.get(key, {}).get("tok_s")
         hs = f"{h:.1f}" if h else "-"
         ratio = f"{k['tok_s'] / h:.2f}" if h else "-"
-        row = f"{key:<16}{k['tok_s']:>14.1f}{hs:>12}{ratio:>11}"
-        if "step_s" in k:
-            bound = k["bytes"] / bw
-            row += f"{k['step_s'] * 1e3:>10.2f}{bound * 1e3:>10.2f}{k['step_s'] / bound:>12.2f}"
-        print(row)
+        mem, comp = k["bytes"] / bw, k["flops"] / peak
+        bound = max(mem, comp)
+        print(f"{key:<12}{k['tok_s']:>14.1f}{hs:>10}{ratio:>11}{k['step_s'] * 1e3:>10.2f}{mem * 1e3:>10.2f}"
+              f"{comp * 1e3:>10.2f}{k['step_s'] / bound:>12.2f}  {'memory' if mem >= comp else 'compute'}")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,15 @@ class Buckets:
                 shapes.add(StepShape(r, q, self.max_pages_per_seq))
         return sorted(shapes, key=lambda s: (s.cost(), s))
 
+    def first_shapes(self) -> list[StepShape]:
+        """What an instance compiles before it serves: the covering shapes (every step can run) and
+        the smallest decode and prefill shapes (a lone short request does not pay for the largest
+        buckets while the rest compile in the background)."""
+        lo = min(pages_for(self.min_context, self.page_size), self.max_pages_per_seq)
+        q = min(self.min_chunk, self.max_chunk)
+        small = [StepShape(1, 1, lo), StepShape(1, q, self._short_context(q))]
+        return self.covering_shapes() + [s for s in small if s not in self.covering_shapes()]
+
     def covering_shapes(self) -> list[StepShape]:
         """The shapes that between them cover every step (the largest decode and prefill shapes):
         what a server compiles before it answers; the rest can follow in the background."""

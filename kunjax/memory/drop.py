@@ -135,7 +135,7 @@ def execute_drop(cluster, op: DeviceOp) -> TransitionReport:
         for l in gp.layer_order:
             o = next(j for j, st in enumerate(gp.stages) if st.holds(l))
             owner = members[o].stage
-            pools = (owner.exes.new_pool(gp.num_pages), owner.exes.new_pool(gp.num_pages))
+            pools = owner.exes.new_pools(gp.num_pages)
             _sample_peak(report, devices)
             for j, m in enumerate(members):
                 pools = copy_pages(m.stage, m.stage.pools[l], owner, pools, src[j], dst[j], chunk, report.exchange,

@@ -21,6 +21,7 @@ import numpy as np
 
 from kunjax.control.pages import NULL_PAGE
 from kunjax.runtime.executables import GATHER, SCATTER, ExeKey
+from kunjax.runtime.kv_pools import K, V
 from kunjax.runtime.runner import Stage
 from sharding.transfer import move, put
 
@@ -65,8 +66,8 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
     t = time.perf_counter()
     src_p = src_pools[0].shape[1]
     dst_p = dst_pools[0].shape[1]
-    gather = src.exes.get(ExeKey(GATHER, chunk, 0, 0, src_p))
-    scatter = dst.exes.get(ExeKey(SCATTER, chunk, 0, 0, dst_p))
+    gather_k, gather_v = (src.exes.get(ExeKey(GATHER, chunk, 0, 0, src_p, part)) for part in (K, V))
+    scatter_k, scatter_v = (dst.exes.get(ExeKey(SCATTER, chunk, 0, 0, dst_p, part)) for part in (K, V))
     crossing = src.mesh != dst.mesh
     per_page = page_bytes_per_device(dst) * dst.mesh.size
     k_dst, v_dst = dst_pools
@@ -81,11 +82,11 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
                 FAULT_HOOK(event, {**(info or {}), "src_ids": s[:n].tolist(), "dst_ids": d[:n].tolist()})
             s_dev = put(s, src.exes.rep)
             d_dev = put(d, dst.exes.rep)
-            k_pages, v_pages = gather(src_pools[0], s_dev), gather(src_pools[1], s_dev)
+            k_pages, v_pages = gather_k(src_pools[0], s_dev), gather_v(src_pools[1], s_dev)
             if crossing:
                 k_pages, v_pages = move(k_pages, dst.exes.kv_sh), move(v_pages, dst.exes.kv_sh)
-            k_dst = scatter(k_dst, d_dev, k_pages)
-            v_dst = scatter(v_dst, d_dev, v_pages)
+            k_dst = scatter_k(k_dst, d_dev, k_pages)
+            v_dst = scatter_v(v_dst, d_dev, v_pages)
             v_dst.block_until_ready()
         except Exception:
             if lost is None or k_dst.is_deleted() or v_dst.is_deleted():

@@ -103,7 +103,7 @@ def execute_restore(cluster, op: DeviceOp) -> TransitionReport:
             if j != o:
                 lp = owner.layers[l]
                 st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
-            pools = (st.exes.new_pool(pages[j]), st.exes.new_pool(pages[j]))
+            pools = st.exes.new_pools(pages[j])
             _sample_peak(report, devices)
             pools = copy_pages(owner, group_pools, st, pools, src[j], dst[j], chunk, report.exchange, "restore",
                                {"group": group.id, "layer": l, "member": j}, lost[j])

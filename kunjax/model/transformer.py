@@ -13,7 +13,8 @@ dropping) and so that any contiguous layer range [a, b) can run on its own (pipe
     }
 
 Weights are stored input-major (x @ W), i.e. the transpose of Hugging Face's nn.Linear layout.
-A layer's KV is a (k_pool, v_pool) pair, each `(kv_heads, pages, page_size, head_dim)`. A step runs
+A layer's KV is a (k_pool, v_pool) pair: K `(kv_heads, pages, head_dim, page_size)` (pages stored
+transposed) and V `(kv_heads, pages, page_size, head_dim)` (see kunjax.model.attention). A step runs
 as one compiled call per layer (kunjax.runtime.executables), so any layer range runs on the same
 executables.
 """
@@ -121,7 +122,7 @@ def layer_forward(lp: LayerParams, kv: LayerKV, h, positions, slots, block_table
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, positions, cfg)
     k = apply_rope(k, positions, cfg)
-    k_pool = write_kv(kv[0], k, slots)
+    k_pool = write_kv(kv[0], k, slots, transposed=True)
     v_pool = write_kv(kv[1], v, slots)
     attn = paged_attention(q, k_pool, v_pool, block_tables, positions, ctx_lens,
                            scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)

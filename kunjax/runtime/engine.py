@@ -58,7 +58,11 @@ class EngineConfig:
     hbm_fraction: float = 0.85  # of bytes_limit, when the device reports one
     max_model_len: Optional[int] = None  # default: min(model context, 4096)
     scheduler: SchedulerConfig = SchedulerConfig()
-    warmup: bool = False  # compile every bucket shape at start (else only the covering shapes)
+    warmup: bool = False  # compile every bucket shape at start (else the covering and the smallest shapes)
+    # Compile a step's exact shape when it is first needed, instead of running it padded to a larger
+    # compiled one: for offline batch runs, where a short compile beats many oversized steps. A
+    # server leaves this off (nothing compiles on its request path).
+    compile_on_demand: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +151,7 @@ class LLMEngine(UnitCore):
         self.last_logits: Optional[jax.Array] = None
         self.keep_logits = False  # keep the last step's logits on device (tests compare them)
         t = time.perf_counter()
-        n = self.compile(self.buckets.all_shapes() if config.warmup else self.buckets.covering_shapes())
+        n = self.compile(self.buckets.all_shapes() if config.warmup else self.buckets.first_shapes())
         if n:
             log.info("compiled %d executables in %.1fs on %s", n, time.perf_counter() - t, self.device)
 
@@ -271,6 +275,8 @@ class LLMEngine(UnitCore):
     def prepare(self, step: ScheduledStep) -> DeviceOp:
         """The step as data: the cheapest compiled shape that covers it, and its padded batch."""
         needed = self.buckets.needed(step.rows, step.prefill)
+        if self.config.compile_on_demand and not self.stage.ready(needed):
+            self.compile([needed])
         shape = pick_shape(needed, self.buckets, self.stage.ready)
         if shape is None:
             raise RuntimeError(f"no compiled step shape covers {needed}; the covering shapes are compiled at "

@@ -31,7 +31,7 @@ from kunjax.control.batch import StepShape
 from kunjax.model.config import ModelConfig
 from kunjax.model.sampling import sample
 from kunjax.model.transformer import layer_forward, layer_shapes, lm_logits
-from kunjax.runtime.kv_pools import pool_shape, storage_dtype
+from kunjax.runtime.kv_pools import K, V, pool_shape, storage_dtype
 from sharding.rules import kv_sharding, replicated, spec_for
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,13 @@ class ExeKey:
     query: int
     pages: int = 0  # gathered context pages per row (layer only)
     pool_pages: int = 0  # pages of the KV pool it reads or writes (layer, zeros, gather, scatter)
+    part: str = ""  # "k" or "v": which pool (zeros, gather, scatter; their shapes differ)
 
 
 def pool_keys(pool_pages: int, chunk_pages: int) -> list[ExeKey]:
-    """What creating pools of this size and moving pages in and out of them needs."""
-    return [ExeKey(ZEROS, 0, 0, 0, pool_pages), ExeKey(GATHER, chunk_pages, 0, 0, pool_pages),
-            ExeKey(SCATTER, chunk_pages, 0, 0, pool_pages)]
+    """What creating K and V pools of this size and moving pages in and out of them needs."""
+    return [ExeKey(kind, rows, 0, 0, pool_pages, part) for part in (K, V)
+            for kind, rows in ((ZEROS, 0), (GATHER, chunk_pages), (SCATTER, chunk_pages))]
 
 
 def keys_for(shape: StepShape, pool_pages: int, embed: bool = True, head: bool = True) -> list[ExeKey]:
@@ -146,8 +147,8 @@ class StepExecutables:
     def _sds(self, shape, dtype, sharding=None):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding or self.rep)
 
-    def _pool_sds(self, num_pages: int):
-        return self._sds(pool_shape(self.cfg, num_pages, self.page_size), storage_dtype(self.dtype), self.kv_sh)
+    def _pool_sds(self, num_pages: int, part: str):
+        return self._sds(pool_shape(self.cfg, num_pages, self.page_size, part), storage_dtype(self.dtype), self.kv_sh)
 
     def _abstract(self, key: ExeKey) -> tuple:
         cfg, i32 = self.cfg, jnp.int32
@@ -157,15 +158,15 @@ class StepExecutables:
         if key.kind in (GATHER, SCATTER):
             ids = self._sds((key.rows,), i32)
             if key.kind == GATHER:
-                return (self._pool_sds(key.pool_pages), ids)
-            return (self._pool_sds(key.pool_pages), ids, self._pool_sds(key.rows))
+                return (self._pool_sds(key.pool_pages, key.part), ids)
+            return (self._pool_sds(key.pool_pages, key.part), ids, self._pool_sds(key.rows, key.part))
         h = self._sds((R, Q, cfg.hidden_size), self.dtype)
         if key.kind == EMBED:
             return (self._sds((cfg.vocab_size, cfg.hidden_size), self.dtype, self.embed_sh), self._sds((R, Q), i32))
         if key.kind == LAYER:
             lp = {n: self._sds(s, self.dtype, self.layer_sh[n]) for n, s in layer_shapes(cfg).items()}
-            pool = self._sds(pool_shape(cfg, key.pool_pages, self.page_size), storage_dtype(self.dtype), self.kv_sh)
-            return (lp, pool, pool, h, self._sds((R, Q), i32), self._sds((R, Q), i32),
+            return (lp, self._pool_sds(key.pool_pages, K), self._pool_sds(key.pool_pages, V), h,
+                    self._sds((R, Q), i32), self._sds((R, Q), i32),
                     self._sds((R, key.pages), i32), self._sds((R,), i32))
         w_shape = (cfg.vocab_size, cfg.hidden_size) if self.tied else (cfg.hidden_size, cfg.vocab_size)
         hp = {n: self._sds(w_shape if n != "final_norm" else (cfg.hidden_size,), self.dtype, sh)
@@ -188,7 +189,7 @@ class StepExecutables:
             if key in self._compiled:
                 continue
             t = time.perf_counter()
-            fn = self._zeros_jit(key.pool_pages) if key.kind == ZEROS else self._jit[key.kind]
+            fn = self._zeros_jit(key.pool_pages, key.part) if key.kind == ZEROS else self._jit[key.kind]
             compiled = fn.lower(*self._abstract(key)).compile()
             with self._lock:
                 if key not in self._compiled:
@@ -197,13 +198,13 @@ class StepExecutables:
             self.compile_seconds += time.perf_counter() - t
         return n
 
-    def _zeros_jit(self, num_pages: int):
-        shape, dt = pool_shape(self.cfg, num_pages, self.page_size), storage_dtype(self.dtype)
+    def _zeros_jit(self, num_pages: int, part: str):
+        shape, dt = pool_shape(self.cfg, num_pages, self.page_size, part), storage_dtype(self.dtype)
         return jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=self.kv_sh)
 
-    def new_pool(self, num_pages: int) -> jax.Array:
-        """A zeroed KV pool of this size on this mesh (compiled ahead: pool_keys)."""
-        return self.get(ExeKey(ZEROS, 0, 0, 0, num_pages))()
+    def new_pools(self, num_pages: int) -> tuple[jax.Array, jax.Array]:
+        """A zeroed (K, V) pool pair of this size on this mesh (compiled ahead: pool_keys)."""
+        return tuple(self.get(ExeKey(ZEROS, 0, 0, 0, num_pages, part))() for part in (K, V))
 
     # A follower process of a multi-host cluster replays what the controller decided; when it has not
     # compiled something the controller had ready, it compiles it on the spot (sharding.multihost).

@@ -15,6 +15,9 @@ def configure_jax(cache_dir: str | None = None) -> None:
     try:
         os.makedirs(cache_dir, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # Every executable: a step is many small per-layer pieces, each well under a second to
+        # compile, and together they are the start-up time a restart should not pay again.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     except OSError:
         pass  # read-only home: run without the persistent cache

@@ -1,4 +1,5 @@
-"""KV pools on device: one K and one V array per layer, `(kv_heads, pages, page_size, head_dim)`.
+"""KV pools on device: one K and one V array per layer, K `(kv_heads, pages, head_dim, page_size)`
+and V `(kv_heads, pages, page_size, head_dim)`.
 
 Per-layer pools let a layer's KV be freed, grown or shipped on its own (parameter dropping moves a
 layer's KV to the pipeline stage that owns the layer). The layout is KV-head-major (see
@@ -26,7 +27,13 @@ def storage_dtype(dtype) -> jnp.dtype:
     return dtype
 
 
-def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+K, V = "k", "v"
+
+
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int, part: str) -> tuple[int, int, int, int]:
+    """K pools hold each page transposed (head_dim, page_size); V pools (page_size, head_dim)."""
+    if part == K:
+        return (cfg.num_kv_heads, num_pages, cfg.head_dim, page_size)
     return (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
 
 
@@ -39,7 +46,7 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype, num_layers: Optional[int
 def allocate_pools(exes, num_pages: int, layers) -> dict:
     """Zeroed (K, V) pools for `layers` on the mesh of `exes` (kunjax.runtime.executables), created
     on device by a compiled constructor: {layer index: (k_pool, v_pool)}."""
-    from kunjax.runtime.executables import pool_keys
+    from kunjax.runtime.executables import ZEROS, ExeKey
 
-    exes.compile(pool_keys(num_pages, 1)[:1])
-    return {l: (exes.new_pool(num_pages), exes.new_pool(num_pages)) for l in layers}
+    exes.compile([ExeKey(ZEROS, 0, 0, 0, num_pages, part) for part in (K, V)])
+    return {l: exes.new_pools(num_pages) for l in layers}
