@@ -21,7 +21,8 @@ from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONTROL_MODULES = ["kunjax.control." + m.name for m in pkgutil.iter_modules(kunjax.control.__path__)]
+CONTROL_MODULES = ["kunjax.control." + m.name for m in pkgutil.iter_modules(kunjax.control.__path__)] + [
+    "kunjax.memory.plan"]  # the drop planner decides; it must run without devices too
 
 
 def test_control_plane_imports_without_jax():
@@ -180,3 +181,35 @@ def test_cluster_ops_go_through_the_log_in_order():
     assert ran == [("drop", 2), ("restore", None)]
     with pytest.raises(ValueError, match="no handler"):
         cluster.execute(DeviceOp("unknown", -1))
+
+
+def test_drop_planner_without_devices():
+    """The planner on plain numbers: stage ranges, the group's page count, and a predicted transition
+    peak that stays within every member's budget."""
+    from kunjax.memory.plan import MemberInfo, PlanError, assign_requests, plan_drop, simulate_restore
+
+    mib = 1 << 20
+    infos = [MemberInfo(index=i, budget=100 * mib, layer_bytes=(4 * mib,) * 10, embed_bytes=6 * mib,
+                        head_bytes=6 * mib, other_bytes=mib, reserve=5 * mib, page_layer_bytes=4 << 10,
+                        num_pages=900, used_pages=300 + 50 * i) for i in range(3)]
+    plan = plan_drop(infos, 3, tied=False, max_pages_per_instance=10_000)
+    (gp,) = plan.groups
+    assert plan.alone == () and [(s.start, s.stop) for s in gp.stages] == [(0, 3), (3, 6), (6, 10)]
+    assert gp.stages[0].embed and gp.stages[2].head and not gp.stages[1].embed
+    assert gp.num_pages > 900 * 2  # each member keeps a third of the layers: its KV room per layer grows
+    for st in gp.stages:
+        i = infos[st.instance]
+        assert gp.peak_bytes[st.instance] <= i.budget
+        assert gp.steady_bytes[st.instance] + i.reserve <= i.budget
+    # a tighter budget gives fewer pages
+    tighter = plan_drop([MemberInfo(**{**i.__dict__, "budget": i.budget - 8 * mib}) for i in infos], 3,
+                       tied=False, max_pages_per_instance=10_000)
+    assert tighter.groups[0].num_pages < gp.num_pages
+    assert gp == plan_drop(infos, 3, tied=False, max_pages_per_instance=10_000).groups[0]  # deterministic
+    with pytest.raises(PlanError, match="group_size"):
+        plan_drop(infos, 4, tied=False, max_pages_per_instance=10_000)
+    peak = simulate_restore({i.index: i for i in infos}, gp, 64, {0: 100, 1: 100, 2: 100})
+    assert all(p <= 100 * mib for p in peak.values())
+    assert assign_requests({"a": 5, "b": 4, "c": 2}, {0: 6, 1: 6}) == {"a": 0, "b": 1, "c": 1}
+    assert assign_requests({"a": 5, "b": 4, "c": 3}, {0: 6, 1: 6}) is None
+    assert assign_requests({"a": 7}, {0: 6, 1: 6}) is None

@@ -205,7 +205,7 @@ class Cluster:
             if o.finished:
                 self._where.pop(o.request_id, None)
         t2 = time.perf_counter()
-        wait = sum(getattr(h, "wait_s", 0.0) for _, _, h in inflight)
+        wait = sum(getattr(unit, "last_wait_s", 0.0) for unit, _, _ in inflight)
         self.timing.iterations += 1
         self.timing.steps += len(pending)
         self.timing.schedule_dispatch_s += t1 - t0

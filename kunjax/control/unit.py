@@ -61,6 +61,7 @@ class UnitCore:
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, Any] = {}
         self.num_steps = 0
+        self.last_wait_s = 0.0  # how long `finish` of the last step waited for the device
 
     @property
     def allocator(self):

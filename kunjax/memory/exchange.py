@@ -104,6 +104,41 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
     return k_dst, v_dst
 
 
+def pages_out(src: Stage, pools: tuple, ids: Sequence[int], chunk: int, stats: ExchangeStats) -> list:
+    """Gathers pages `ids` of (k, v) `pools` into chunk arrays on the same mesh: [(k, v, n), ...].
+    The chunks hold only the pages that carry data, so the pool can be deleted before its
+    replacement exists (a restore shrinking a group pool)."""
+    t = time.perf_counter()
+    gather_k, gather_v = (src.exes.get(ExeKey(GATHER, chunk, 0, 0, pools[0].shape[1], part)) for part in (K, V))
+    out = []
+    for i in range(0, len(ids), chunk):
+        s = np.full((chunk,), NULL_PAGE, np.int32)
+        n = min(chunk, len(ids) - i)
+        s[:n] = ids[i:i + n]
+        s_dev = put(s, src.exes.rep)
+        out.append((gather_k(pools[0], s_dev), gather_v(pools[1], s_dev), n))
+    jax.block_until_ready([c[:2] for c in out])
+    stats.bytes_local += sum(2 * n for _, _, n in out) * page_bytes_per_device(src) * src.mesh.size
+    stats.seconds += time.perf_counter() - t
+    return out
+
+
+def pages_in(dst: Stage, pools: tuple, chunks: list, ids: Sequence[int], chunk: int, stats: ExchangeStats) -> tuple:
+    """Scatters chunks from `pages_out` into (k, v) `pools` (donated) at `ids`; returns the pools."""
+    t = time.perf_counter()
+    scatter_k, scatter_v = (dst.exes.get(ExeKey(SCATTER, chunk, 0, 0, pools[0].shape[1], part)) for part in (K, V))
+    k_dst, v_dst = pools
+    for i, (k_pages, v_pages, n) in enumerate(chunks):
+        d = np.full((chunk,), NULL_PAGE, np.int32)
+        d[:n] = ids[i * chunk:i * chunk + n]
+        d_dev = put(d, dst.exes.rep)
+        k_dst = scatter_k(k_dst, d_dev, k_pages)
+        v_dst = scatter_v(v_dst, d_dev, v_pages)
+    v_dst.block_until_ready()
+    stats.seconds += time.perf_counter() - t
+    return k_dst, v_dst
+
+
 def delete_arrays(tree) -> int:
     """Deletes every array of a pytree now (its device memory returns to the allocator); returns the
     bytes per device of the arrays it deleted (first device of each)."""

@@ -112,9 +112,7 @@ class PipelineGroup(UnitCore):
     def finish(self, step: ScheduledStep, handles: list[InFlight]) -> list[RequestOutput]:
         t = time.perf_counter()
         tokens = np.concatenate([h.result() for h in handles]) if handles else np.zeros((0,), np.int32)
-        wait = time.perf_counter() - t
-        if handles:
-            handles[0].wait_s = wait
+        self.last_wait_s = time.perf_counter() - t
         return self.apply(step, tokens)
 
     # ---- status ----------------------------------------------------------------------------

@@ -17,9 +17,11 @@ is simulated event by event, in the order `kunjax.memory.drop` carries it out:
              stages), the owner allocates the layer's group pools, every member copies its requests'
              pages of that layer into them (in chunks of `chunk_pages` pages), and every member
              deletes its old pools of that layer.
-    restore: layer by layer, every member allocates the layer's instance pools (and receives the
+    restore: first every group pool shrinks, layer by layer, to the pages the split instances can
+             hold together (the room beyond is released before any restored layer arrives); then
+             layer by layer every member allocates the layer's instance pools (and receives the
              weights it lacks), the owner copies each request's pages into its target member's
-             pools, and the owner deletes the group pools of that layer; embedding and head last.
+             pools and deletes its compact pool of that layer; embedding and head last.
 
 Numbers are bytes per device (an instance's devices are alike: tp shards are equal).
 """
@@ -198,8 +200,15 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
     need = 1 + sum(infos[m].used_pages for m in members)  # the null page + every running request's pages
 
     def fits(p: int) -> bool:
+        """Drop peak and grouped steady state within budget, and the group can be restored (once its
+        requests are few enough) within budget too."""
         peak, final = simulate_drop(infos, stages, order, p, tied, chunk_pages)
-        return all(peak[m] <= infos[m].budget and final[m] + infos[m].reserve <= infos[m].budget for m in members)
+        if not all(peak[m] <= infos[m].budget and final[m] + infos[m].reserve <= infos[m].budget for m in members):
+            return False
+        trial = GroupPlan(tuple(members), tuple(stages), p, {m: infos[m].num_pages for m in members}, peak, final,
+                          tuple(order), tied)
+        back = simulate_restore(infos, trial, chunk_pages, {m: 0 for m in members})
+        return all(back[m] <= infos[m].budget for m in members)
 
     if not fits(need):
         raise PlanError(f"a group of instances {list(members)} cannot hold the {need - 1} pages its requests use "
@@ -231,23 +240,45 @@ def plan_drop(infos: Sequence[MemberInfo], group_size: int, tied: bool, max_page
     return DropPlan(tuple(groups), tuple(pool))
 
 
+def compact_pages(plan: GroupPlan) -> int:
+    """Pages of the compact pools a restore first shrinks the group's pools to: the split instances'
+    pages together (all the running requests may hold for the group to split), or the group's own
+    page count when that is smaller."""
+    return min(sum(plan.pages_before.values()), plan.num_pages)
+
+
 def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages: int,
                      used_after: dict[int, int]) -> dict[int, int]:
     """Peak bytes per device of each member through a restore of `plan`'s group, starting from the
-    grouped steady state; `used_after` are the pages each member's share of the requests takes."""
+    grouped steady state; `used_after` are the pages each member's share of the requests takes.
+
+    Phase 1 shrinks every group pool to `compact_pages`: the pages that hold data are gathered out,
+    the group pool is deleted, the compact pool allocated and the pages put back (so the room beyond
+    is released before any restored layer arrives); phase 2 rebuilds each layer on every member from
+    the compact pools."""
     cur = dict(plan.steady_bytes)
     peak = dict(cur)
     owner = {l: st for st in plan.stages for l in range(st.start, st.stop)}
-    for l in plan.layer_order:
+    small = compact_pages(plan)
+    used = sum(used_after.values())
+    for l in plan.layer_order:  # phase 1: pages with data out, group pool freed, compact pool in
+        s = owner[l].instance
+        b = infos[s].page_layer_bytes
+        held = -(-used // chunk_pages) * chunk_pages * b  # chunks are padded to full size
+        peak[s] = max(peak[s], cur[s] + held)
+        cur[s] += held - plan.num_pages * b + small * b
+        peak[s] = max(peak[s], cur[s])
+        cur[s] -= held
+    for l in plan.layer_order:  # phase 2: every member rebuilds layer l
         s = owner[l].instance
         for m in cur:
             i = infos[m]
-            cur[m] += i.num_pages * i.page_layer_bytes + (0 if m == s else i.layer_bytes[l])
+            cur[m] += plan.pages_before[m] * i.page_layer_bytes + (0 if m == s else i.layer_bytes[l])
         for m in cur:
             chunk = min(chunk_pages, used_after.get(m, 0)) * infos[m].page_layer_bytes
             peak[m] = max(peak[m], cur[m] + chunk)
             peak[s] = max(peak[s], cur[s] + chunk)
-        cur[s] -= plan.num_pages * infos[s].page_layer_bytes
+        cur[s] -= small * infos[s].page_layer_bytes
         for m in cur:
             peak[m] = max(peak[m], cur[m])
     for st in plan.stages:  # embedding and head back where they are missing

@@ -30,8 +30,8 @@ from kunjax.control.ops import DeviceOp
 from kunjax.control.pages import PageAllocator
 from kunjax.control.request import RequestOutput
 from kunjax.memory.drop import TransitionReport, _live, _sample_peak
-from kunjax.memory.exchange import copy_pages, delete_arrays
-from kunjax.memory.plan import assign_requests, simulate_restore
+from kunjax.memory.exchange import copy_pages, delete_arrays, pages_in, pages_out
+from kunjax.memory.plan import assign_requests, compact_pages, simulate_restore
 from kunjax.runtime import compile_stats
 from sharding.transfer import move, move_tree
 
@@ -94,6 +94,23 @@ def execute_restore(cluster, op: DeviceOp) -> TransitionReport:
     src = {j: op.arrays[f"{j}/src"].tolist() for j in pages}
     dst = {j: op.arrays[f"{j}/dst"].tolist() for j in pages}
     lost: dict[int, set] = {j: set() for j in pages}
+    # Phase 1: every group pool shrinks to the compact size; the running requests' pages move to
+    # compact ids 1..n in member order, and the room beyond is freed before any layer comes back.
+    small = compact_pages(plan)
+    group_ids = [p for j in pages for p in src[j]]
+    compact = {p: i + 1 for i, p in enumerate(group_ids)}
+    for l in plan.layer_order:
+        owner = members[next(j for j, st in enumerate(plan.stages) if st.holds(l))].stage
+        held = pages_out(owner, owner.pools[l], group_ids, chunk, report.exchange)  # only pages with data
+        _sample_peak(report, devices)
+        delete_arrays(owner.pools.pop(l))
+        owner.pools[l] = pages_in(owner, owner.exes.new_pools(small), held, [compact[p] for p in group_ids], chunk,
+                                  report.exchange)
+        _sample_peak(report, devices)
+        del held
+        owner.num_pages = small
+    src = {j: [compact[p] for p in src[j]] for j in src}
+    # Phase 2: layer by layer, every member rebuilds the layer from its owner's compact pool.
     for l in plan.layer_order:
         o = next(j for j, st in enumerate(plan.stages) if st.holds(l))
         owner = members[o].stage

@@ -180,6 +180,7 @@ class ServingCluster(Cluster):
         """(executables, keys) every process needs before it can apply `plan`, serve grouped, and
         restore: the group's step pieces at its page count (`shapes`: default the covering ones) and
         the page moves in and out of both pool sizes."""
+        from kunjax.memory.plan import compact_pages
         from kunjax.runtime.executables import keys_for, pool_keys
 
         out = []
@@ -188,7 +189,8 @@ class ServingCluster(Cluster):
                 e = self.engines[st.instance]
                 keys = [k for sh in (shapes or e.buckets.first_shapes())
                         for k in keys_for(sh, gp.num_pages, st.embed, st.head)]
-                keys += pool_keys(gp.num_pages, self.chunk_pages) + pool_keys(e.stage.num_pages, self.chunk_pages)
+                keys += (pool_keys(gp.num_pages, self.chunk_pages) + pool_keys(e.stage.num_pages, self.chunk_pages)
+                         + pool_keys(compact_pages(gp), self.chunk_pages))
                 out.append((e.exes, keys))
         return out
 

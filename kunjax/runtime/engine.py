@@ -296,7 +296,7 @@ class LLMEngine(UnitCore):
     def finish(self, step: ScheduledStep, handle: InFlight) -> list[RequestOutput]:
         t = time.perf_counter()
         tokens = handle.result()
-        handle.wait_s = time.perf_counter() - t
+        self.last_wait_s = time.perf_counter() - t
         return self.apply(step, tokens)
 
     def step(self) -> list[RequestOutput]:

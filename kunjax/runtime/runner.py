@@ -31,7 +31,6 @@ class InFlight:
     tokens: jax.Array  # (R,) padded rows
     num_rows: int
     logits: Optional[jax.Array] = None  # (R, V) f32, kept on device (tests read it)
-    wait_s: float = 0.0  # how long the host waited for the tokens (set by whoever collects them)
 
     def result(self) -> np.ndarray:
         """Blocks until the step's tokens are on the host."""
