@@ -150,6 +150,12 @@ exit status:
   4  failed: finish_reason error, or the stream ended without a finish reason"""
 
 
+def _json(msg) -> str:
+    """An admin reply as JSON: zeros printed (stage 0's layer_start, instance 0), 64-bit counts as numbers."""
+    return json_format.MessageToJson(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+                                     unquote_int64_if_possible=True)
+
+
 def _summary(finish_reason, usage, token_ids, show_token_ids: bool) -> str:
     d = {"finish_reason": finish_reason, "usage": json_format.MessageToDict(usage, preserving_proto_field_name=True)}
     if show_token_ids:
@@ -206,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with Client(args.target) as c:
         try:
             if args.status:
-                print(json_format.MessageToJson(c.status(timeout=args.timeout), preserving_proto_field_name=True))
+                print(_json(c.status(timeout=args.timeout)))
                 return EXIT_OK
             admin = None
             if args.plan_drop is not None:
@@ -216,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             elif args.restore is not None:
                 admin = c.restore(args.restore, timeout=args.timeout)
             if admin is not None:
-                print(json_format.MessageToJson(admin, preserving_proto_field_name=True))
+                print(_json(admin))
                 return EXIT_OK
             kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                       seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, timeout=args.timeout)

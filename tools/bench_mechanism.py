@@ -33,6 +33,7 @@ def define_flags() -> None:
     flags.DEFINE_float("weight_share", 0.4, "weights / per-device budget, when --hbm_bytes is not given")
     flags.DEFINE_integer("hbm_bytes", None, "per-device budget (default: weights / --weight_share)")
     flags.DEFINE_integer("batch", 8, "running requests on instance 0")
+    flags.DEFINE_integer("max_num_seqs", 32, "running requests per instance (its KV room is then bound by memory)")
     flags.DEFINE_integer("prompt_len", 256, "prompt tokens per request")
     flags.DEFINE_integer("max_model_len", 1024, "context length")
     flags.DEFINE_integer("steps", 8, "timed decode steps per measurement")
@@ -85,8 +86,8 @@ def main(argv):
     weights = sum(a.nbytes for a in jax.tree.leaves(model.params))
     budget = FLAGS.hbm_bytes or int(weights / FLAGS.weight_share)
     cfg = EngineConfig(page_size=16, hbm_bytes=budget, max_model_len=FLAGS.max_model_len,
-                       scheduler=SchedulerConfig(max_num_seqs=max(FLAGS.batch, 4), max_num_batched_tokens=256,
-                                                 max_prefill_rows=2))
+                       scheduler=SchedulerConfig(max_num_seqs=max(FLAGS.batch, FLAGS.max_num_seqs),
+                                                 max_num_batched_tokens=256, max_prefill_rows=2))
     t0 = time.perf_counter()
     cluster = ServingCluster.build(model, cfg, num_instances=FLAGS.num_instances, tp=1)
     print(f"model {FLAGS.model} ({weights / 2**20:.0f} MiB of weights, {FLAGS.dtype}), {FLAGS.num_instances} instances "
@@ -120,6 +121,8 @@ def main(argv):
     drop, failed = cluster.drop(plan)
     assert not failed
     grouped = timed_steps(cluster, FLAGS.steps)
+    cluster.groups()[0].pipeline_depth = 1
+    grouped_one = timed_steps(cluster, FLAGS.steps)
     (restore,), failed = cluster.restore()
     assert not failed
     compiles = compile_stats.compile_count() - c0
@@ -152,8 +155,10 @@ def main(argv):
         row(f"restore: peak live bytes {d}", f"{restore.peak_live[d] / 2**20:.1f} MiB",
             f"budget {budget / 2**20:.0f} MiB", f"{restore.peak_live[d] / budget:.2f}")
     row(f"decode step, batch {FLAGS.batch}: one instance", f"{one * 1e3:.1f} ms")
-    row(f"decode step, batch {FLAGS.batch}: group of {FLAGS.group_size}", f"{grouped * 1e3:.1f} ms",
-        "vs one instance", f"{grouped / one:.2f}x")
+    row(f"decode step, batch {FLAGS.batch}: group of {FLAGS.group_size}, {FLAGS.group_size} micro-batches",
+        f"{grouped * 1e3:.1f} ms", "vs one instance", f"{grouped / one:.2f}x")
+    row(f"decode step, batch {FLAGS.batch}: group of {FLAGS.group_size}, 1 micro-batch", f"{grouped_one * 1e3:.1f} ms",
+        "vs one instance", f"{grouped_one / one:.2f}x")
     row("compilations during drop, grouped steps, restore", str(compiles))
     row("live bytes back to the start on every device", str(end_live == start_live))
     w = max(len(r[0]) for r in rows)

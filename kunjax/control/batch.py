@@ -122,12 +122,14 @@ class Buckets:
         return sorted(shapes, key=lambda s: (s.cost(), s))
 
     def first_shapes(self) -> list[StepShape]:
-        """What an instance compiles before it serves: the covering shapes (every step can run) and
-        the smallest decode and prefill shapes (a lone short request does not pay for the largest
-        buckets while the rest compile in the background)."""
+        """What an instance compiles before it serves: the covering shapes (every step can run), the
+        smallest decode shape and the one-row prefill shapes of prompts up to 4 chunks of the smallest
+        bucket (a lone short request, a chat turn, does not pay for the largest buckets while the
+        rest compile in the background)."""
         lo = min(pages_for(self.min_context, self.page_size), self.max_pages_per_seq)
-        q = min(self.min_chunk, self.max_chunk)
-        small = [StepShape(1, 1, lo), StepShape(1, q, self._short_context(q))]
+        small = [StepShape(1, 1, lo)]
+        for q in pow2_ladder(min(self.min_chunk, self.max_chunk), min(4 * self.min_chunk, self.max_chunk)):
+            small.append(StepShape(1, q, self._short_context(q)))  # a short prompt, e.g. a chat turn
         return self.covering_shapes() + [s for s in small if s not in self.covering_shapes()]
 
     def covering_shapes(self) -> list[StepShape]:

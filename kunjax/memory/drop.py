@@ -151,6 +151,8 @@ def execute_drop(cluster, op: DeviceOp) -> TransitionReport:
         group = PipelineGroup(group_id, gp, members, Scheduler(
             group_scheduler_config(members[0].config.scheduler, len(members)), PageAllocator(gp.num_pages),
             members[0].page_size, members[0].max_model_len, members[0].scheduler.policy), members[0].eos_ids)
+        if all(d.platform == "cpu" for m in members for d in m.devices):
+            group.pipeline_depth = 1  # virtual CPU devices share the cores: stages never overlap there
         cluster.replace_units(members, [group])
     report.live_after = _live(devices)
     report.seconds = time.perf_counter() - t0

@@ -62,10 +62,17 @@ class PipelineGroup(UnitCore):
     def ready(self, shape: StepShape) -> bool:
         return all(st.ready(shape) for st in self.stages)
 
+    # Micro-batches a step is split into (at least; each also fits one instance bucket): None = one
+    # per stage, so every stage has work while the next works on the previous micro-batch. Where the
+    # stages cannot run at the same time (virtual CPU devices sharing cores) 1 avoids re-reading
+    # every layer's weights once per micro-batch.
+    pipeline_depth: Optional[int] = None
+
     def micro_batches(self, step: ScheduledStep) -> list[list[Row]]:
         rows = step.rows
         cap = self.buckets.max_prefill_rows if step.prefill else self.buckets.max_rows
-        k = min(len(rows), max(-(-len(rows) // cap), len(self.members)))
+        depth = self.pipeline_depth or len(self.members)
+        k = min(len(rows), max(-(-len(rows) // cap), depth))
         size = -(-len(rows) // k)
         return [rows[i:i + size] for i in range(0, len(rows), size)]
 
