@@ -214,7 +214,8 @@ def engine_config(opts: LaunchOptions):
                             max_prefill_rows=s.max_prefill_rows, max_queue=s.max_queue)
     c = opts.cache
     return EngineConfig(page_size=c.page_size, num_pages=c.num_pages, hbm_bytes=c.hbm_bytes,
-                        hbm_fraction=c.hbm_fraction, max_model_len=c.max_model_len, scheduler=sched, warmup=False)
+                        hbm_fraction=c.hbm_fraction, max_model_len=c.max_model_len, scheduler=sched, warmup=False,
+                        compile_small_first=True)
 
 
 class LaunchError(Exception):

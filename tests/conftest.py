@@ -5,6 +5,13 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Subprocesses the tests launch (the launcher, two-process clusters) share one persistent compilation
+# cache for the run, so each compiles the tiny model's shapes once; a fresh directory per run, so
+# nothing from an earlier run is reused. Tests that need an empty cache pass their own directory.
+if "KUNJAX_COMPILE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["KUNJAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="kunjax-test-jax-cache-")
 
 import jax  # noqa: E402
 

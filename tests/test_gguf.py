@@ -9,7 +9,7 @@ import torch
 
 import gguf
 from gguf_fixtures import dequantized_copy, kunjax_vs_hf_pairs, make_hf_model, permute_qk, write_gguf
-from kunjax.io.checkpoints.gguf import load_gguf, smollm2_path, unpermute_qk
+from kunjax.io.checkpoints.gguf import load_gguf, open_gguf, smollm2_path, unpermute_qk
 from kunjax.runtime.engine import EngineConfig, LLMEngine
 from kunjax.io.loader import load_model
 from kunjax.control.request import SamplingParams
@@ -184,6 +184,18 @@ def test_all_supported_tensor_types(tmp_path):
             assert err <= bound[t.tensor_type], f"{name} ({t.tensor_type.name}): error {err:.4f} of max |w|"
             checked.add(t.tensor_type)
     assert checked == listed | {T.Q5_0, T.Q5_1}
+
+    # Our header reader (kunjax.io.checkpoints.gguf_file) sees what the gguf package's reader sees:
+    # every metadata value, and every tensor's type, shape and bytes.
+    ours_file = open_gguf(path)
+    ref_file = gguf.GGUFReader(path)
+    for key, field in ref_file.fields.items():
+        if not key.startswith("GGUF."):  # the package's own pseudo-keys (version, counts)
+            assert ours_file.fields[key].contents() == field.contents(), key
+    assert [t.name for t in ours_file.tensors] == [t.name for t in ref_file.tensors]
+    for a, b in zip(ours_file.tensors, ref_file.tensors):
+        assert (a.tensor_type, a.shape, a.n_elements) == (b.tensor_type, tuple(int(x) for x in b.shape), b.n_elements)
+        assert a.data.tobytes() == np.ascontiguousarray(b.data).tobytes(), a.name
 
 
 # ---- bad files -------------------------------------------------------------------------------

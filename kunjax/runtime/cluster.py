@@ -187,7 +187,8 @@ class ServingCluster(Cluster):
         for gp in plan.groups:
             for st in gp.stages:
                 e = self.engines[st.instance]
-                keys = [k for sh in (shapes or e.buckets.first_shapes())
+                first = e.buckets.first_shapes() if e.config.compile_small_first else e.buckets.covering_shapes()
+                keys = [k for sh in (shapes or first)
                         for k in keys_for(sh, gp.num_pages, st.embed, st.head)]
                 keys += (pool_keys(gp.num_pages, self.chunk_pages) + pool_keys(e.stage.num_pages, self.chunk_pages)
                          + pool_keys(compact_pages(gp), self.chunk_pages))

@@ -58,7 +58,10 @@ class EngineConfig:
     hbm_fraction: float = 0.85  # of bytes_limit, when the device reports one
     max_model_len: Optional[int] = None  # default: min(model context, 4096)
     scheduler: SchedulerConfig = SchedulerConfig()
-    warmup: bool = False  # compile every bucket shape at start (else the covering and the smallest shapes)
+    warmup: bool = False  # compile every bucket shape at start (else the shapes that cover every step)
+    # Also compile the smallest decode shape and the one-row prefill shapes before serving (a server
+    # answering its first short requests while the other shapes compile in the background).
+    compile_small_first: bool = False
     # Compile a step's exact shape when it is first needed, instead of running it padded to a larger
     # compiled one: for offline batch runs, where a short compile beats many oversized steps. A
     # server leaves this off (nothing compiles on its request path).
@@ -151,7 +154,8 @@ class LLMEngine(UnitCore):
         self.last_logits: Optional[jax.Array] = None
         self.keep_logits = False  # keep the last step's logits on device (tests compare them)
         t = time.perf_counter()
-        n = self.compile(self.buckets.all_shapes() if config.warmup else self.buckets.first_shapes())
+        n = self.compile(self.buckets.all_shapes() if config.warmup else self.buckets.first_shapes()
+                         if config.compile_small_first else self.buckets.covering_shapes())
         if n:
             log.info("compiled %d executables in %.1fs on %s", n, time.perf_counter() - t, self.device)
 

@@ -1,8 +1,9 @@
 """GGUF checkpoints (llama.cpp's single-file format): config, weights, tokenizer and chat template.
 
 A GGUF file holds metadata (hyper-parameters under `{arch}.*`, the tokenizer under `tokenizer.*`)
-and tensors under llama.cpp's names, possibly quantized. We read it with the `gguf` package,
-dequantize one tensor at a time to float32, turn it into the kunjax layout and hand it to `place`.
+and tensors under llama.cpp's names, possibly quantized. We parse the header with our own lean reader
+(`gguf_file`, 40x faster than `gguf.GGUFReader` on a tokenizer's 100k strings), dequantize with the
+`gguf` package one tensor at a time to float32, turn it into the kunjax layout and hand it to `place`.
 
 Two layout details differ from a Hugging Face checkpoint:
 
@@ -69,8 +70,9 @@ def _supported_types():
 
 
 def open_gguf(path: str):
-    """A `gguf.GGUFReader` on `path`; any failure to parse becomes a ValueError naming the file."""
-    import gguf
+    """The parsed header of `path` (`gguf_file.GGUFFile`: fields and tensors, data left on disk); any
+    failure to parse becomes a ValueError naming the file."""
+    from kunjax.io.checkpoints.gguf_file import GGUFFile
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} does not exist")
@@ -79,8 +81,8 @@ def open_gguf(path: str):
     if magic != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
     try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # truncated files fail inside numpy (reshape / frombuffer) or in enum lookup
+        return GGUFFile(path)
+    except Exception as e:  # cut or corrupt headers: short reads, bad type ids, undecodable counts
         raise ValueError(f"{path}: cannot parse GGUF file, it is truncated or corrupt ({type(e).__name__}: {e})") from e
 
 
