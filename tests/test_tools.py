@@ -228,3 +228,21 @@ def test_convert_to_orbax_and_serve(hf_dir, tmp_path):
         [prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(model, prompt, 8)
     assert b.tokenizer is not None and b.tokenizer.decode(prompt) == "the lazy fox"
+
+
+def test_bench_startup_measures_a_cold_and_a_warm_launch(capsys, monkeypatch):
+    """tools.bench_startup launches the server twice on one fresh cache directory and reports both
+    launches (SERVING seconds, a real first request, compile count, peak RSS); the warm launch reads
+    the cache the cold one wrote, so it compiles through the cache rather than from scratch."""
+    from tools import bench_startup
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the launcher creates its own virtual devices
+    args = ["--", "--model=tiny", "--dtype=float32", "--cpu_devices=1", "--num_pages=32", "--max_model_len=64",
+            "--max_num_seqs=2", "--max_num_batched_tokens=16", "--log_level=warning"]
+    assert bench_startup.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "SERVING after" in line]
+    assert [r.split()[0] for r in rows] == ["empty", "warm"], out
+    for r in rows:
+        assert float(r.split("SERVING after")[1].split()[0]) > 0
+        assert int(r.split("peak RSS")[1].split()[0]) > 100  # MiB: a real process with jax loaded
