@@ -239,10 +239,22 @@ class AdminServicer(pb_grpc.AdminServicer):
         st = await self._call(lambda c: c.status(with_memory=not request.skip_memory), context)
         return status_to_proto(st, self.model_name, self.executor, self.options)
 
-    @classmethod
-    def _group_size(cls, request) -> int:
-        return request.group_size if request.HasField("group_size") and request.group_size != 0 \
-            else cls.DEFAULT_GROUP_SIZE
+    async def _group_size(self, request, context) -> int:
+        """The request's group size; 0 or unset: the default. Negative values are refused here
+        (the planner names the bounds of positive ones)."""
+        if not request.HasField("group_size") or request.group_size == 0:
+            return self.DEFAULT_GROUP_SIZE
+        if request.group_size < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_size must be >= 2 (or 0 for the "
+                                                                  f"planner's choice), got {request.group_size}")
+        return request.group_size
+
+    async def _begin_transition(self, kind: str, context) -> None:
+        """One drop or restore at a time: a second one is refused while the first runs."""
+        if self._transition is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a {self._transition} is running; retry when "
+                                                                     f"it has finished")
+        self._transition = kind
 
     async def _abort_for(self, e: Exception, context):
         from kunjax.memory.drop import DropError
@@ -258,30 +270,25 @@ class AdminServicer(pb_grpc.AdminServicer):
         raise e
 
     async def _plan(self, g: int, context):
+        """(plan, (executables ready, total), member infos), planned on the executor thread."""
+        def plan(c):
+            p = c.plan_drop(g)
+            return p, c.plan_ready(p), c.member_infos()
+
         try:
-            return await self._call(lambda c: (lambda p: (p, c.plan_ready(p), c.member_infos()))(c.plan_drop(g)),
-                                    context)
+            return await self._call(plan, context)
         except Exception as e:
             await self._abort_for(e, context)
 
     async def PlanDrop(self, request, context):
-        if request.HasField("group_size") and request.group_size < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_size must be >= 2 (or 0 for the "
-                                                                  f"planner's choice), got {request.group_size}")
-        plan, (ready, total), infos = await self._plan(self._group_size(request), context)
+        plan, (ready, total), infos = await self._plan(await self._group_size(request, context), context)
         return plan_to_proto(plan, ready, total, infos)
 
     async def Drop(self, request, context):
         from kunjax.memory.drop import DropError
 
-        if request.HasField("group_size") and request.group_size < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group_size must be >= 2 (or 0 for the "
-                                                                  f"planner's choice), got {request.group_size}")
-        if self._transition is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a {self._transition} is running; retry when "
-                                                                     f"it has finished")
-        self._transition = "drop"
-        g = self._group_size(request)
+        g = await self._group_size(request, context)
+        await self._begin_transition("drop", context)
 
         def drop_now(c):
             """On the executor thread: plan against the state of this very moment and apply it."""
@@ -320,10 +327,7 @@ class AdminServicer(pb_grpc.AdminServicer):
             self._transition = None
 
     async def Restore(self, request, context):
-        if self._transition is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"a {self._transition} is running; retry when "
-                                                                     f"it has finished")
-        self._transition = "restore"
+        await self._begin_transition("restore", context)
         try:
             ids = list(request.group_ids)
 

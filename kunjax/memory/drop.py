@@ -133,8 +133,7 @@ def execute_drop(cluster, op: DeviceOp) -> TransitionReport:
                 report.freed_weight_bytes[str(d)] = report.freed_weight_bytes.get(str(d), 0) + freed
         _sample_peak(report, devices)
         for l in gp.layer_order:
-            o = next(j for j, st in enumerate(gp.stages) if st.holds(l))
-            owner = members[o].stage
+            owner = members[gp.owner_index(l)].stage
             pools = owner.exes.new_pools(gp.num_pages)
             _sample_peak(report, devices)
             for j, m in enumerate(members):
@@ -194,11 +193,10 @@ def adopt_after_drop(cluster, op: DeviceOp, report: TransitionReport) -> list[Re
         running, waiting = [], []
         for j, m in enumerate(group.members):
             new_ids = iter(op.arrays[f"{gi}/{j}/dst"].tolist())
-            for r in list(m.scheduler.running):
+            for r in m.scheduler.running:
                 r.pages = [next(new_ids) for _ in r.pages]
-                running.append((r, *m.take(r.request_id)[1:]))
-            for r in list(m.scheduler.waiting):
-                waiting.append((r, *m.take(r.request_id)[1:]))
+                running.append(m.take(r.request_id))
+            waiting += [m.take(r.request_id) for r in m.scheduler.waiting]
             m.scheduler.running.clear()
             m.scheduler.waiting.clear()
             m.scheduler.allocator = PageAllocator(m.scheduler.allocator.num_pages)

@@ -52,6 +52,21 @@ def page_bytes_per_device(stage: Stage) -> int:
     return int(np.prod(shard)) // shard[1] * pool.dtype.itemsize
 
 
+def _chunks(ids: Sequence[int], chunk: int):
+    """(ids padded to `chunk` with the null page, count of real ids) for each chunk of `ids`: every
+    gather and scatter then runs at the one compiled chunk size."""
+    for i in range(0, len(ids), chunk):
+        n = min(chunk, len(ids) - i)
+        padded = np.full((chunk,), NULL_PAGE, np.int32)
+        padded[:n] = ids[i:i + n]
+        yield padded, n
+
+
+def _page_ops(stage: Stage, kind: str, chunk: int, pool_pages: int) -> tuple:
+    """The compiled GATHER or SCATTER of `chunk` pages for the K and the V pool of `pool_pages` pages."""
+    return tuple(stage.exes.get(ExeKey(kind, chunk, 0, 0, pool_pages, part)) for part in (K, V))
+
+
 def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_ids: Sequence[int],
                dst_ids: Sequence[int], chunk: int, stats: ExchangeStats, event: str = "copy",
                info: Optional[dict] = None, lost: Optional[set] = None) -> tuple:
@@ -64,19 +79,12 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
     if not len(src_ids):
         return dst_pools
     t = time.perf_counter()
-    src_p = src_pools[0].shape[1]
-    dst_p = dst_pools[0].shape[1]
-    gather_k, gather_v = (src.exes.get(ExeKey(GATHER, chunk, 0, 0, src_p, part)) for part in (K, V))
-    scatter_k, scatter_v = (dst.exes.get(ExeKey(SCATTER, chunk, 0, 0, dst_p, part)) for part in (K, V))
+    gather_k, gather_v = _page_ops(src, GATHER, chunk, src_pools[0].shape[1])
+    scatter_k, scatter_v = _page_ops(dst, SCATTER, chunk, dst_pools[0].shape[1])
     crossing = src.mesh != dst.mesh
     per_page = page_bytes_per_device(dst) * dst.mesh.size
     k_dst, v_dst = dst_pools
-    for i in range(0, len(src_ids), chunk):
-        s = np.full((chunk,), NULL_PAGE, np.int32)
-        d = np.full((chunk,), NULL_PAGE, np.int32)
-        n = min(chunk, len(src_ids) - i)
-        s[:n] = src_ids[i:i + n]
-        d[:n] = dst_ids[i:i + n]
+    for (s, n), (d, _) in zip(_chunks(src_ids, chunk), _chunks(dst_ids, chunk)):
         try:
             if FAULT_HOOK is not None:
                 FAULT_HOOK(event, {**(info or {}), "src_ids": s[:n].tolist(), "dst_ids": d[:n].tolist()})
@@ -109,12 +117,9 @@ def pages_out(src: Stage, pools: tuple, ids: Sequence[int], chunk: int, stats: E
     The chunks hold only the pages that carry data, so the pool can be deleted before its
     replacement exists (a restore shrinking a group pool)."""
     t = time.perf_counter()
-    gather_k, gather_v = (src.exes.get(ExeKey(GATHER, chunk, 0, 0, pools[0].shape[1], part)) for part in (K, V))
+    gather_k, gather_v = _page_ops(src, GATHER, chunk, pools[0].shape[1])
     out = []
-    for i in range(0, len(ids), chunk):
-        s = np.full((chunk,), NULL_PAGE, np.int32)
-        n = min(chunk, len(ids) - i)
-        s[:n] = ids[i:i + n]
+    for s, n in _chunks(ids, chunk):
         s_dev = put(s, src.exes.rep)
         out.append((gather_k(pools[0], s_dev), gather_v(pools[1], s_dev), n))
     jax.block_until_ready([c[:2] for c in out])
@@ -126,11 +131,9 @@ def pages_out(src: Stage, pools: tuple, ids: Sequence[int], chunk: int, stats: E
 def pages_in(dst: Stage, pools: tuple, chunks: list, ids: Sequence[int], chunk: int, stats: ExchangeStats) -> tuple:
     """Scatters chunks from `pages_out` into (k, v) `pools` (donated) at `ids`; returns the pools."""
     t = time.perf_counter()
-    scatter_k, scatter_v = (dst.exes.get(ExeKey(SCATTER, chunk, 0, 0, pools[0].shape[1], part)) for part in (K, V))
+    scatter_k, scatter_v = _page_ops(dst, SCATTER, chunk, pools[0].shape[1])
     k_dst, v_dst = pools
-    for i, (k_pages, v_pages, n) in enumerate(chunks):
-        d = np.full((chunk,), NULL_PAGE, np.int32)
-        d[:n] = ids[i * chunk:i * chunk + n]
+    for (k_pages, v_pages, _), (d, _) in zip(chunks, _chunks(ids, chunk)):
         d_dev = put(d, dst.exes.rep)
         k_dst = scatter_k(k_dst, d_dev, k_pages)
         v_dst = scatter_v(v_dst, d_dev, v_pages)

@@ -75,8 +75,13 @@ class GroupPlan:
     layer_order: tuple[int, ...]  # the order the transition handles the layers in
     tied: bool
 
+    def owner_index(self, layer: int) -> int:
+        """The stage (= member position) that keeps `layer`: where its KV lives in the group and
+        where a restore takes it back from."""
+        return next(j for j, s in enumerate(self.stages) if s.holds(layer))
+
     def owner(self, layer: int) -> StagePlan:
-        return next(s for s in self.stages if s.holds(layer))
+        return self.stages[self.owner_index(layer)]
 
     @property
     def head_stage(self) -> StagePlan:
@@ -152,7 +157,7 @@ def stage_plans(members: Sequence[int], num_layers: int, tied: bool) -> list[Sta
             for s, (m, (a, b)) in enumerate(zip(members, ranges))]
 
 
-def _kept_weights(info: MemberInfo, st: StagePlan, tied: bool) -> int:
+def _kept_weights(info: MemberInfo, st: StagePlan) -> int:
     w = sum(info.layer_bytes[st.start:st.stop])
     if st.embed:
         w += info.embed_bytes
@@ -166,7 +171,7 @@ def _full_weights(info: MemberInfo) -> int:
 
 
 def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int],
-                  num_pages: int, tied: bool, chunk_pages: int) -> tuple[dict[int, int], dict[int, int]]:
+                  num_pages: int, chunk_pages: int) -> tuple[dict[int, int], dict[int, int]]:
     """(peak, final) bytes per device of each member through the drop, event by event."""
     num_layers = len(next(iter(infos.values())).layer_bytes)
     owner = {l: st for st in stages for l in range(st.start, st.stop)}
@@ -176,7 +181,7 @@ def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], ord
         cur[st.instance] = i.other_bytes + _full_weights(i) + num_layers * i.num_pages * i.page_layer_bytes
         peak[st.instance] = cur[st.instance]
     for st in stages:  # weights given up are deleted first
-        cur[st.instance] -= _full_weights(infos[st.instance]) - _kept_weights(infos[st.instance], st, tied)
+        cur[st.instance] -= _full_weights(infos[st.instance]) - _kept_weights(infos[st.instance], st)
     for l in order:
         s = owner[l].instance
         cur[s] += num_pages * infos[s].page_layer_bytes
@@ -202,7 +207,7 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
     def fits(p: int) -> bool:
         """Drop peak and grouped steady state within budget, and the group can be restored (once its
         requests are few enough) within budget too."""
-        peak, final = simulate_drop(infos, stages, order, p, tied, chunk_pages)
+        peak, final = simulate_drop(infos, stages, order, p, chunk_pages)
         if not all(peak[m] <= infos[m].budget and final[m] + infos[m].reserve <= infos[m].budget for m in members):
             return False
         trial = GroupPlan(tuple(members), tuple(stages), p, {m: infos[m].num_pages for m in members}, peak, final,
@@ -220,7 +225,7 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
             lo = mid
         else:
             hi = mid - 1
-    peak, final = simulate_drop(infos, stages, order, lo, tied, chunk_pages)
+    peak, final = simulate_drop(infos, stages, order, lo, chunk_pages)
     return GroupPlan(tuple(members), tuple(stages), lo, {m: infos[m].num_pages for m in members},
                      peak, final, tuple(order), tied)
 
@@ -258,11 +263,10 @@ def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages:
     the compact pools."""
     cur = dict(plan.steady_bytes)
     peak = dict(cur)
-    owner = {l: st for st in plan.stages for l in range(st.start, st.stop)}
     small = compact_pages(plan)
     used = sum(used_after.values())
     for l in plan.layer_order:  # phase 1: pages with data out, group pool freed, compact pool in
-        s = owner[l].instance
+        s = plan.owner(l).instance
         b = infos[s].page_layer_bytes
         held = -(-used // chunk_pages) * chunk_pages * b  # chunks are padded to full size
         peak[s] = max(peak[s], cur[s] + held)
@@ -270,7 +274,7 @@ def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages:
         peak[s] = max(peak[s], cur[s])
         cur[s] -= held
     for l in plan.layer_order:  # phase 2: every member rebuilds layer l
-        s = owner[l].instance
+        s = plan.owner(l).instance
         for m in cur:
             i = infos[m]
             cur[m] += plan.pages_before[m] * i.page_layer_bytes + (0 if m == s else i.layer_bytes[l])

@@ -100,7 +100,7 @@ def execute_restore(cluster, op: DeviceOp) -> TransitionReport:
     group_ids = [p for j in pages for p in src[j]]
     compact = {p: i + 1 for i, p in enumerate(group_ids)}
     for l in plan.layer_order:
-        owner = members[next(j for j, st in enumerate(plan.stages) if st.holds(l))].stage
+        owner = members[plan.owner_index(l)].stage
         held = pages_out(owner, owner.pools[l], group_ids, chunk, report.exchange)  # only pages with data
         _sample_peak(report, devices)
         delete_arrays(owner.pools.pop(l))
@@ -112,7 +112,7 @@ def execute_restore(cluster, op: DeviceOp) -> TransitionReport:
     src = {j: [compact[p] for p in src[j]] for j in src}
     # Phase 2: layer by layer, every member rebuilds the layer from its owner's compact pool.
     for l in plan.layer_order:
-        o = next(j for j, st in enumerate(plan.stages) if st.holds(l))
+        o = plan.owner_index(l)
         owner = members[o].stage
         group_pools = owner.pools[l]
         for j, m in enumerate(members):

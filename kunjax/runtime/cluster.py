@@ -187,8 +187,7 @@ class ServingCluster(Cluster):
         for gp in plan.groups:
             for st in gp.stages:
                 e = self.engines[st.instance]
-                first = e.buckets.first_shapes() if e.config.compile_small_first else e.buckets.covering_shapes()
-                keys = [k for sh in (shapes or first)
+                keys = [k for sh in (shapes or e.first_shapes())
                         for k in keys_for(sh, gp.num_pages, st.embed, st.head)]
                 keys += (pool_keys(gp.num_pages, self.chunk_pages) + pool_keys(e.stage.num_pages, self.chunk_pages)
                          + pool_keys(compact_pages(gp), self.chunk_pages))

@@ -154,10 +154,14 @@ class LLMEngine(UnitCore):
         self.last_logits: Optional[jax.Array] = None
         self.keep_logits = False  # keep the last step's logits on device (tests compare them)
         t = time.perf_counter()
-        n = self.compile(self.buckets.all_shapes() if config.warmup else self.buckets.first_shapes()
-                         if config.compile_small_first else self.buckets.covering_shapes())
+        n = self.compile(self.buckets.all_shapes() if config.warmup else self.first_shapes())
         if n:
             log.info("compiled %d executables in %.1fs on %s", n, time.perf_counter() - t, self.device)
+
+    def first_shapes(self) -> list:
+        """The shapes this instance needs before it serves (a pipeline group it joins needs the same
+        ones at its page count): those covering every step, plus the small ones when the config asks."""
+        return self.buckets.first_shapes() if self.config.compile_small_first else self.buckets.covering_shapes()
 
     # ---- sizing ----------------------------------------------------------------------------
     def measure_reserve(self, pool_pages: int) -> int:
