@@ -33,3 +33,12 @@ def host_model():
     from kunjax.io.loader import load_model
 
     return load_model("tiny", "float32", place=lambda a: np.asarray(a, np.float32))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A gRPC client of the test module's own `server` fixture (a serving.server.ServerThread)."""
+    from serving.client import Client
+
+    with Client(f"localhost:{server.port}") as c:
+        yield c

@@ -15,7 +15,6 @@ from kunjax.io.loader import load_model
 from kunjax.memory import exchange
 from kunjax.runtime.cluster import ServingCluster
 from kunjax.runtime.engine import EngineConfig, LLMEngine
-from serving.client import Client
 from serving.options import ServerOptions
 from serving.proto import kunjax_pb2 as pb
 from serving.server import ServerThread
@@ -40,12 +39,6 @@ def server(host_model):
     srv = ServerThread(cluster, ServerOptions(port=portpicker.pick_unused_port(), host="localhost")).start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(f"localhost:{server.port}") as c:
-        yield c
 
 
 @pytest.fixture

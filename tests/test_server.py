@@ -47,12 +47,6 @@ def server(host_model):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(f"localhost:{server.port}") as c:
-        yield c
-
-
 def wait_pages_free(client, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
