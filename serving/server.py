@@ -258,7 +258,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def _abort_for(self, e: Exception, context):
         from kunjax.memory.drop import DropError
-        from kunjax.memory.plan import PlanError
+        from kunjax.control.plan import PlanError
         from kunjax.memory.restore import RestoreError
 
         if isinstance(e, PlanError):

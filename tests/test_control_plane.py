@@ -21,8 +21,7 @@ from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONTROL_MODULES = ["kunjax.control." + m.name for m in pkgutil.iter_modules(kunjax.control.__path__)] + [
-    "kunjax.memory.plan"]  # the drop planner decides; it must run without devices too
+CONTROL_MODULES = ["kunjax.control." + m.name for m in pkgutil.iter_modules(kunjax.control.__path__)]
 
 
 def test_control_plane_imports_without_jax():
@@ -186,7 +185,7 @@ def test_cluster_ops_go_through_the_log_in_order():
 def test_drop_planner_without_devices():
     """The planner on plain numbers: stage ranges, the group's page count, and a predicted transition
     peak that stays within every member's budget."""
-    from kunjax.memory.plan import MemberInfo, PlanError, assign_requests, plan_drop, simulate_restore
+    from kunjax.control.plan import MemberInfo, PlanError, assign_requests, plan_drop, simulate_restore
 
     mib = 1 << 20
     infos = [MemberInfo(index=i, budget=100 * mib, layer_bytes=(4 * mib,) * 10, embed_bytes=6 * mib,

@@ -12,7 +12,7 @@ from kunjax.control.scheduler import SchedulerConfig
 from kunjax.io.loader import LoadedModel, load_model
 from kunjax.memory import exchange, measure
 from kunjax.memory.ledger import device_ledgers
-from kunjax.memory.plan import PlanError, split_layers
+from kunjax.control.plan import PlanError, split_layers
 from kunjax.model.config import ModelConfig
 from kunjax.model.transformer import init_params
 from kunjax.runtime import compile_stats

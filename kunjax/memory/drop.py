@@ -11,7 +11,7 @@ Three parts, so that a multi-host cluster runs the device part identically on ev
    layer move into them (only pages that hold data, in chunks, device to device), and every member
    deletes its old pools of that layer. The freed room is what the group pools are made of, and at
    no moment are a pool and the room that replaces it both alive beyond the one layer in flight
-   (kunjax.memory.plan simulates that peak; the report carries the measured one). The member
+   (kunjax.control.plan simulates that peak; the report carries the measured one). The member
    instances' stages now hold the group's layer ranges, and a PipelineGroup unit replaces the
    members in the cluster's unit list.
 3. `adopt_after_drop` (controller): the requests move into the group's scheduler with their new page
@@ -36,7 +36,7 @@ from kunjax.control.scheduler import Scheduler
 from kunjax.memory import measure
 from kunjax.memory.exchange import ExchangeStats, copy_pages, delete_arrays
 from kunjax.memory.group import PipelineGroup, group_scheduler_config
-from kunjax.memory.plan import DropPlan, GroupPlan
+from kunjax.control.plan import DropPlan, GroupPlan
 from kunjax.runtime import compile_stats
 
 log = logging.getLogger(__name__)

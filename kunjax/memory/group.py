@@ -25,7 +25,7 @@ from kunjax.control.ops import STEP, DeviceOp
 from kunjax.control.request import RequestOutput
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
-from kunjax.memory.plan import GroupPlan
+from kunjax.control.plan import GroupPlan
 from kunjax.runtime.runner import InFlight, Stage, launched, pick_shape
 from sharding.transfer import move
 

@@ -1,7 +1,7 @@
 """Restore: a pipeline group splits back into its instances, every weight back on every member.
 
 Requests still running are gathered back: each goes to one member (largest first onto the member
-with the most room, kunjax.memory.plan.assign_requests) and its KV of every layer is copied from the
+with the most room, kunjax.control.plan.assign_requests) and its KV of every layer is copied from the
 stage that owns the layer into that member's restored pools. We chose this over letting them finish
 in the group because a long generation would otherwise hold the whole group (and its pipeline
 overhead) until it ends; a restore costs one copy of the pages that hold data, the same bytes a drop
@@ -31,7 +31,7 @@ from kunjax.control.pages import PageAllocator
 from kunjax.control.request import RequestOutput
 from kunjax.memory.drop import TransitionReport, _live, _sample_peak
 from kunjax.memory.exchange import copy_pages, delete_arrays, pages_in, pages_out
-from kunjax.memory.plan import assign_requests, compact_pages, simulate_restore
+from kunjax.control.plan import assign_requests, compact_pages, simulate_restore
 from kunjax.runtime import compile_stats
 from sharding.transfer import move, move_tree
 

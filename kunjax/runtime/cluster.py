@@ -136,7 +136,7 @@ class ServingCluster(Cluster):
     def member_infos(self) -> dict:
         """What the planner knows of each instance, per device, from the memory ledger."""
         from kunjax.memory.ledger import device_ledgers
-        from kunjax.memory.plan import MemberInfo
+        from kunjax.control.plan import MemberInfo
         from kunjax.runtime.kv_pools import page_bytes
 
         first = {}
@@ -158,7 +158,7 @@ class ServingCluster(Cluster):
     def plan_drop(self, group_size: int = 2):
         """A dry run: which instances merge, each stage's layer range, the group page count and the
         predicted peak per device. Changes nothing."""
-        from kunjax.memory.plan import PlanError, plan_drop
+        from kunjax.control.plan import PlanError, plan_drop
 
         if not 2 <= group_size <= len(self.engines):
             raise PlanError(f"group_size must be between 2 and the number of instances ({len(self.engines)}), "
@@ -180,7 +180,7 @@ class ServingCluster(Cluster):
         """(executables, keys) every process needs before it can apply `plan`, serve grouped, and
         restore: the group's step pieces at its page count (`shapes`: default the covering ones) and
         the page moves in and out of both pool sizes."""
-        from kunjax.memory.plan import compact_pages
+        from kunjax.control.plan import compact_pages
         from kunjax.runtime.executables import keys_for, pool_keys
 
         out = []
@@ -207,7 +207,7 @@ class ServingCluster(Cluster):
                                                 "all_shapes": all_shapes}))
 
     def _execute_compile_plan(self, op: DeviceOp) -> None:
-        from kunjax.memory.plan import DropPlan
+        from kunjax.control.plan import DropPlan
 
         plan = DropPlan.from_dict(op.args["plan"])
         shapes = self.engines[0].buckets.all_shapes() if op.args["all_shapes"] else None
