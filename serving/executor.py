@@ -3,11 +3,14 @@
 The gRPC front validates a request, then hands it over through a bounded inbox (full -> the caller
 answers RESOURCE_EXHAUSTED); cancellations go through an unbounded side queue so they are never
 refused. Each iteration the executor (1) admits everything in the inbox, (2) runs the calls queued
-for it (status, a drop, a restore), (3) applies cancellations, so a cancelled request's pages are
-free before the next step is scheduled, (4) runs one cluster step (every unit dispatched before any
-is awaited), (5) hands the outputs back to the requests' asyncio queues with one
-`call_soon_threadsafe` per event loop. Nothing that goes wrong
-in a step brings the thread down: the affected requests fail with an error and serving goes on.
+for it (status, starting a drop or a restore), (3) applies cancellations, so a cancelled request's
+pages are free before its unit's next step is scheduled, (4) polls the cluster: every unit whose
+step has landed is finished and dispatched again at once, each at its own pace, and transitions
+advance piece by piece between their own units' steps, (5) hands the outputs back to the requests'
+asyncio queues with one `call_soon_threadsafe` per event loop. When nothing landed it sleeps until a
+step lands (the cluster's waiters wake it) or a request, a call or a cancellation arrives. Nothing
+that goes wrong in a step brings the thread down: the affected requests fail with an error and
+serving goes on.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class Executor:
         self.timing = LoopTiming()
         self._thread = threading.Thread(target=self._run, name="kunjax-executor", daemon=True)
         self._last_memory = 0.0
+        cluster.on_ready = self._wake.set  # a landed step wakes the loop
 
     # ---- called from other threads ---------------------------------------------------------
     def start(self) -> None:
@@ -138,7 +142,8 @@ class Executor:
         return fut
 
     def transition(self, fn: Callable[[Cluster], tuple]) -> concurrent.futures.Future:
-        """Runs fn(cluster) -> (result, outputs) between steps (a drop, a restore) and delivers the
+        """Runs fn(cluster) -> (result, outputs) on the executor thread (starting a drop or a
+        restore: the transition itself then advances piece by piece inside the loop) and delivers the
         outputs (requests it ended, e.g. with an error) to their streams; the future gets result."""
         def run(cluster):
             result, outs = fn(cluster)
@@ -182,7 +187,10 @@ class Executor:
                     self._wake.clear()
                     self.timing.idle_s += time.perf_counter() - t1
                     continue
-                self._step()
+                self._wake.clear()
+                if not self._step() and (self.cluster.num_inflight() or not self.cluster.tasks):
+                    self._wake.wait(0.05)  # nothing landed: until a step lands or work arrives
+                    self.timing.idle_s += time.perf_counter() - t1
         except BaseException:  # pragma: no cover - last resort: never leave clients hanging
             log.exception("executor loop died")
         finally:
@@ -211,13 +219,19 @@ class Executor:
     def _apply_cancels(self) -> None:
         while self._cancels:
             rid = self._cancels.popleft()
-            sub = self._subs.pop(rid, None)
             out = self.cluster.abort(rid)
+            if out is None and self.cluster.is_known(rid):
+                continue  # its unit has a step in flight: the abort's output comes with that step
+            sub = self._subs.pop(rid, None)
             if sub is not None and out is not None:
                 self._send(sub, [Event(out, time.monotonic(), sub.instance)])
 
     def _abort_inflight(self) -> None:
         """Every in-flight request ends now with its last output (finish_reason "abort"); shutdown path."""
+        try:
+            self._deliver_outputs(self.cluster.drain())  # steps in flight land first
+        except Exception:
+            log.exception("waiting for the steps in flight failed")
         now = time.monotonic()
         for rid, sub in list(self._subs.items()):
             try:
@@ -242,14 +256,21 @@ class Executor:
                 except Exception as e:
                     fut.set_exception(e)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One poll of the cluster; False when no step landed (nothing to deliver)."""
         t0 = time.perf_counter()
         try:
-            outs = self.cluster.step()
+            outs = self.cluster.poll()
         except Exception as e:
             log.exception("cluster step failed; failing its requests")
+            try:
+                self.cluster.drain()
+            except Exception:
+                log.exception("waiting for the steps in flight failed")
             self._fail_all("INTERNAL", f"step failed: {e}")
-            return
+            return True
+        if not outs:
+            return False
         t1 = time.perf_counter()
         self._deliver_outputs(outs)
         t2 = time.perf_counter()
@@ -258,6 +279,7 @@ class Executor:
         if self.metrics is not None:
             self.metrics.step.observe(t1 - t0)
         self._publish()
+        return True
 
     def _deliver_outputs(self, outs) -> None:
         """Hands outputs to their streams, one call_soon_threadsafe per event loop."""
@@ -287,6 +309,10 @@ class Executor:
         self.metrics.update_instances(self.cluster.status(with_memory=with_memory), self._inbox.qsize())
 
     def _fail_all(self, code: str, message: str) -> None:
+        try:
+            self.cluster.drain()
+        except Exception:
+            log.exception("waiting for the steps in flight failed")
         now = time.monotonic()
         for rid, sub in list(self._subs.items()):
             try:

@@ -291,10 +291,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         await self._begin_transition("drop", context)
 
         def drop_now(c):
-            """On the executor thread: plan against the state of this very moment and apply it."""
+            """On the executor thread: plan against the state of this very moment and start it (it
+            then runs piece by piece inside the executor's loop)."""
             plan = c.plan_drop(g)
-            report, failed = c.drop(plan)
-            return (plan, report, failed), failed
+            return (plan, c.start_drop(plan)), []
 
         try:
             submitted = False
@@ -307,7 +307,9 @@ class AdminServicer(pb_grpc.AdminServicer):
                     await asyncio.sleep(0.1)
                     continue
                 try:
-                    plan, rep, failed = await asyncio.wrap_future(self.executor.transition(drop_now))
+                    plan, task = await asyncio.wrap_future(self.executor.transition(drop_now))
+                    await _until_done([task])
+                    rep, failed = task.report, task.outputs
                     break
                 except DropError as e:
                     if "not compiled" not in str(e):
@@ -334,10 +336,11 @@ class AdminServicer(pb_grpc.AdminServicer):
             def run(c):
                 if not c.groups():
                     raise NothingToRestore("no pipeline group to restore")
-                reports, failed = c.restore(ids or None)
-                return (reports, failed), failed
+                return c.start_restore(ids or None), []
             try:
-                reports, failed = await asyncio.wrap_future(self.executor.transition(run))
+                tasks = await asyncio.wrap_future(self.executor.transition(run))
+                await _until_done(tasks)
+                reports, failed = [t.report for t in tasks], [o for t in tasks for o in t.outputs]
             except NothingToRestore as e:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             except Exception as e:
@@ -354,6 +357,12 @@ class AdminServicer(pb_grpc.AdminServicer):
 
 class NothingToRestore(Exception):
     pass
+
+
+async def _until_done(tasks, poll_s: float = 0.01) -> None:
+    """Waits (without blocking the event loop or the executor) until transition tasks are done."""
+    while not all(t.done for t in tasks):
+        await asyncio.sleep(poll_s)
 
 
 def plan_to_proto(plan, ready: int, total: int, infos: dict) -> pb.PlanDropResponse:

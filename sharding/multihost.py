@@ -21,7 +21,7 @@ import struct
 import time
 from typing import Optional, Sequence
 
-from kunjax.control.ops import DeviceOp, decode_ops, encode_ops
+from kunjax.control.ops import STEP, DeviceOp, decode_ops, encode_ops
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,12 @@ class FollowerChannel:
         return decode_ops(header, payload)
 
 
+def _wait(handle) -> None:
+    """Waits for a step's result: an instance's InFlight, or a pipeline group's list of them."""
+    for h in (handle if isinstance(handle, list) else [handle] if handle is not None else []):
+        h.wait()
+
+
 def follow(cluster, channel: FollowerChannel) -> int:
     """Replays the controller's operations on this process until it stops; returns the ops run.
     What the controller had compiled and this process has not yet (its background compiler may lag)
@@ -134,6 +140,7 @@ def follow(cluster, channel: FollowerChannel) -> int:
 
     StepExecutables.compile_on_demand = True
     count = 0
+    pending: dict = {}  # unit index -> its step in flight
     while True:
         try:
             ops = channel.recv()
@@ -142,10 +149,17 @@ def follow(cluster, channel: FollowerChannel) -> int:
             break
         if ops is None:
             break
-        results = [cluster.execute(op) for op in ops]
-        for r in results:  # steps: wait for the device before the next frame, like the controller
-            tokens = getattr(r, "tokens", None)
-            if tokens is not None:
-                tokens.block_until_ready()
+        for op in ops:
+            # Like the controller: one step in flight per unit, so a unit's next step waits for its
+            # previous one; a cluster operation (a drop piece, a restore) waits for every unit.
+            if op.kind == STEP:
+                _wait(pending.pop(op.target, None))
+            else:
+                for h in pending.values():
+                    _wait(h)
+                pending.clear()
+            result = cluster.execute(op)
+            if op.kind == STEP:
+                pending[op.target] = result
         count += len(ops)
     return count

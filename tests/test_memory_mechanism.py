@@ -157,40 +157,111 @@ def test_memory_is_real_through_a_cycle():
     assert end == start
 
 
-def test_exchange_failure_fails_only_its_requests(host_model, reference):
-    """A copy that fails mid-exchange ends the requests whose pages it held with an error; the other
-    requests keep their tokens, and the cluster keeps serving."""
-    prompts = prompts_for(6, seed=21)
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
-    want = {i: o.token_ids for i, o in enumerate(reference.generate(prompts, params))}
-    cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
-    ids = [cluster.add_request(p, params) for p in prompts]
-    for _ in range(4):
-        cluster.step()
-    plan = cluster.plan_drop(2)
-    cluster.compile_plan(plan, background=False)
-    victims = {r.request_id for r in cluster.engines[1].scheduler.running}
-    assert victims
+def _live_total(cluster) -> int:
+    live = measure.live_bytes_by_device()
+    return sum(live.get(d, 0) for d in cluster.devices())
 
-    def fail_member_1(event, info):
-        if event == "drop" and info["member"] == 1 and info["layer"] == 2:
-            raise RuntimeError("injected exchange failure")
-    exchange.FAULT_HOOK = fail_member_1
-    try:
-        report, failed = cluster.drop(plan)
-    finally:
-        exchange.FAULT_HOOK = None
-    assert {o.request_id for o in failed} == victims and all(o.finish_reason == "error" for o in failed)
+
+def _finish(cluster) -> dict:
     outs = {}
     while cluster.has_unfinished():
         for o in cluster.step():
             if o.finished:
                 outs[o.request_id] = o
+    return outs
+
+
+@pytest.mark.parametrize("point", ["allocate", "scatter", "restore"])
+def test_a_failure_at_any_point_leaves_the_cluster_serving(host_model, reference, point):
+    """Failure injection inside a transition: in a drop (allocating a group pool after old pools are
+    gone, or mid-exchange) the piece is put back from its chunks and the drop rolls back: nothing is
+    lost, every request token-exact, live bytes back to the start. In a restore the requests whose
+    pages a failed copy held fail; the others keep their tokens and the cluster ends split."""
+    prompts = prompts_for(6, seed=21)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    want = {i: o.token_ids for i, o in enumerate(reference.generate(prompts, params))}
+    cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
+    cluster.piece_bytes = 1  # one layer per piece: the failure lands after layers have moved
+    plan = cluster.plan_drop(2)
+    cluster.compile_plan(plan, background=False)
+    live0 = _live_total(cluster)
+    ids = [cluster.add_request(p, params) for p in prompts]
+    for _ in range(4):
+        cluster.step()
+    calls = {"n": 0}
+    victims = None
+
+    def inject(event, info):
+        calls["n"] += event == point
+        if event == point and calls["n"] == 3:
+            raise RuntimeError(f"injected {point} failure")
+    if point == "restore":
+        cluster.drop(plan)
+    exchange.FAULT_HOOK = inject
+    try:
+        if point == "restore":
+            (report,), failed = cluster.restore()
+            victims = {o.request_id for o in failed}
+            assert victims and all(o.finish_reason == "error" for o in failed)
+            assert report.state == "done" and cluster.groups() == []
+        else:
+            report, failed = cluster.drop(plan)
+            assert failed == [] and report.state == "rolled_back" and point in report.error
+            assert cluster.groups() == [] and all(e.route is None for e in cluster.engines)
+    finally:
+        exchange.FAULT_HOOK = None
+    outs = _finish(cluster)
     for k, rid in enumerate(ids):
-        if rid not in victims:
-            assert outs[rid].token_ids == want[k]
-    later = cluster.generate([prompts[0]], params)[0]
-    assert later.token_ids == want[0]
+        if not victims or rid not in victims:
+            assert outs[rid].token_ids == want[k], rid
+    assert cluster.generate([prompts[0]], params)[0].token_ids == want[0]
+    st = cluster.status(with_memory=False)
+    assert st["pages_free"] == st["pages_total"]
+    assert _live_total(cluster) == live0
+
+
+def test_units_outside_the_group_and_the_group_itself_step_through_a_transition(host_model, reference):
+    """3 instances, a group of 2 forms and splits again in many pieces: the instance outside the
+    group steps between every piece, the members keep decoding through their own drop, and the
+    outputs stay token-exact."""
+    prompts = prompts_for(6, seed=4)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    want = {i: o.token_ids for i, o in enumerate(reference.generate(prompts, params))}
+    cluster = ServingCluster.build(host_model, CONFIG, num_instances=3, tp=1)
+    cluster.piece_bytes = 1
+    ids = [cluster.add_request(p, params) for p in prompts]
+    for _ in range(3):
+        cluster.step()
+    outside = cluster.engines[2]
+    assert outside.scheduler.running
+    members = cluster.engines[:2]
+    member_reqs = [r for m in members for r in m.scheduler.running]
+    plan = cluster.plan_drop(2)
+    assert plan.alone == (2,)
+    cluster.compile_plan(plan, background=False)
+    c0 = compile_stats.compile_count()
+    task = cluster.start_drop(plan)
+    steps0, tokens0 = outside.num_steps, sum(len(r.output_token_ids) for r in member_reqs)
+    outs = {}
+    while not task.done:
+        for o in cluster.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert task.report.pieces >= 4
+    assert outside.num_steps - steps0 >= task.report.pieces - 1, "the outside instance stepped between pieces"
+    assert sum(len(r.output_token_ids) for r in member_reqs) - tokens0 >= task.report.pieces - 2, \
+        "the members decoded through their own drop"
+    assert task.report.exchange.bytes_between_devices > 0 and task.report.exchange.bytes_local > 0
+    [rtask] = cluster.start_restore()
+    steps1 = outside.num_steps
+    while not rtask.done:
+        for o in cluster.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert outside.num_steps - steps1 >= rtask.report.pieces - 1
+    assert compile_stats.compile_count() == c0
+    outs.update(_finish(cluster))
+    assert [outs[i].token_ids for i in ids] == [want[k] for k in range(len(ids))]
     st = cluster.status(with_memory=False)
     assert st["pages_free"] == st["pages_total"]
 

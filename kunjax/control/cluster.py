@@ -1,26 +1,43 @@
-"""The cluster loop: step units driven together from one controller (plain Python, no JAX).
+"""The cluster loop: step units driven from one controller, each at its own pace (plain Python, no JAX).
 
-One `Cluster.step()` schedules every unit that has work, writes the steps as device operations
-(sent first to the other processes of a multi-host cluster), *executes* all of them (JAX returns at
-once: each step runs asynchronously on its unit's devices) and only then *finishes* each, so the
-units compute concurrently while this thread does the bookkeeping of the others.
+Units step independently: `poll()` dispatches every unit that has no step in flight and has work
+(schedule, prepare, write the step to the ordered device-operation log, execute: JAX returns at once),
+and finishes the steps whose tokens have arrived. Nothing waits for the slowest unit: a long prefill
+on one instance, or a pipeline group's step, never holds back another instance's decode.
+
+Readiness comes from one waiter thread per in-flight step (a small pool): it blocks on the unit's
+device result (`unit.wait(handle)`: the wait releases the GIL) and then wakes the controller
+(`on_ready`), which applies the tokens on its own thread. We chose waiters over polling
+`is_ready()` in a loop: a blocked waiter costs no CPU and wakes the controller the moment a step
+lands, where a poll loop either burns a core (which XLA:CPU needs) or adds its interval to every
+step. Every device operation is still issued by the controller thread, one at a time, so the
+multi-host log stays one well-defined order.
+
+Work that is not a step (a parameter drop, a restore, a migration) runs as a `Task`: the loop
+advances it by one bounded piece whenever none of the units it names has a step in flight, and
+dispatches those units again right after; units the task does not name never notice it.
 
 A `DispatchPolicy` picks the unit for each new request from plain views of the units; the default
-sends it where the most KV pages are free once the queued prompts are counted. Operations other than
-steps (a parameter drop, a restore) are registered by the runtime with `register_op` and go through
-the same ordered log (`run_op`), so every process applies them at the same point.
+sends it where the most KV pages are free once the queued prompts are counted. Cluster operations
+are registered by the runtime with `register_op` and go through the same ordered log (`run_op`), so
+every process applies them at the same point.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
+import logging
+import threading
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 from kunjax.control.ops import STEP, DeviceOp
 from kunjax.control.request import Request, RequestOutput, SamplingParams
 from kunjax.control.unit import StepUnit, UnitView
+
+log = logging.getLogger(__name__)
 
 
 class DispatchPolicy(Protocol):
@@ -59,6 +76,28 @@ class Frontend(Protocol):
     def encode_chat(self, messages) -> list[int]: ...
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None: ...
     def detokenizer(self, prompt_token_ids: Sequence[int]) -> Any: ...
+
+
+class Task(Protocol):
+    """Work the cluster loop interleaves with steps: a transition, a migration.
+
+    `units`: the units it touches; `advance(cluster)` runs only while none of them has a step in
+    flight, does one bounded piece (device operations go through `cluster.run_op`) and returns True
+    when the task is done. Between two pieces the named units step as usual; `holds(unit)` says a
+    unit must not step at all for now (its state is mid-change)."""
+
+    units: Sequence[StepUnit]
+
+    def advance(self, cluster: "Cluster") -> bool: ...
+    def holds(self, unit: StepUnit) -> bool: ...
+
+
+@dataclasses.dataclass
+class _InFlight:
+    unit: StepUnit
+    step: Any
+    handle: Any
+    ready: concurrent.futures.Future
 
 
 @dataclasses.dataclass
@@ -105,6 +144,15 @@ class Cluster:
         self._ids = itertools.count()
         self._op_handlers: dict[str, Callable[["Cluster", DeviceOp], Any]] = {}
         self.timing = StepTiming()
+        self.tasks: list[Task] = []
+        self._inflight: dict[int, _InFlight] = {}  # id(unit) -> its step in flight
+        self._deferred_aborts: dict[int, list[str]] = {}  # id(unit) -> requests to abort after its step
+        self._ready_outputs: list[RequestOutput] = []  # produced outside a poll (a deferred abort, a task)
+        self._waiters: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._waiters_lock = threading.Lock()
+        # Called from a waiter thread when a step's result has arrived (the serving executor sets it
+        # to wake its loop).
+        self.on_ready: Optional[Callable[[], None]] = None
 
     # ---- requests --------------------------------------------------------------------------
     @property
@@ -144,8 +192,19 @@ class Cluster:
         return request_id
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
-        unit = self._where.pop(request_id, None)
-        return unit.abort(request_id) if unit is not None else None
+        """Aborts a request now, or, when its unit has a step in flight, right after that step (its
+        pages are free before the unit's next step); the output then comes out of the next `poll`."""
+        unit = self._where.get(request_id)
+        if unit is None:
+            return None
+        if id(unit) in self._inflight:
+            self._deferred_aborts.setdefault(id(unit), []).append(request_id)
+            return None
+        self._where.pop(request_id, None)
+        return unit.abort(request_id)
+
+    def is_known(self, request_id: str) -> bool:
+        return request_id in self._where
 
     def instance_of(self, request_id: str) -> Optional[int]:
         unit = self._where.get(request_id)
@@ -157,7 +216,18 @@ class Cluster:
             self._where[rid] = unit
 
     def has_unfinished(self) -> bool:
-        return any(u.has_unfinished() for u in self.units)
+        return bool(self._inflight or self.tasks or self._ready_outputs) or any(u.has_unfinished() for u in self.units)
+
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def busy(self, unit: StepUnit) -> bool:
+        """The unit has a step in flight."""
+        return id(unit) in self._inflight
+
+    def start_task(self, task: Task) -> None:
+        """Runs `task` piece by piece from the next iteration on (see Task)."""
+        self.tasks.append(task)
 
     def num_waiting(self) -> int:
         return sum(v.waiting for v in self.views())
@@ -182,36 +252,125 @@ class Cluster:
         return self.execute(op)
 
     # ---- the loop --------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.0) -> list[RequestOutput]:
+        """One pass of the independent loop: finish every step whose tokens have arrived, advance the
+        tasks whose units are idle, dispatch every idle unit that has work. With `timeout` > 0 and
+        nothing finished, waits up to that long for the first step to land."""
+        outs = self._collect()
+        self._advance_tasks()
+        self._dispatch()
+        if not outs and timeout > 0 and self._inflight:
+            concurrent.futures.wait([f.ready for f in self._inflight.values()], timeout=timeout,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            outs = self._collect()
+            self._advance_tasks()
+            self._dispatch()
+        return outs
+
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule and execute every unit's step, then finish them in order."""
+        """One iteration for offline loops and tests: dispatch every idle unit that has work, wait
+        until every step in flight has landed, finish them (tasks advance in between)."""
+        outs = self._collect()
+        self._advance_tasks()
+        self._dispatch()
+        if self._inflight:
+            concurrent.futures.wait([f.ready for f in self._inflight.values()])
+        outs += self._collect()
+        return outs
+
+    def _dispatch(self) -> None:
         t0 = time.perf_counter()
-        pending = []
+        launched = 0
         for i, unit in enumerate(self.units):
+            if id(unit) in self._inflight or any(t.holds(unit) for t in self.tasks):
+                continue
             step = unit.schedule()
-            if step is not None:
-                pending.append((unit, step, unit.prepare(step)))
-        if not pending:
-            return []
-        for unit, _, op in pending:
-            op.target = self.units.index(unit)
-        if self.oplog is not None:
-            self.oplog.send([op for _, _, op in pending])
-        inflight = [(unit, step, self.execute(op)) for unit, step, op in pending]
-        t1 = time.perf_counter()
-        outs: list[RequestOutput] = []
-        for unit, step, handle in inflight:
-            outs.extend(unit.finish(step, handle))
+            if step is None:
+                continue
+            op = unit.prepare(step)
+            op.target = i
+            if self.oplog is not None:
+                self.oplog.send([op])
+            handle = self.execute(op)
+            self._inflight[id(unit)] = _InFlight(unit, step, handle, self._watch(unit, handle))
+            launched += 1
+        if launched:
+            self.timing.iterations += 1
+            self.timing.steps += launched
+            self.timing.schedule_dispatch_s += time.perf_counter() - t0
+
+    def _watch(self, unit: StepUnit, handle: Any) -> concurrent.futures.Future:
+        """A future that completes when the step's result is on the host side of the device."""
+        wait = getattr(unit, "wait", None)
+        if wait is None:  # a unit without a device wait (a host-only fake): ready at once
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_result(None)
+            return fut
+        with self._waiters_lock:
+            if self._waiters is None:
+                self._waiters = concurrent.futures.ThreadPoolExecutor(max_workers=16,
+                                                                      thread_name_prefix="kunjax-step-waiter")
+            fut = self._waiters.submit(wait, handle)
+        if self.on_ready is not None:
+            fut.add_done_callback(lambda _f: self.on_ready())
+        return fut
+
+    def _collect(self) -> list[RequestOutput]:
+        outs, self._ready_outputs = self._ready_outputs, []
+        t0 = time.perf_counter()
+        wait = 0.0
+        for key, fl in list(self._inflight.items()):
+            if not fl.ready.done():
+                continue
+            del self._inflight[key]
+            try:
+                outs.extend(fl.unit.finish(fl.step, fl.handle))
+            finally:
+                wait += getattr(fl.unit, "last_wait_s", 0.0)
+                for rid in self._deferred_aborts.pop(key, ()):
+                    if self._where.get(rid) is fl.unit:
+                        self._where.pop(rid, None)
+                        out = fl.unit.abort(rid)
+                        if out is not None:
+                            outs.append(out)
         for o in outs:
             if o.finished:
                 self._where.pop(o.request_id, None)
-        t2 = time.perf_counter()
-        wait = sum(getattr(unit, "last_wait_s", 0.0) for unit, _, _ in inflight)
-        self.timing.iterations += 1
-        self.timing.steps += len(pending)
-        self.timing.schedule_dispatch_s += t1 - t0
         self.timing.wait_device_s += wait
-        self.timing.postprocess_s += (t2 - t1) - wait
+        self.timing.postprocess_s += time.perf_counter() - t0 - wait
         return outs
+
+    def _advance_tasks(self) -> None:
+        for task in list(self.tasks):
+            if any(id(u) in self._inflight for u in task.units):
+                continue
+            try:
+                done = task.advance(self)
+            except Exception:
+                log.exception("task %s failed; it is dropped", type(task).__name__)
+                done = True
+            if done:
+                self.tasks.remove(task)
+
+    def emit(self, outputs: Sequence[RequestOutput]) -> None:
+        """Outputs produced outside a step (a task that failed requests) come out of the next poll."""
+        self._ready_outputs.extend(outputs)
+        for o in outputs:
+            if o.finished:
+                self._where.pop(o.request_id, None)
+
+    def drain(self) -> list[RequestOutput]:
+        """Waits for every step in flight and finishes it (before an operation that needs every
+        unit idle)."""
+        if self._inflight:
+            concurrent.futures.wait([f.ready for f in self._inflight.values()])
+        return self._collect()
+
+    def close_waiters(self) -> None:
+        with self._waiters_lock:
+            if self._waiters is not None:
+                self._waiters.shutdown(wait=False)
+                self._waiters = None
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
                  params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams()) -> list[RequestOutput]:

@@ -26,13 +26,15 @@ class PageAllocator:
     """Free list of page ids 1..num_pages-1. Allocation failure is explicit, never a garbage page.
 
     `used` marks pages that are taken from the start: a pipeline group is born with the pages its
-    members' running requests already hold (renumbered into the group's space)."""
+    members' running requests already hold (renumbered into the group's space). `reserved` pages are
+    never handed out nor counted as usable (a group keeps each member's null page at its offset)."""
 
-    def __init__(self, num_pages: int, used: Iterable[int] = ()):
+    def __init__(self, num_pages: int, used: Iterable[int] = (), reserved: Iterable[int] = ()):
         if num_pages < 2:
             raise ValueError(f"need at least 2 pages (one is the null page), got {num_pages}")
         self.num_pages = num_pages
-        self._used: set[int] = set()
+        self.reserved = frozenset(reserved)
+        self._used: set[int] = set(self.reserved)
         for p in used:
             if not 0 < p < num_pages or p in self._used:
                 raise ValueError(f"page {p} cannot be marked used in a space of {num_pages} pages")
@@ -45,11 +47,11 @@ class PageAllocator:
 
     @property
     def num_usable(self) -> int:
-        return self.num_pages - 1
+        return self.num_pages - 1 - len(self.reserved)
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        return len(self._used) - len(self.reserved)
 
     def is_used(self, page: int) -> bool:
         return page in self._used
@@ -63,7 +65,7 @@ class PageAllocator:
 
     def free(self, pages: Sequence[int]) -> None:
         for p in pages:
-            if p not in self._used:
+            if p not in self._used or p in self.reserved:
                 raise ValueError(f"page {p} freed twice or never allocated")
             self._used.remove(p)
             self._free.append(p)

@@ -170,45 +170,81 @@ def _full_weights(info: MemberInfo) -> int:
     return sum(info.layer_bytes) + info.embed_bytes + info.head_bytes
 
 
+def layer_rounds(order: Sequence[int], stages: Sequence[StagePlan]) -> list[list[int]]:
+    """`order` cut into rounds of at most one layer per stage. A drop piece moves whole rounds: in
+    a round every member frees the pools (and weights) of the layers it gives up as its owned layer
+    grows, so the state between two pieces, where the members step, stays balanced."""
+    owner = {l: j for j, st in enumerate(stages) for l in range(st.start, st.stop)}
+    rounds: list[list[int]] = []
+    seen: set[int] = set()
+    for l in order:
+        if not rounds or owner[l] in seen:
+            rounds.append([])
+            seen = set()
+        rounds[-1].append(l)
+        seen.add(owner[l])
+    return rounds
+
+
+def _chunked(pages: int, chunk_pages: int) -> int:
+    """Pages a list of `pages` takes once gathered in chunks of `chunk_pages` (the last one padded)."""
+    return -(-pages // chunk_pages) * chunk_pages if pages else 0
+
+
 def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int],
-                  num_pages: int, chunk_pages: int) -> tuple[dict[int, int], dict[int, int]]:
-    """(peak, final) bytes per device of each member through the drop, event by event."""
-    num_layers = len(next(iter(infos.values())).layer_bytes)
+                  num_pages: int, chunk_pages: int) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+    """(peak, final, between) bytes per device of each member through the drop, event by event as
+    kunjax.memory.drop runs it: per layer, every member gathers its pages that hold data, deletes its
+    pool of the layer (and its weights of the layer when it does not keep it), the owner allocates
+    the group pool and the chunks arrive one at a time; embedding and head last. `between` is the
+    largest state between two layers, where the members step (their activation reserve must stay
+    free); `peak` the largest transient inside a piece (pieces are whole rounds, `layer_rounds`)."""
     owner = {l: st for st in stages for l in range(st.start, st.stop)}
+    round_ends = {r[-1] for r in layer_rounds(order, stages)}
+    num_layers = len(next(iter(infos.values())).layer_bytes)
     cur, peak = {}, {}
     for st in stages:
         i = infos[st.instance]
         cur[st.instance] = i.other_bytes + _full_weights(i) + num_layers * i.num_pages * i.page_layer_bytes
         peak[st.instance] = cur[st.instance]
-    for st in stages:  # weights given up are deleted first
-        cur[st.instance] -= _full_weights(infos[st.instance]) - _kept_weights(infos[st.instance], st)
+    between = dict(cur)
     for l in order:
         s = owner[l].instance
-        cur[s] += num_pages * infos[s].page_layer_bytes
-        for m in cur:  # copies, one chunk at a time: gathered on the sender, received on the owner
-            chunk = min(chunk_pages, infos[m].used_pages) * infos[m].page_layer_bytes
-            peak[m] = max(peak[m], cur[m] + chunk)
-            peak[s] = max(peak[s], cur[s] + chunk)
+        held = {m: _chunked(infos[m].used_pages, chunk_pages) * infos[m].page_layer_bytes for m in cur}
         for m in cur:
+            peak[m] = max(peak[m], cur[m] + held[m])
             cur[m] -= infos[m].num_pages * infos[m].page_layer_bytes
+        cur[s] += num_pages * infos[s].page_layer_bytes
+        chunk = min(chunk_pages, max(i.used_pages for i in infos.values())) * infos[s].page_layer_bytes
         for m in cur:
-            peak[m] = max(peak[m], cur[m])
-    return peak, cur
+            peak[m] = max(peak[m], cur[m] + held[m] + (chunk if m == s else 0))
+        for m in cur:
+            if m != s:
+                cur[m] -= infos[m].layer_bytes[l]
+            if l in round_ends:
+                between[m] = max(between[m], cur[m])
+    for st in stages:  # embedding and head stay only where the plan keeps them
+        i = infos[st.instance]
+        cur[st.instance] -= (0 if st.embed else i.embed_bytes) + (0 if st.head else i.head_bytes)
+    return peak, cur, between
 
 
 def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool, max_pages: int,
-               chunk_pages: int = 64) -> GroupPlan:
-    """The largest group page count whose steady state and transition fit every member's budget."""
+               chunk_pages: int = 64, ladder: Optional[Sequence[int]] = None) -> GroupPlan:
+    """The largest group page count whose steady state and transition fit every member's budget
+    (with `ladder`: the largest such count on the ladder of pool sizes compiled ahead)."""
     num_layers = len(infos[members[0]].layer_bytes)
     stages = stage_plans(members, num_layers, tied)
     order = interleaved_order([(s.start, s.stop) for s in stages])
-    need = 1 + sum(infos[m].used_pages for m in members)  # the null page + every running request's pages
+    # Every member's page ids keep their place at an offset of the group's space (member_offsets).
+    need = sum(infos[m].num_pages for m in members)
 
     def fits(p: int) -> bool:
-        """Drop peak and grouped steady state within budget, and the group can be restored (once its
-        requests are few enough) within budget too."""
-        peak, final = simulate_drop(infos, stages, order, p, chunk_pages)
-        if not all(peak[m] <= infos[m].budget and final[m] + infos[m].reserve <= infos[m].budget for m in members):
+        """Drop peak, the states between pieces (members step there) and the grouped steady state
+        within budget, and the group can be restored (once its requests are few enough) too."""
+        peak, final, between = simulate_drop(infos, stages, order, p, chunk_pages)
+        if not all(peak[m] <= infos[m].budget and final[m] + infos[m].reserve <= infos[m].budget
+                   and between[m] + infos[m].reserve <= infos[m].budget for m in members):
             return False
         trial = GroupPlan(tuple(members), tuple(stages), p, {m: infos[m].num_pages for m in members}, peak, final,
                           tuple(order), tied)
@@ -216,8 +252,8 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
         return all(back[m] <= infos[m].budget for m in members)
 
     if not fits(need):
-        raise PlanError(f"a group of instances {list(members)} cannot hold the {need - 1} pages its requests use "
-                        f"within the memory budget", "FAILED_PRECONDITION")
+        raise PlanError(f"a group of instances {list(members)} cannot hold the {need} pages of its members' "
+                        f"page spaces within the memory budget", "FAILED_PRECONDITION")
     lo, hi = need, max(need, max_pages)
     while lo < hi:  # largest p with fits(p); fits is monotone in p
         mid = (lo + hi + 1) // 2
@@ -225,13 +261,20 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
             lo = mid
         else:
             hi = mid - 1
-    peak, final = simulate_drop(infos, stages, order, lo, chunk_pages)
+    if ladder is not None:  # only page counts whose executables are compiled ahead
+        fitting = [p for p in ladder if need <= p <= lo]
+        if not fitting:
+            raise PlanError(f"no compiled group pool size fits instances {list(members)} (need {need}..{lo} pages, "
+                            f"ladder {list(ladder)})", "FAILED_PRECONDITION")
+        lo = max(fitting)
+    peak, final, _ = simulate_drop(infos, stages, order, lo, chunk_pages)
     return GroupPlan(tuple(members), tuple(stages), lo, {m: infos[m].num_pages for m in members},
                      peak, final, tuple(order), tied)
 
 
 def plan_drop(infos: Sequence[MemberInfo], group_size: int, tied: bool, max_pages_per_instance: int,
-              eligible: Optional[Sequence[int]] = None, chunk_pages: int = 64) -> DropPlan:
+              eligible: Optional[Sequence[int]] = None, chunk_pages: int = 64,
+              ladder: Optional[Sequence[int]] = None) -> DropPlan:
     """Groups of `group_size` consecutive eligible instances (those left over stay alone)."""
     by_index = {i.index: i for i in infos}
     pool = list(eligible if eligible is not None else sorted(by_index))
@@ -241,15 +284,33 @@ def plan_drop(infos: Sequence[MemberInfo], group_size: int, tied: bool, max_page
     groups = []
     while len(pool) >= group_size:
         members, pool = pool[:group_size], pool[group_size:]
-        groups.append(plan_group(by_index, members, tied, group_size * max_pages_per_instance, chunk_pages))
+        groups.append(plan_group(by_index, members, tied, group_size * max_pages_per_instance, chunk_pages, ladder))
     return DropPlan(tuple(groups), tuple(pool))
 
 
-def compact_pages(plan: GroupPlan) -> int:
-    """Pages of the compact pools a restore first shrinks the group's pools to: the split instances'
-    pages together (all the running requests may hold for the group to split), or the group's own
-    page count when that is smaller."""
-    return min(sum(plan.pages_before.values()), plan.num_pages)
+def member_offsets(plan: GroupPlan) -> list[int]:
+    """Where each member's page ids start in the group's page space (stage order): member j's page
+    p is group page offset_j + p, so the group needs at least the members' pages together."""
+    offs, a = [], 0
+    for st in plan.stages:
+        offs.append(a)
+        a += plan.pages_before[st.instance]
+    return offs
+
+
+def pool_ladder(instance_pages: int, max_group: int, useful_pages: int, steps_per_doubling: int = 4) -> list[int]:
+    """Group pool sizes compiled ahead (a pool size is part of every layer executable's key): from
+    two instances' pages up to `max_group` instances' (capped at `useful_pages`), geometric with
+    `steps_per_doubling` sizes per doubling, so the planner loses at most ~19 % of a group's room to
+    rounding while only a handful of sizes compile."""
+    lo = 2 * instance_pages
+    hi = max(lo, min(useful_pages, (max_group + 3) * instance_pages))
+    sizes, x = set(), float(lo)
+    while x < hi:
+        sizes.add(int(x))
+        x *= 2 ** (1 / steps_per_doubling)
+    sizes.add(int(hi))
+    return sorted(sizes)
 
 
 def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages: int,
@@ -257,34 +318,23 @@ def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages:
     """Peak bytes per device of each member through a restore of `plan`'s group, starting from the
     grouped steady state; `used_after` are the pages each member's share of the requests takes.
 
-    Phase 1 shrinks every group pool to `compact_pages`: the pages that hold data are gathered out,
-    the group pool is deleted, the compact pool allocated and the pages put back (so the room beyond
-    is released before any restored layer arrives); phase 2 rebuilds each layer on every member from
-    the compact pools."""
+    Layer by layer (kunjax.memory.restore): the owner gathers the layer's pages that hold data,
+    deletes its group pool, and every member allocates its instance pool of the layer (and receives
+    the layer's weights when it lacks them); the chunks are scattered in. Embedding and head last.
+    The group does not step during a restore, so its activation reserve is usable."""
     cur = dict(plan.steady_bytes)
     peak = dict(cur)
-    small = compact_pages(plan)
     used = sum(used_after.values())
-    for l in plan.layer_order:  # phase 1: pages with data out, group pool freed, compact pool in
+    for l in plan.layer_order:
         s = plan.owner(l).instance
-        b = infos[s].page_layer_bytes
-        held = -(-used // chunk_pages) * chunk_pages * b  # chunks are padded to full size
+        held = _chunked(used, chunk_pages) * infos[s].page_layer_bytes
         peak[s] = max(peak[s], cur[s] + held)
-        cur[s] += held - plan.num_pages * b + small * b
-        peak[s] = max(peak[s], cur[s])
-        cur[s] -= held
-    for l in plan.layer_order:  # phase 2: every member rebuilds layer l
-        s = plan.owner(l).instance
+        cur[s] -= plan.num_pages * infos[s].page_layer_bytes
         for m in cur:
             i = infos[m]
             cur[m] += plan.pages_before[m] * i.page_layer_bytes + (0 if m == s else i.layer_bytes[l])
-        for m in cur:
-            chunk = min(chunk_pages, used_after.get(m, 0)) * infos[m].page_layer_bytes
-            peak[m] = max(peak[m], cur[m] + chunk)
-            peak[s] = max(peak[s], cur[s] + chunk)
-        cur[s] -= small * infos[s].page_layer_bytes
-        for m in cur:
-            peak[m] = max(peak[m], cur[m])
+            chunk = min(chunk_pages, used_after.get(m, 0)) * i.page_layer_bytes
+            peak[m] = max(peak[m], cur[m] + (held if m == s else chunk))
     for st in plan.stages:  # embedding and head back where they are missing
         i = infos[st.instance]
         cur[st.instance] += (0 if st.embed else i.embed_bytes) + (0 if st.head else i.head_bytes)

@@ -1,22 +1,30 @@
 """Parameter drop: g instances become one pipeline group, and their freed weights become KV pages.
 
-Three parts, so that a multi-host cluster runs the device part identically on every process:
+The drop is a cluster Task (kunjax.control.cluster): it advances one bounded piece at a time, only
+while none of the members has a step in flight, and the members keep decoding between pieces. Only
+the members notice it; every other unit steps as usual.
 
-1. `prepare_drop` (controller, host only): from the members' running requests, the page moves of the
-   KV exchange. The first member's requests keep their page ids; every other member's requests get
-   fresh ids in the group's page space. Waiting requests hold no pages and simply move.
-2. `execute_drop` (every process, a logged device operation): each member deletes the weights it
-   gives up (real frees: the arrays are deleted now); then layer by layer, in the plan's interleaved
-   order, the layer's owner allocates the group pools of that layer, every member's pages of that
-   layer move into them (only pages that hold data, in chunks, device to device), and every member
-   deletes its old pools of that layer. The freed room is what the group pools are made of, and at
-   no moment are a pool and the room that replaces it both alive beyond the one layer in flight
-   (kunjax.control.plan simulates that peak; the report carries the measured one). The member
-   instances' stages now hold the group's layer ranges, and a PipelineGroup unit replaces the
-   members in the cluster's unit list.
-3. `adopt_after_drop` (controller): the requests move into the group's scheduler with their new page
-   tables; a request whose KV could not be moved (a failed copy) finishes with an error, every
-   other one keeps running (no request is restarted or recomputed).
+Pages keep their ids. Member j's page p lives, once its layer has moved, at id `offset_j + p` of the
+group's pools (offset_0 = 0, offset_j = the pages of the members before j), so a request's group page
+table is a pure function of its instance page table: nothing is renumbered while it runs, and a page
+a member allocates between two pieces already has its place in the group.
+
+Pieces, each a logged device operation (every process of a multi-host cluster runs it):
+1. `drop_begin`: the members get a route (kunjax.runtime.runner.Segment): each layer of a step runs
+   where that layer's KV is: on the member itself until the layer has moved, then on the stage that
+   owns it, at the member's page offset.
+2. `drop_layers` (repeated): for each layer of the piece (bounded by `ServingCluster.piece_bytes` of
+   KV), every member gathers the pages that hold data (chunks, the transient), deletes its pool of
+   that layer, a member that does not keep the layer deletes its weights, the owner allocates the
+   layer's group pool, and the chunks are scattered in at their offset ids (device to device for the
+   members that are not the owner: (g-1)/g of the KV crosses; the owner's own pages are copied
+   locally, reported apart). The routes move the layer to its owner.
+   A failure inside a piece (an allocation, a copy) puts that layer back from its chunks; the drop
+   then rolls back the layers already moved (`drop_rollback`) and the members serve on, as before.
+3. `drop_finish`: embedding and head left only where the plan keeps them; a PipelineGroup replaces
+   the members; on the controller their requests move into it with their offset page ids.
+The memory of each piece and of the steady state between pieces (where the members step, so the
+activation reserve stays free) is simulated by kunjax.control.plan before a plan is offered.
 """
 
 from __future__ import annotations
@@ -34,18 +42,25 @@ from kunjax.control.pages import PageAllocator
 from kunjax.control.request import FinishReason, RequestOutput
 from kunjax.control.scheduler import Scheduler
 from kunjax.memory import measure
-from kunjax.memory.exchange import ExchangeStats, copy_pages, delete_arrays
+from kunjax.memory.exchange import ExchangeStats, delete_arrays, pages_in, pages_out
 from kunjax.memory.group import PipelineGroup, group_scheduler_config
-from kunjax.control.plan import DropPlan, GroupPlan
+from kunjax.control.plan import DropPlan, GroupPlan, layer_rounds, member_offsets
 from kunjax.runtime import compile_stats
+from kunjax.runtime.runner import Segment
+from sharding.transfer import move_tree
 
 log = logging.getLogger(__name__)
 
-DROP = "drop"
+DROP_BEGIN, DROP_LAYERS, DROP_FINISH, DROP_ROLLBACK = "drop_begin", "drop_layers", "drop_finish", "drop_rollback"
+DROP = DROP_BEGIN  # the kind a drop starts with (older name)
 
 
 class DropError(ValueError):
     """The drop cannot be applied as asked (names why); nothing was changed."""
+
+
+class PieceFailed(RuntimeError):
+    """A piece of a transition failed; the layer it was moving is back where it was."""
 
 
 @dataclasses.dataclass
@@ -54,7 +69,9 @@ class TransitionReport:
 
     kind: str
     groups: list[int]
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the first piece to the last (the members step in between)
+    pieces: int = 0
+    piece_seconds_max: float = 0.0  # the longest piece: what a request whose KV is not moving waits
     freed_weight_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # device -> bytes
     exchange: ExchangeStats = dataclasses.field(default_factory=ExchangeStats)
     live_before: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -62,6 +79,8 @@ class TransitionReport:
     live_after: dict[str, int] = dataclasses.field(default_factory=dict)
     compiles: int = 0
     failed_pages: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # group -> page ids lost
+    state: str = "running"  # running | done | rolled_back
+    error: str = ""
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -92,72 +111,247 @@ def check_members(cluster, gp: GroupPlan) -> list:
     return members
 
 
-def prepare_drop(cluster, plan: DropPlan) -> DeviceOp:
-    """The logged device operation of a drop: the plan and, per group member, the pages to move
-    (old ids in the member's space -> new ids in the group's)."""
-    arrays, moves = {}, []
-    for gi, gp in enumerate(plan.groups):
-        members = check_members(cluster, gp)
-        taken = {p for r in members[0].scheduler.running for p in r.pages}
-        fresh = (p for p in range(1, gp.num_pages) if p not in taken)
-        for j, m in enumerate(members):
-            src = [p for r in m.scheduler.running for p in r.pages]
-            dst = src if j == 0 else [next(fresh) for _ in src]
-            arrays[f"{gi}/{j}/src"] = np.asarray(src, np.int32)
-            arrays[f"{gi}/{j}/dst"] = np.asarray(dst, np.int32)
-        moves.append(len(members))
-    return DeviceOp(DROP, -1, {"plan": plan.to_dict(), "chunk": cluster.chunk_pages}, arrays)
+def member_route(members, gp: GroupPlan, j: int, moved: set) -> list[Segment]:
+    """Where each layer of member j's step runs while its group forms: layers not moved yet on the
+    member, moved ones on their owner at the member's page offset."""
+    off = member_offsets(gp)[j]
+    segs: list[Segment] = []
+    for l in range(gp.stages[-1].stop):
+        stage, o = (members[gp.owner_index(l)].stage, off) if l in moved else (members[j].stage, 0)
+        if segs and segs[-1].stage is stage and segs[-1].page_offset == o:
+            segs[-1] = Segment(stage, segs[-1].layers + (l,), o)
+        else:
+            segs.append(Segment(stage, (l,), o))
+    return segs
 
 
-def execute_drop(cluster, op: DeviceOp) -> TransitionReport:
-    """Every process: the device part of a drop, and the new unit structure."""
+class DropTask:
+    """The controller's side of one drop (a kunjax.control.cluster Task): decides each piece, logs
+    it, and on the last one moves the requests into the group."""
+
+    def __init__(self, cluster, plan: DropPlan):
+        self.cluster = cluster
+        self.plan = plan
+        self.groups = []  # per group plan: its members
+        for gp in plan.groups:
+            self.groups.append(check_members(cluster, gp))
+        self.units = [m for ms in self.groups for m in ms]
+        self.report = TransitionReport("drop", [])
+        self.outputs: list[RequestOutput] = []  # requests that failed (their KV was lost)
+        self._todo = [list(gp.layer_order) for gp in plan.groups]
+        self._moved: list[list[int]] = [[] for _ in plan.groups]
+        self._begun = False
+        self._t0 = 0.0
+        self.done = False
+
+    def holds(self, unit) -> bool:
+        return False  # the members step between pieces
+
+    def _piece_layers(self, gi: int) -> list[int]:
+        """The next layers of group gi: whole rounds (kunjax.control.plan.layer_rounds), as many as
+        fit `piece_bytes` of KV that holds data (one round at least)."""
+        members = self.groups[gi]
+        used = sum(len(r.pages) for m in members for r in m.scheduler.running)
+        per_layer = max(1, used * members[0].page_layer_bytes)
+        out: list[int] = []
+        for rnd in layer_rounds(self._todo[gi], self.plan.groups[gi].stages):
+            if out and (len(out) + len(rnd)) * per_layer > self.cluster.piece_bytes:
+                break
+            out += rnd
+        return out
+
+    def _pages(self, gi: int) -> dict[str, np.ndarray]:
+        arrays = {}
+        for j, m in enumerate(self.groups[gi]):
+            arrays[f"{j}"] = np.asarray(sorted({p for r in m.scheduler.running for p in r.pages}), np.int32)
+        return arrays
+
+    def advance(self, cluster) -> bool:
+        t = time.perf_counter()
+        try:
+            if not self._begun:
+                self._t0 = t
+                cluster.run_op(DeviceOp(DROP_BEGIN, -1, {"plan": self.plan.to_dict()}))
+                self._begun = True
+                return False
+            for gi in range(len(self.plan.groups)):
+                if self._todo[gi]:
+                    layers = self._piece_layers(gi)
+                    cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers,
+                                                               "chunk": cluster.chunk_pages}, self._pages(gi)))
+                    del self._todo[gi][:len(layers)]
+                    self._moved[gi] += layers
+                    return False
+            report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
+            self.outputs += adopt_after_drop(cluster, self.plan, report)
+            cluster.emit(self.outputs)
+            self.done = True
+            return True
+        except PieceFailed as e:
+            log.error("drop failed (%s); rolling back the %d layers moved", e, sum(map(len, self._moved)))
+            arrays = {f"{gi}/{k}": v for gi in range(len(self.plan.groups)) for k, v in self._pages(gi).items()}
+            cluster.run_op(DeviceOp(DROP_ROLLBACK, -1, {"error": str(e)}, arrays))
+            self.done = True
+            return True
+        finally:
+            self.report = cluster.drop_state.report if cluster.drop_state is not None else self.report
+            dt = time.perf_counter() - t
+            self.report.pieces += 1
+            self.report.piece_seconds_max = max(self.report.piece_seconds_max, dt)
+            self.report.seconds = time.perf_counter() - self._t0
+
+
+@dataclasses.dataclass
+class DropState:
+    """The device side of a drop under way, the same on every process."""
+
+    plan: DropPlan
+    groups: list  # members per group plan
+    moved: list  # layers moved per group plan
+    report: TransitionReport
+    devices: list
+    c0: int
+
+
+def execute_drop_begin(cluster, op: DeviceOp) -> TransitionReport:
     plan = DropPlan.from_dict(op.args["plan"])
-    chunk = int(op.args["chunk"])
-    t0 = time.perf_counter()
-    c0 = compile_stats.compile_count()
+    groups = [check_members(cluster, gp) for gp in plan.groups]
+    devices = [d for ms in groups for m in ms for d in m.devices if d.process_index == jax.process_index()]
     report = TransitionReport("drop", [])
-    all_members = [cluster.engines[st.instance] for gp in plan.groups for st in gp.stages]
-    devices = [d for m in all_members for d in m.devices if d.process_index == jax.process_index()]
     report.live_before = _live(devices)
     report.peak_live = dict(report.live_before)
-    for gi, gp in enumerate(plan.groups):
-        members = check_members(cluster, gp)
-        src = [op.arrays[f"{gi}/{j}/src"].tolist() for j in range(len(members))]
-        dst = [op.arrays[f"{gi}/{j}/dst"].tolist() for j in range(len(members))]
+    cluster.drop_state = DropState(plan, groups, [set() for _ in groups], report, devices,
+                                   compile_stats.compile_count())
+    for gp, members in zip(plan.groups, groups):
+        for j, m in enumerate(members):
+            m.set_route(member_route(members, gp, j, set()))
+    return report
+
+
+def _move_layer_in(members, gp: GroupPlan, l: int, src: list, chunk: int, report: TransitionReport) -> None:
+    """Layer l's KV of every member into its owner's group pool (see the module docstring); on a
+    failure, the layer is put back as it was and PieceFailed raised."""
+    from kunjax.memory import exchange
+
+    o = gp.owner_index(l)
+    owner = members[o].stage
+    offs = member_offsets(gp)
+    try:
+        held = [pages_out(m.stage, m.stage.pools[l], src[j], chunk, report.exchange) for j, m in enumerate(members)]
+    except Exception as e:  # nothing changed yet
+        log.exception("drop: gathering layer %d failed", l)
+        raise PieceFailed(f"layer {l}: {e}") from e
+    old_sizes = [m.stage.pools[l][0].shape[1] for m in members]
+    for m in members:
+        delete_arrays(m.stage.pools.pop(l))
+    _sample_peak(report, report_devices(members))
+    pools = None
+    try:
+        if exchange.FAULT_HOOK is not None:
+            exchange.FAULT_HOOK("allocate", {"layer": l})
+        pools = owner.exes.new_pools(gp.num_pages)
+        for j, m in enumerate(members):
+            pools = pages_in(owner, pools, held[j], [offs[j] + p for p in src[j]], chunk, report.exchange,
+                             src_mesh=m.stage.mesh)
+    except Exception as e:
+        log.exception("drop: moving layer %d failed; it goes back to the members", l)
+        if pools is not None:
+            delete_arrays(pools)  # a half-filled group pool (the traceback must not keep it alive)
+        for j, m in enumerate(members):  # the chunks still hold every page that had data
+            m.stage.pools[l] = pages_in(m.stage, m.stage.exes.new_pools(old_sizes[j]), held[j], src[j], chunk,
+                                        ExchangeStats())
+        for chunks in held:
+            delete_arrays([c[:2] for c in chunks])
+        held.clear()
+        raise PieceFailed(f"layer {l}: {e}") from None
+    owner.pools[l] = pools
+    for j, m in enumerate(members):
+        if j != o:
+            freed = delete_arrays(m.stage.layers.pop(l))
+            for d in m.devices:
+                report.freed_weight_bytes[str(d)] = report.freed_weight_bytes.get(str(d), 0) + freed
+    del held
+    _sample_peak(report, report_devices(members))
+
+
+def report_devices(members) -> list:
+    return [d for m in members for d in m.devices if d.process_index == jax.process_index()]
+
+
+def execute_drop_layers(cluster, op: DeviceOp) -> None:
+    state = cluster.drop_state
+    gi = int(op.args["group"])
+    gp, members = state.plan.groups[gi], state.groups[gi]
+    src = [op.arrays[f"{j}"].tolist() for j in range(len(members))]
+    for l in op.args["layers"]:
+        _move_layer_in(members, gp, int(l), src, int(op.args["chunk"]), state.report)
+        state.moved[gi].add(int(l))
+        for j, m in enumerate(members):
+            m.set_route(member_route(members, gp, j, state.moved[gi]))
+
+
+def execute_drop_finish(cluster, op: DeviceOp) -> TransitionReport:
+    state = cluster.drop_state
+    report = state.report
+    for gp, members in zip(state.plan.groups, state.groups):
         group_id = cluster.next_group_id()
         report.groups.append(group_id)
-        lost: set[int] = set()
         for st_plan, m in zip(gp.stages, members):
             freed = _drop_weights(m.stage, st_plan)
             for d in m.devices:
                 report.freed_weight_bytes[str(d)] = report.freed_weight_bytes.get(str(d), 0) + freed
-        _sample_peak(report, devices)
-        for l in gp.layer_order:
-            owner = members[gp.owner_index(l)].stage
-            pools = owner.exes.new_pools(gp.num_pages)
-            _sample_peak(report, devices)
-            for j, m in enumerate(members):
-                pools = copy_pages(m.stage, m.stage.pools[l], owner, pools, src[j], dst[j], chunk, report.exchange,
-                                   "drop", {"group": group_id, "layer": l, "member": j}, lost)
-                _sample_peak(report, devices)
-            for m in members:
-                delete_arrays(m.stage.pools.pop(l))
-            owner.pools[l] = pools
-        for m in members:
             m.stage.num_pages = gp.num_pages
-        if lost:
-            report.failed_pages[group_id] = sorted(lost)
+            m.set_route(None)
         group = PipelineGroup(group_id, gp, members, Scheduler(
             group_scheduler_config(members[0].config.scheduler, len(members)), PageAllocator(gp.num_pages),
             members[0].page_size, members[0].max_model_len, members[0].scheduler.policy), members[0].eos_ids)
         if all(d.platform == "cpu" for m in members for d in m.devices):
             group.pipeline_depth = 1  # virtual CPU devices share the cores: stages never overlap there
         cluster.replace_units(members, [group])
-    report.live_after = _live(devices)
-    report.seconds = time.perf_counter() - t0
-    report.compiles = compile_stats.compile_count() - c0
+    _sample_peak(report, state.devices)
+    report.live_after = _live(state.devices)
+    report.compiles = compile_stats.compile_count() - state.c0
+    report.state = "done"
     cluster.last_transition = report
+    cluster.drop_state = None
     return report
+
+
+def execute_drop_rollback(cluster, op: DeviceOp) -> TransitionReport:
+    """Every moved layer goes back to the members (weights from the owner, pages from the group pool
+    at their offsets), in reverse order; the members serve as before the drop."""
+    state = cluster.drop_state
+    report = state.report
+    for gi, (gp, members, moved) in enumerate(zip(state.plan.groups, state.groups, state.moved)):
+        offs = member_offsets(gp)
+        src = [op.arrays[f"{gi}/{j}"].tolist() for j in range(len(members))]
+        for l in [l for l in reversed(gp.layer_order) if l in moved]:
+            o = gp.owner_index(l)
+            owner = members[o].stage
+            held = [pages_out(owner, owner.pools[l], [offs[j] + p for p in src[j]], cluster.chunk_pages,
+                              report.exchange) for j in range(len(members))]
+            delete_arrays(owner.pools.pop(l))
+            for j, m in enumerate(members):
+                st = m.stage
+                if j != o:
+                    lp = owner.layers[l]
+                    st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
+                st.pools[l] = pages_in(st, st.exes.new_pools(gp.pages_before[m_index(cluster, m)]), held[j], src[j],
+                                       cluster.chunk_pages, report.exchange, src_mesh=owner.mesh)
+            moved.discard(l)
+        for m in members:
+            m.set_route(None)
+    report.state = "rolled_back"
+    report.error = op.args.get("error", "")
+    report.live_after = _live(state.devices)
+    report.compiles = compile_stats.compile_count() - state.c0
+    cluster.last_transition = report
+    cluster.drop_state = None
+    return report
+
+
+def m_index(cluster, m) -> int:
+    return cluster.engines.index(m)
 
 
 def _drop_weights(stage, st_plan) -> int:
@@ -180,28 +374,28 @@ def _drop_weights(stage, st_plan) -> int:
     return freed
 
 
-def adopt_after_drop(cluster, op: DeviceOp, report: TransitionReport) -> list[RequestOutput]:
-    """Controller: the members' requests move into their group with the new page tables. Returns the
-    final outputs of requests that failed (their KV was lost in a failed copy)."""
-    plan = DropPlan.from_dict(op.args["plan"])
+def adopt_after_drop(cluster, plan: DropPlan, report: TransitionReport) -> list[RequestOutput]:
+    """Controller: the members' requests move into their group; a request's page p of member j
+    becomes offset_j + p (its KV is already there). Returns the final outputs of requests whose KV
+    was lost in a failed copy."""
     failed_out: list[RequestOutput] = []
-    for gi, (gp, group_id) in enumerate(zip(plan.groups, report.groups)):
+    for gp, group_id in zip(plan.groups, report.groups):
         group = cluster.group(group_id)
+        offs = member_offsets(gp)
         lost = set(report.failed_pages.get(group_id, ()))
         sched = group.scheduler
-        moved = []
-        running, waiting = [], []
+        moved, running, waiting = [], [], []
         for j, m in enumerate(group.members):
-            new_ids = iter(op.arrays[f"{gi}/{j}/dst"].tolist())
             for r in m.scheduler.running:
-                r.pages = [next(new_ids) for _ in r.pages]
+                r.pages = [offs[j] + p for p in r.pages]
                 running.append(m.take(r.request_id))
             waiting += [m.take(r.request_id) for r in m.scheduler.waiting]
             m.scheduler.running.clear()
             m.scheduler.waiting.clear()
             m.scheduler.allocator = PageAllocator(m.scheduler.allocator.num_pages)
-        used = [p for r, _ in running for p in r.pages]
-        sched.allocator = PageAllocator(gp.num_pages, used)
+        # Each member's null page sits at its offset in the group space: never handed out.
+        sched.allocator = PageAllocator(gp.num_pages, [p for r, _ in running for p in r.pages],
+                                        reserved=[o for o in offs if o])
         for r, detok in sorted(running, key=lambda x: x[0].arrival_time):
             group.adopt(r, detok)
             sched.running.append(r)

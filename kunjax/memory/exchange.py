@@ -33,21 +33,27 @@ FAULT_HOOK: Optional[Callable[[str, dict], None]] = None
 
 @dataclasses.dataclass
 class ExchangeStats:
-    bytes_between_devices: int = 0  # pages that crossed from one mesh to another (per device pair sum)
-    bytes_local: int = 0  # pages copied within a mesh (renumbering, pool rebuild)
+    """Bytes of pages that hold data, moved between meshes and within one, and the padding the
+    fixed chunk size adds on top (moved too: counted apart, so nothing is understated)."""
+
+    bytes_between_devices: int = 0  # pages that crossed from one mesh to another (summed over devices)
+    bytes_local: int = 0  # pages copied within a mesh (the owner's own pages into its group pool)
+    bytes_padding: int = 0  # null pages that pad the last chunk of a list (gathered, moved, scattered)
     seconds: float = 0.0
     chunks: int = 0
 
     def add(self, other: "ExchangeStats") -> None:
         self.bytes_between_devices += other.bytes_between_devices
         self.bytes_local += other.bytes_local
+        self.bytes_padding += other.bytes_padding
         self.seconds += other.seconds
         self.chunks += other.chunks
 
 
-def page_bytes_per_device(stage: Stage) -> int:
-    """Bytes of one page of one pool (K or V) on one device of the stage's mesh."""
-    pool = next(iter(stage.pools.values()))[0]
+def page_bytes_per_device(stage: Stage, pool=None) -> int:
+    """Bytes of one page of one pool (K or V) on one device of the stage's mesh (of `pool`, else of
+    any pool the stage holds)."""
+    pool = pool if pool is not None else next(iter(stage.pools.values()))[0]
     shard = pool.sharding.shard_shape(pool.shape)
     return int(np.prod(shard)) // shard[1] * pool.dtype.itemsize
 
@@ -82,7 +88,7 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
     gather_k, gather_v = _page_ops(src, GATHER, chunk, src_pools[0].shape[1])
     scatter_k, scatter_v = _page_ops(dst, SCATTER, chunk, dst_pools[0].shape[1])
     crossing = src.mesh != dst.mesh
-    per_page = page_bytes_per_device(dst) * dst.mesh.size
+    per_page = page_bytes_per_device(dst, dst_pools[0]) * dst.mesh.size
     k_dst, v_dst = dst_pools
     for (s, n), (d, _) in zip(_chunks(src_ids, chunk), _chunks(dst_ids, chunk)):
         try:
@@ -107,6 +113,7 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
             stats.bytes_between_devices += moved
         else:
             stats.bytes_local += moved
+        stats.bytes_padding += 2 * (chunk - n) * per_page
         stats.chunks += 1
     stats.seconds += time.perf_counter() - t
     return k_dst, v_dst
@@ -123,20 +130,34 @@ def pages_out(src: Stage, pools: tuple, ids: Sequence[int], chunk: int, stats: E
         s_dev = put(s, src.exes.rep)
         out.append((gather_k(pools[0], s_dev), gather_v(pools[1], s_dev), n))
     jax.block_until_ready([c[:2] for c in out])
-    stats.bytes_local += sum(2 * n for _, _, n in out) * page_bytes_per_device(src) * src.mesh.size
     stats.seconds += time.perf_counter() - t
     return out
 
 
-def pages_in(dst: Stage, pools: tuple, chunks: list, ids: Sequence[int], chunk: int, stats: ExchangeStats) -> tuple:
-    """Scatters chunks from `pages_out` into (k, v) `pools` (donated) at `ids`; returns the pools."""
+def pages_in(dst: Stage, pools: tuple, chunks: list, ids: Sequence[int], chunk: int, stats: ExchangeStats,
+             src_mesh=None) -> tuple:
+    """Scatters chunks from `pages_out` (gathered on `src_mesh`, default dst's own) into (k, v)
+    `pools` (donated) at `ids`; returns the pools. Chunks from another mesh move device to device
+    first; the bytes are counted as crossing or local, the padding apart."""
     t = time.perf_counter()
     scatter_k, scatter_v = _page_ops(dst, SCATTER, chunk, pools[0].shape[1])
+    crossing = src_mesh is not None and src_mesh != dst.mesh
+    per_page = 2 * page_bytes_per_device(dst, pools[0]) * dst.mesh.size
     k_dst, v_dst = pools
-    for (k_pages, v_pages, _), (d, _) in zip(chunks, _chunks(ids, chunk)):
+    for (k_pages, v_pages, n), (d, _) in zip(chunks, _chunks(ids, chunk)):
+        if FAULT_HOOK is not None:
+            FAULT_HOOK("scatter", {"dst_ids": d[:n].tolist()})
+        if crossing:
+            k_pages, v_pages = move(k_pages, dst.exes.kv_sh), move(v_pages, dst.exes.kv_sh)
         d_dev = put(d, dst.exes.rep)
         k_dst = scatter_k(k_dst, d_dev, k_pages)
         v_dst = scatter_v(v_dst, d_dev, v_pages)
+        if crossing:
+            stats.bytes_between_devices += n * per_page
+        else:
+            stats.bytes_local += n * per_page
+        stats.bytes_padding += (chunk - n) * per_page
+        stats.chunks += 1
     v_dst.block_until_ready()
     stats.seconds += time.perf_counter() - t
     return k_dst, v_dst

@@ -26,8 +26,7 @@ from kunjax.control.request import RequestOutput
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 from kunjax.control.plan import GroupPlan
-from kunjax.runtime.runner import InFlight, Stage, launched, pick_shape
-from sharding.transfer import move
+from kunjax.runtime.runner import InFlight, Segment, Stage, pick_shape, run_route
 
 
 def group_scheduler_config(base: SchedulerConfig, g: int) -> SchedulerConfig:
@@ -102,19 +101,17 @@ class PipelineGroup(UnitCore):
             out.append(self.run_micro_batch(batch, shape, n))
         return out
 
+    def segments(self) -> list[Segment]:
+        return [Segment(st, tuple(st.layer_ids)) for st in self.stages]
+
     def run_micro_batch(self, batch: dict, shape: StepShape, num_rows: int) -> InFlight:
-        devs = []
-        h = None
-        for s, st in enumerate(self.stages):
-            dev = st.put(batch)
-            devs.append(dev)
-            h = st.run_embed(dev, shape) if s == 0 else move(h, st.exes.rep)
-            h = st.run_layers(h, dev, shape)
-        head = next(i for i, st in enumerate(self.stages) if st.head is not None)
-        if head != len(self.stages) - 1:  # tied embedding: the head is the first stage's
-            h = move(h, self.stages[head].exes.rep)
-        tokens, logits = self.stages[head].run_head(h, devs[head], shape)
-        return launched(tokens, num_rows, logits)
+        head = next(st for st in self.stages if st.head is not None)  # the last stage, or the first when tied
+        return run_route(self.segments(), self.stages[0], head, batch, shape, num_rows, self.page_size)
+
+    @staticmethod
+    def wait(handles: list[InFlight]) -> None:
+        for h in handles:
+            h.wait()
 
     def finish(self, step: ScheduledStep, handles: list[InFlight]) -> list[RequestOutput]:
         t = time.perf_counter()

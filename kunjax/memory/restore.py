@@ -1,21 +1,29 @@
 """Restore: a pipeline group splits back into its instances, every weight back on every member.
 
 Requests still running are gathered back: each goes to one member (largest first onto the member
-with the most room, kunjax.control.plan.assign_requests) and its KV of every layer is copied from the
-stage that owns the layer into that member's restored pools. We chose this over letting them finish
-in the group because a long generation would otherwise hold the whole group (and its pipeline
-overhead) until it ends; a restore costs one copy of the pages that hold data, the same bytes a drop
-moved. Three parts, as for a drop:
+with the most room, kunjax.control.plan.assign_requests) and its KV of every layer is copied once,
+from the stage that owns the layer into that member's restored pools. We chose this over letting them
+finish in the group because a long generation would otherwise hold the whole group (and its
+pipeline overhead) until it ends.
+
+A restore is a cluster Task (kunjax.control.cluster) that runs in pieces, each a logged device
+operation; units outside the group step between the pieces and never notice it. The group itself
+does not step until it has split (its KV of a layer is mid-move between two page spaces), so the
+pieces are bounded (`ServingCluster.piece_bytes` of KV each) and the group's activation reserve is
+usable as transition room.
 
 1. `prepare_restore` (controller): the assignment and the page moves; refused (RestoreError) when
    the running requests do not fit the split instances or the transition would not fit memory.
-2. `execute_restore` (every process, a logged device operation): layer by layer, in the plan's
-   order, every member allocates the layer's instance pools and receives the layer's weights from
-   the stage that kept them (device to device, never from disk), the owner's pages move to the
-   members that now hold each request, and the owner deletes its group pools of that layer, so the
-   group room is released as the restored layers arrive; embedding and head last.
-3. `adopt_after_restore` (controller): requests move to their members' schedulers, queued ones to
-   the member with the most free pages.
+2. `restore_layers` (repeated): for each layer of the piece, the owner gathers the layer's pages
+   that hold data (chunks), deletes its group pool (room first), every member allocates its
+   instance pool and receives the layer's weights from the owner when it lacks them (device to
+   device, never from disk), and the chunks are scattered into each member's pool at its new ids.
+   Only the pages of requests going to another member cross devices.
+3. `restore_finish`: embedding and head back where they are missing, the members replace the group;
+   on the controller requests move to their members' schedulers, queued ones to the member with
+   the most free pages.
+A failure inside a piece (an allocation, a copy) fails only the requests whose pages were lost;
+the restore goes on with the next layer and completes, so the cluster always ends split and serving.
 """
 
 from __future__ import annotations
@@ -30,14 +38,15 @@ from kunjax.control.ops import DeviceOp
 from kunjax.control.pages import PageAllocator
 from kunjax.control.request import RequestOutput
 from kunjax.memory.drop import TransitionReport, _live, _sample_peak
-from kunjax.memory.exchange import copy_pages, delete_arrays, pages_in, pages_out
-from kunjax.control.plan import assign_requests, compact_pages, simulate_restore
+from kunjax.memory.exchange import delete_arrays, pages_in, pages_out
+from kunjax.control.plan import assign_requests, simulate_restore
 from kunjax.runtime import compile_stats
 from sharding.transfer import move, move_tree
 
 log = logging.getLogger(__name__)
 
-RESTORE = "restore"
+RESTORE_BEGIN, RESTORE_LAYERS, RESTORE_FINISH = "restore_begin", "restore_layers", "restore_finish"
+RESTORE = RESTORE_BEGIN
 
 
 class RestoreError(ValueError):
@@ -45,8 +54,8 @@ class RestoreError(ValueError):
 
 
 def prepare_restore(cluster, group, infos: dict) -> DeviceOp:
-    """The logged device operation of a restore (`infos`: MemberInfo of each member, for the memory
-    check)."""
+    """The first operation of a restore, with its page moves (`infos`: MemberInfo of each member,
+    for the memory check)."""
     members = group.members
     before = {j: group.plan.pages_before[cluster.engines.index(m)] for j, m in enumerate(members)}
     running = [r for r in group.scheduler.running if r.pages]
@@ -75,62 +84,108 @@ def prepare_restore(cluster, group, infos: dict) -> DeviceOp:
         arrays[f"{j}/src"] = np.asarray(src[j], np.int32)
         arrays[f"{j}/dst"] = np.asarray(dst[j], np.int32)
     order = [r.request_id for r in running]
-    return DeviceOp(RESTORE, -1, {"group": group.id, "chunk": cluster.chunk_pages, "order": order,
-                                  "assign": [assign[rid] for rid in order]}, arrays)
+    return DeviceOp(RESTORE_BEGIN, -1, {"group": group.id, "chunk": cluster.chunk_pages, "order": order,
+                                        "assign": [assign[rid] for rid in order]}, arrays)
 
 
-def execute_restore(cluster, op: DeviceOp) -> TransitionReport:
+class RestoreTask:
+    """The controller's side of one restore (a kunjax.control.cluster Task)."""
+
+    def __init__(self, cluster, group, begin: DeviceOp):
+        self.group = group
+        self.units = [group]
+        self.begin = begin
+        self.report = TransitionReport("restore", [group.id])
+        self.outputs: list[RequestOutput] = []
+        self._todo = list(group.plan.layer_order)
+        self._begun = False
+        self._t0 = 0.0
+        self.done = False
+
+    def holds(self, unit) -> bool:
+        return unit is self.group
+
+    def advance(self, cluster) -> bool:
+        t = time.perf_counter()
+        try:
+            if not self._begun:
+                self._t0 = t
+                self.report = cluster.run_op(self.begin)
+                self._begun = True
+                return False
+            if self._todo:
+                used = sum(len(v) for k, v in self.begin.arrays.items() if k.endswith("/src"))
+                per_layer = max(1, used * self.group.members[0].page_layer_bytes)
+                layers = self._todo[:max(1, int(cluster.piece_bytes // per_layer))]
+                cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers}))
+                del self._todo[:len(layers)]
+                return False
+            self.report = cluster.run_op(DeviceOp(RESTORE_FINISH, -1, {"group": self.group.id}))
+            self.outputs += adopt_after_restore(cluster, self.group, self.begin, self.report)
+            cluster.emit(self.outputs)
+            self.done = True
+            return True
+        finally:
+            self.report.pieces += 1
+            self.report.piece_seconds_max = max(self.report.piece_seconds_max, time.perf_counter() - t)
+            self.report.seconds = time.perf_counter() - self._t0
+
+
+def execute_restore_begin(cluster, op: DeviceOp) -> TransitionReport:
     group = cluster.group(int(op.args["group"]))
-    chunk = int(op.args["chunk"])
-    plan = group.plan
     members = group.members
-    t0 = time.perf_counter()
-    c0 = compile_stats.compile_count()
-    report = TransitionReport("restore", [group.id])
     devices = [d for m in members for d in m.devices if d.process_index == jax.process_index()]
+    report = TransitionReport("restore", [group.id])
     report.live_before = _live(devices)
     report.peak_live = dict(report.live_before)
-    pages = {j: plan.pages_before[cluster.engines.index(m)] for j, m in enumerate(members)}
-    src = {j: op.arrays[f"{j}/src"].tolist() for j in pages}
-    dst = {j: op.arrays[f"{j}/dst"].tolist() for j in pages}
-    lost: dict[int, set] = {j: set() for j in pages}
-    # Phase 1: every group pool shrinks to the compact size; the running requests' pages move to
-    # compact ids 1..n in member order, and the room beyond is freed before any layer comes back.
-    small = compact_pages(plan)
-    group_ids = [p for j in pages for p in src[j]]
-    compact = {p: i + 1 for i, p in enumerate(group_ids)}
-    for l in plan.layer_order:
-        owner = members[plan.owner_index(l)].stage
-        held = pages_out(owner, owner.pools[l], group_ids, chunk, report.exchange)  # only pages with data
-        _sample_peak(report, devices)
-        delete_arrays(owner.pools.pop(l))
-        owner.pools[l] = pages_in(owner, owner.exes.new_pools(small), held, [compact[p] for p in group_ids], chunk,
-                                  report.exchange)
-        _sample_peak(report, devices)
-        del held
-        owner.num_pages = small
-    src = {j: [compact[p] for p in src[j]] for j in src}
-    # Phase 2: layer by layer, every member rebuilds the layer from its owner's compact pool.
-    for l in plan.layer_order:
+    group.restoring = {"op": op, "report": report, "devices": devices, "c0": compile_stats.compile_count(),
+                       "lost": {j: set() for j in range(len(members))}}
+    group.state = "restoring"
+    return report
+
+
+def execute_restore_layers(cluster, op: DeviceOp) -> None:
+    group = cluster.group(int(op.args["group"]))
+    st8 = group.restoring
+    begin, report, devices = st8["op"], st8["report"], st8["devices"]
+    plan, members = group.plan, group.members
+    chunk = int(begin.args["chunk"])
+    src = {j: begin.arrays[f"{j}/src"].tolist() for j in range(len(members))}
+    dst = {j: begin.arrays[f"{j}/dst"].tolist() for j in range(len(members))}
+    for l in op.args["layers"]:
+        l = int(l)
         o = plan.owner_index(l)
         owner = members[o].stage
-        group_pools = owner.pools[l]
+        held = {j: pages_out(owner, owner.pools[l], src[j], chunk, report.exchange) for j in src}
+        _sample_peak(report, devices)
+        delete_arrays(owner.pools.pop(l))
         for j, m in enumerate(members):
             st = m.stage
             if j != o:
                 lp = owner.layers[l]
                 st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
-            pools = st.exes.new_pools(pages[j])
+            size = plan.pages_before[cluster.engines.index(m)]
+            try:
+                from kunjax.memory import exchange
+
+                if exchange.FAULT_HOOK is not None:
+                    exchange.FAULT_HOOK("restore", {"group": group.id, "layer": l, "member": j})
+                pools = pages_in(st, st.exes.new_pools(size), held[j], dst[j], chunk, report.exchange,
+                                 src_mesh=owner.mesh)
+            except Exception:
+                log.exception("restore: layer %d into member %d failed; the requests whose pages it held fail", l, j)
+                st8["lost"][j].update(dst[j])
+                pools = st.exes.new_pools(size)
+            st.pools[l] = pools
             _sample_peak(report, devices)
-            pools = copy_pages(owner, group_pools, st, pools, src[j], dst[j], chunk, report.exchange, "restore",
-                               {"group": group.id, "layer": l, "member": j}, lost[j])
-            if j == o:
-                new_own = pools
-            else:
-                st.pools[l] = pools
-            _sample_peak(report, devices)
-        delete_arrays(group_pools)
-        owner.pools[l] = new_own
+        del held
+
+
+def execute_restore_finish(cluster, op: DeviceOp) -> TransitionReport:
+    group = cluster.group(int(op.args["group"]))
+    st8 = group.restoring
+    report, devices = st8["report"], st8["devices"]
+    plan, members = group.plan, group.members
     embed_holder = next(m.stage for m, st in zip(members, plan.stages) if st.embed)
     head_holder = next(m.stage for m, st in zip(members, plan.stages) if st.head)
     for m in members:
@@ -140,15 +195,17 @@ def execute_restore(cluster, op: DeviceOp) -> TransitionReport:
         if st.head is None:
             st.head = {n: (st.embed if n == "embed" else move(a, st.exes.head_sh[n]))
                        for n, a in head_holder.head.items()}
-        st.num_pages = pages[members.index(m)]
+        st.num_pages = plan.pages_before[cluster.engines.index(m)]
         _sample_peak(report, devices)
-    for j, pages_lost in lost.items():  # restore: keyed by instance, that instance's page ids
+    for j, pages_lost in st8["lost"].items():  # restore: keyed by instance, that instance's page ids
         if pages_lost:
             report.failed_pages[cluster.engines.index(members[j])] = sorted(pages_lost)
     cluster.replace_units([group], members)
     report.live_after = _live(devices)
-    report.seconds = time.perf_counter() - t0
-    report.compiles = compile_stats.compile_count() - c0
+    report.compiles = compile_stats.compile_count() - st8["c0"]
+    report.state = "done"
+    group.state = "split"
+    group.restoring = None
     cluster.last_transition = report
     return report
 

@@ -37,20 +37,27 @@ class ServingCluster(Cluster):
     (kunjax.memory): `plan_drop` / `drop` / `restore` drive the mechanism."""
 
     chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
+    # KV bytes (pages that hold data, per device) one piece of a transition moves at most (one layer
+    # at least): between two pieces the group's members step, so this bounds their longest gap.
+    piece_bytes = 64 << 20
 
     def __init__(self, engines: Sequence[LLMEngine], policy: Optional[DispatchPolicy] = None,
                  oplog: Optional[OpLog] = None):
-        from kunjax.memory.drop import DROP, execute_drop
-        from kunjax.memory.restore import RESTORE, execute_restore
+        from kunjax.memory import drop, restore
 
         super().__init__(engines, engines[0], policy, oplog)
         self.engines: list[LLMEngine] = list(engines)  # the instances, whatever units they form
         self.compiler = BackgroundCompiler()
         self._group_ids = 0
         self.last_transition = None  # the report of the last drop or restore
-        self.register_op(DROP, execute_drop)
-        self.register_op(RESTORE, execute_restore)
-        self.register_op(COMPILE_PLAN, ServingCluster._execute_compile_plan)
+        self.drop_state = None  # the device side of a drop under way (kunjax.memory.drop.DropState)
+        for kind, fn in ((drop.DROP_BEGIN, drop.execute_drop_begin), (drop.DROP_LAYERS, drop.execute_drop_layers),
+                         (drop.DROP_FINISH, drop.execute_drop_finish), (drop.DROP_ROLLBACK, drop.execute_drop_rollback),
+                         (restore.RESTORE_BEGIN, restore.execute_restore_begin),
+                         (restore.RESTORE_LAYERS, restore.execute_restore_layers),
+                         (restore.RESTORE_FINISH, restore.execute_restore_finish),
+                         (COMPILE_PLAN, ServingCluster._execute_compile_plan)):
+            self.register_op(kind, fn)
 
     @classmethod
     def build(cls, model: LoadedModel, config: EngineConfig, num_instances: int = 1, tp: int = 1,
@@ -174,13 +181,44 @@ class ServingCluster(Cluster):
             if any(b == 0 for b in infos[i].layer_bytes):
                 raise PlanError(f"instance {i} is missing layers; restore first", "FAILED_PRECONDITION")
         return plan_drop([infos[i] for i in alone], group_size, e0.cfg.tie_word_embeddings, useful,
-                         chunk_pages=self.chunk_pages)
+                         chunk_pages=self.chunk_pages, ladder=self.ladder())
+
+    def ladder(self) -> list[int]:
+        """The group pool sizes a plan may use: compiled ahead (`compile_ladder`), so no drop ever
+        waits for a compile."""
+        from kunjax.control.plan import pool_ladder
+
+        e0 = self.engines[0]
+        useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+        pages = max(e.num_pages for e in self.engines)
+        return pool_ladder(pages, len(self.engines), len(self.engines) * useful)
+
+    def ladder_keys(self) -> list[tuple]:
+        """(executables, keys) of every ladder size on every instance: the first shapes' layer
+        executables and the page moves in and out of both pool sizes."""
+        from kunjax.runtime.executables import keys_for, pool_keys
+
+        out = []
+        for e in self.engines:
+            keys = []
+            for p in self.ladder():
+                keys += [k for sh in e.first_shapes() for k in keys_for(sh, p, False, False)]
+                keys += pool_keys(p, self.chunk_pages)
+            keys += pool_keys(e.num_pages, self.chunk_pages)
+            out.append((e.exes, list(dict.fromkeys(keys))))
+        return out
+
+    def compile_ladder(self, background: bool = True) -> None:
+        """Compiles every ladder size (the launcher does so in the background after start-up)."""
+        for ex, keys in self.ladder_keys():
+            keys = [k for k in keys if not ex.is_ready(k)]
+            if keys:
+                self.compiler.submit(ex, keys) if background else ex.compile(keys)
 
     def plan_keys(self, plan, shapes=None) -> list[tuple]:
         """(executables, keys) every process needs before it can apply `plan`, serve grouped, and
         restore: the group's step pieces at its page count (`shapes`: default the covering ones) and
         the page moves in and out of both pool sizes."""
-        from kunjax.control.plan import compact_pages
         from kunjax.runtime.executables import keys_for, pool_keys
 
         out = []
@@ -189,8 +227,7 @@ class ServingCluster(Cluster):
                 e = self.engines[st.instance]
                 keys = [k for sh in (shapes or e.first_shapes())
                         for k in keys_for(sh, gp.num_pages, st.embed, st.head)]
-                keys += (pool_keys(gp.num_pages, self.chunk_pages) + pool_keys(e.stage.num_pages, self.chunk_pages)
-                         + pool_keys(compact_pages(gp), self.chunk_pages))
+                keys += pool_keys(gp.num_pages, self.chunk_pages) + pool_keys(e.stage.num_pages, self.chunk_pages)
                 out.append((e.exes, keys))
         return out
 
@@ -220,31 +257,64 @@ class ServingCluster(Cluster):
             else:
                 ex.compile(keys)
 
-    def drop(self, plan):
-        """Applies a drop plan now (between steps): returns (report, outputs of requests that failed)."""
-        from kunjax.memory.drop import DropError, adopt_after_drop, prepare_drop
+    def start_drop(self, plan):
+        """Starts a drop: a Task that runs piece by piece between the members' steps (they keep
+        decoding; other units never notice). Returns the kunjax.memory.drop.DropTask."""
+        from kunjax.memory.drop import DropError, DropTask
 
         ready, total = self.plan_ready(plan)
         if ready < total:
             raise DropError(f"the executables of this plan are not compiled yet ({ready} of {total} ready); "
                             f"compile_plan() first, or retry once the background compiler has them")
-        op = prepare_drop(self, plan)
-        report = self.run_op(op)
-        return report, adopt_after_drop(self, op, report)
+        if self.transitions():
+            raise DropError("a drop or a restore is under way; one transition at a time")
+        task = DropTask(self, plan)
+        self.start_task(task)
+        return task
+
+    def start_restore(self, group_ids: Optional[Sequence[int]] = None) -> list:
+        """Starts splitting groups back (all by default): one RestoreTask per group; the group pauses
+        for its own restore while every other unit keeps stepping."""
+        from kunjax.memory.drop import DropError
+        from kunjax.memory.restore import RestoreTask, prepare_restore
+
+        if self.transitions():
+            raise DropError("a drop or a restore is under way; one transition at a time")
+        tasks = []
+        ids = list(group_ids) if group_ids is not None else [g.id for g in self.groups()]
+        groups = [self.group(gid) for gid in ids]
+        infos = self.member_infos()
+        for group in groups:
+            tasks.append(RestoreTask(self, group, prepare_restore(self, group, infos)))
+        for t in tasks:
+            self.start_task(t)
+        return tasks
+
+    def transitions(self) -> list:
+        from kunjax.memory.drop import DropTask
+        from kunjax.memory.restore import RestoreTask
+
+        return [t for t in self.tasks if isinstance(t, (DropTask, RestoreTask))]
+
+    def run_until_done(self, tasks) -> None:
+        """Offline: steps the cluster until `tasks` are done; the outputs of the steps taken meanwhile
+        come out of the next `step`/`poll`."""
+        held = []
+        while not all(t.done for t in tasks):
+            held += self.step()
+        self._ready_outputs = held + self._ready_outputs
+
+    def drop(self, plan):
+        """Offline: applies a drop plan (steps run meanwhile): returns (report, failed outputs)."""
+        task = self.start_drop(plan)
+        self.run_until_done([task])
+        return task.report, task.outputs
 
     def restore(self, group_ids: Optional[Sequence[int]] = None):
-        """Splits groups back into instances (all by default): returns (reports, failed outputs)."""
-        from kunjax.memory.restore import adopt_after_restore, prepare_restore
-
-        reports, failed = [], []
-        for gid in (list(group_ids) if group_ids is not None else [g.id for g in self.groups()]):
-            group = self.group(gid)
-            infos = self.member_infos()
-            op = prepare_restore(self, group, infos)
-            report = self.run_op(op)
-            failed += adopt_after_restore(self, group, op, report)
-            reports.append(report)
-        return reports, failed
+        """Offline: splits groups back (all by default): returns (reports, failed outputs)."""
+        tasks = self.start_restore(group_ids)
+        self.run_until_done(tasks)
+        return [t.report for t in tasks], [o for t in tasks for o in t.outputs]
 
     # ---- status ----------------------------------------------------------------------------
     def devices(self) -> list[jax.Device]:
@@ -272,6 +342,8 @@ class ServingCluster(Cluster):
             "pages_total": sum(s["pages_total"] for s in units), "pages_free": sum(s["pages_free"] for s in units),
             "pages_used": sum(s["pages_used"] for s in units), "timing": self.timing.as_dict(),
             "compiles": compile_stats.compile_count(), "compiling": not self.compiler.idle(),
+            "transitions": [{"kind": t.report.kind, "groups": list(t.report.groups), "pieces": t.report.pieces,
+                             "seconds": t.report.seconds} for t in self.transitions()],
         }
         if with_memory:
             from kunjax.memory.ledger import device_ledgers

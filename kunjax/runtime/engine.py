@@ -42,7 +42,7 @@ from kunjax.memory import measure as memory
 from kunjax.model.transformer import head_params
 from kunjax.runtime.executables import StepExecutables, executables_for, keys_for
 from kunjax.runtime.kv_pools import allocate_pools, page_bytes
-from kunjax.runtime.runner import InFlight, Stage, pick_shape
+from kunjax.runtime.runner import InFlight, Stage, pick_shape, route_ready, run_route
 from kunjax.text.tokenizer import IncrementalDetokenizer
 from sharding.rules import TP, param_shardings, validate_tp
 from sharding.transfer import put_tree
@@ -151,6 +151,10 @@ class LLMEngine(UnitCore):
         eos = tuple(self.cfg.eos_token_ids) or tuple(getattr(self.tokenizer, "eos_token_ids", ()))
         super().__init__(Scheduler(sc, PageAllocator(num_pages), self.page_size, self.max_model_len, policy), eos)
         self._ids = itertools.count()
+        # While a drop forms this instance's group, each layer of a step runs where its KV is
+        # (kunjax.memory.drop sets it; None: everything on this instance's own stage).
+        self.route = None
+        self.page_layer_bytes = page_bytes(self.cfg, self.page_size, self.dtype, 1) // self.tp
         self.last_logits: Optional[jax.Array] = None
         self.keep_logits = False  # keep the last step's logits on device (tests compare them)
         t = time.perf_counter()
@@ -285,21 +289,37 @@ class LLMEngine(UnitCore):
         needed = self.buckets.needed(step.rows, step.prefill)
         if self.config.compile_on_demand and not self.stage.ready(needed):
             self.compile([needed])
-        shape = pick_shape(needed, self.buckets, self.stage.ready)
+        shape = pick_shape(needed, self.buckets, self.shape_ready)
         if shape is None:
             raise RuntimeError(f"no compiled step shape covers {needed}; the covering shapes are compiled at "
                                f"start-up, so this is a bug")
         return DeviceOp(STEP, 0, {"shape": [shape.rows, shape.query, shape.pages], "num_rows": len(step.rows)},
                         build_batch(step.rows, shape, self.page_size))
 
+    def set_route(self, segments) -> None:
+        """Layer by layer where this instance's steps run (a drop under way), or None."""
+        self.route = segments
+
+    def shape_ready(self, shape: StepShape) -> bool:
+        if self.route is None:
+            return self.stage.ready(shape)
+        return route_ready(self.route, self.stage, self.stage, shape)
+
     def execute(self, op: DeviceOp) -> InFlight:
         shape = StepShape(*op.args["shape"])
+        if self.route is not None:
+            return run_route(self.route, self.stage, self.stage, op.arrays, shape, op.args["num_rows"],
+                             self.page_size)
         if not self.stage.ready(shape):  # a follower process that has not compiled it yet
             self.exes.compile(self.stage.keys(shape))
         fl = self.stage.run(op.arrays, shape, op.args["num_rows"])
         if self.keep_logits:
             self.last_logits = fl.logits
         return fl
+
+    @staticmethod
+    def wait(handle: InFlight) -> None:
+        handle.wait()
 
     def finish(self, step: ScheduledStep, handle: InFlight) -> list[RequestOutput]:
         t = time.perf_counter()

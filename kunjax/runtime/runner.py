@@ -32,6 +32,10 @@ class InFlight:
     num_rows: int
     logits: Optional[jax.Array] = None  # (R, V) f32, kept on device (tests read it)
 
+    def wait(self) -> None:
+        """Blocks until the step's tokens are computed (a waiter thread calls it; releases the GIL)."""
+        self.tokens.block_until_ready()
+
     def result(self) -> np.ndarray:
         """Blocks until the step's tokens are on the host."""
         out = np.asarray(self.tokens)[:self.num_rows]
@@ -75,11 +79,16 @@ class Stage:
     def run_embed(self, dev: dict, shape: StepShape) -> jax.Array:
         return self.exes.get(ExeKey(EMBED, shape.rows, shape.query))(self.embed, dev["tokens"])
 
-    def run_layers(self, h: jax.Array, dev: dict, shape: StepShape) -> jax.Array:
-        layer = self.exes.get(ExeKey(LAYER, shape.rows, shape.query, shape.pages, self.num_pages))
+    def run_layers(self, h: jax.Array, dev: dict, shape: StepShape, layers=None) -> jax.Array:
+        """Runs `layers` (default: every layer held) in order. The executable follows each layer's
+        pool size: during a transition some pools already have the group's page count."""
         pos, slots, bt, cl = dev["positions"], dev["slots"], dev["block_tables"], dev["ctx_lens"]
-        for l in self.layer_ids:
+        exes = {}
+        for l in (self.layer_ids if layers is None else layers):
             k, v = self.pools[l]
+            n = k.shape[1]
+            layer = exes.get(n) or exes.setdefault(n, self.exes.get(ExeKey(LAYER, shape.rows, shape.query,
+                                                                            shape.pages, n)))
             h, k, v = layer(self.layers[l], k, v, h, pos, slots, bt, cl)
             self.pools[l] = (k, v)
         return h
@@ -102,6 +111,65 @@ class Stage:
         from kunjax.control.batch import null_batch
 
         self.run(null_batch(shape), shape, 0).tokens.block_until_ready()
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Consecutive layers of a step that run on one stage. `page_offset` shifts the batch's page ids
+    into that stage's page space (a member's pages live at offset + id in its group's pools while a
+    drop is under way; 0 otherwise)."""
+
+    stage: "Stage"
+    layers: tuple[int, ...]
+    page_offset: int = 0
+
+
+def offset_batch(batch: dict[str, np.ndarray], page_offset: int, page_size: int) -> dict[str, np.ndarray]:
+    if not page_offset:
+        return batch
+    out = dict(batch)
+    out["slots"] = batch["slots"] + np.int32(page_offset * page_size)
+    out["block_tables"] = batch["block_tables"] + np.int32(page_offset)
+    return out
+
+
+def run_route(segments, embed_stage: "Stage", head_stage: "Stage", batch: dict[str, np.ndarray],
+              shape: StepShape, num_rows: int, page_size: int) -> InFlight:
+    """One step (or micro-batch) through a chain of stages: embed on `embed_stage`, each segment's
+    layers on its stage (the hidden state moves device to device when the stage changes, the batch is
+    put once per stage and page offset), head + sample on `head_stage`. A pipeline group's stages and
+    a member instance mid-drop are both such chains."""
+    from sharding.transfer import move
+
+    devs: dict = {}
+
+    def dev_for(stage, off):
+        key = (id(stage), off)
+        if key not in devs:
+            devs[key] = stage.put(offset_batch(batch, off, page_size))
+        return devs[key]
+
+    h = embed_stage.run_embed(dev_for(embed_stage, 0), shape)
+    at = embed_stage
+    for seg in segments:
+        if seg.stage is not at:
+            h = move(h, seg.stage.exes.rep)
+            at = seg.stage
+        h = seg.stage.run_layers(h, dev_for(seg.stage, seg.page_offset), shape, seg.layers)
+    if head_stage is not at:
+        h = move(h, head_stage.exes.rep)
+    tokens, logits = head_stage.run_head(h, dev_for(head_stage, 0), shape)
+    return launched(tokens, num_rows, logits)
+
+
+def route_ready(segments, embed_stage: "Stage", head_stage: "Stage", shape: StepShape) -> bool:
+    """Every executable a routed step of `shape` needs is compiled (layer executables at each
+    segment's pool sizes)."""
+    keys = [(embed_stage, ExeKey(EMBED, shape.rows, shape.query)), (head_stage, ExeKey(HEAD, shape.rows, shape.query))]
+    for seg in segments:
+        for n in {seg.stage.pools[l][0].shape[1] for l in seg.layers}:
+            keys.append((seg.stage, ExeKey(LAYER, shape.rows, shape.query, shape.pages, n)))
+    return all(st.exes.is_ready(k) for st, k in keys)
 
 
 def launched(tokens: jax.Array, num_rows: int, logits: Optional[jax.Array] = None) -> InFlight:
