@@ -207,7 +207,7 @@ def test_drop_planner_without_devices():
     assert gp == plan_drop(infos, 3, tied=False, max_pages_per_instance=10_000).groups[0]  # deterministic
     with pytest.raises(PlanError, match="group_size"):
         plan_drop(infos, 4, tied=False, max_pages_per_instance=10_000)
-    peak = simulate_restore({i.index: i for i in infos}, gp, 64, {0: 20, 1: 20, 2: 20})  # restorable once the load fell
+    peak = simulate_restore({i.index: i for i in infos}, gp, 64, {0: 100, 1: 100, 2: 100})
     assert all(p <= 100 * mib for p in peak.values())
     assert assign_requests({"a": 5, "b": 4, "c": 2}, {0: 6, 1: 6}) == {"a": 0, "b": 1, "c": 1}
     assert assign_requests({"a": 5, "b": 4, "c": 3}, {0: 6, 1: 6}) is None

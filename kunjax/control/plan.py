@@ -248,7 +248,8 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
             return False
         trial = GroupPlan(tuple(members), tuple(stages), p, {m: infos[m].num_pages for m in members}, peak, final,
                           tuple(order), tied)
-        back = simulate_restore(infos, trial, chunk_pages, {m: 0 for m in members})
+        # Splittable again once its requests hold up to a quarter of the split instances' pages.
+        back = simulate_restore(infos, trial, chunk_pages, {m: infos[m].num_pages // 4 for m in members})
         return all(back[m] <= infos[m].budget for m in members)
 
     if not fits(need):
