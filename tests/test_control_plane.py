@@ -201,7 +201,7 @@ def test_drop_planner_without_devices():
         assert gp.peak_bytes[st.instance] <= i.budget
         assert gp.steady_bytes[st.instance] + i.reserve <= i.budget
     # a tighter budget gives fewer pages
-    tighter = plan_drop([MemberInfo(**{**i.__dict__, "budget": i.budget - 3 * mib}) for i in infos], 3,
+    tighter = plan_drop([MemberInfo(**{**i.__dict__, "budget": i.budget - mib}) for i in infos], 3,
                        tied=False, max_pages_per_instance=10_000)
     assert tighter.groups[0].num_pages < gp.num_pages
     assert gp == plan_drop(infos, 3, tied=False, max_pages_per_instance=10_000).groups[0]  # deterministic
