@@ -322,10 +322,12 @@ def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages:
     Layer by layer (kunjax.memory.restore): the owner gathers the layer's pages that hold data,
     deletes its group pool, and every member allocates its instance pool of the layer (and receives
     the layer's weights when it lacks them); the chunks are scattered in. Embedding and head last.
-    The group does not step during a restore, so its activation reserve is usable."""
+    The group steps between two pieces (whole rounds, `layer_rounds`): there the activation
+    reserve is counted in, so the returned peak is what must fit the budget."""
     cur = dict(plan.steady_bytes)
-    peak = dict(cur)
+    peak = {m: cur[m] + infos[m].reserve for m in cur}
     used = sum(used_after.values())
+    round_ends = {r[-1] for r in layer_rounds(plan.layer_order, plan.stages)}
     for l in plan.layer_order:
         s = plan.owner(l).instance
         held = _chunked(used, chunk_pages) * infos[s].page_layer_bytes
@@ -336,6 +338,8 @@ def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages:
             cur[m] += plan.pages_before[m] * i.page_layer_bytes + (0 if m == s else i.layer_bytes[l])
             chunk = min(chunk_pages, used_after.get(m, 0)) * i.page_layer_bytes
             peak[m] = max(peak[m], cur[m] + (held if m == s else chunk))
+            if l in round_ends:
+                peak[m] = max(peak[m], cur[m] + i.reserve)
     for st in plan.stages:  # embedding and head back where they are missing
         i = infos[st.instance]
         cur[st.instance] += (0 if st.embed else i.embed_bytes) + (0 if st.head else i.head_bytes)

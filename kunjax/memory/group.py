@@ -26,7 +26,7 @@ from kunjax.control.request import RequestOutput
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 from kunjax.control.plan import GroupPlan
-from kunjax.runtime.runner import InFlight, Segment, Stage, pick_shape, run_route
+from kunjax.runtime.runner import InFlight, Segment, Stage, pick_shape, route_ready, run_route
 
 
 def group_scheduler_config(base: SchedulerConfig, g: int) -> SchedulerConfig:
@@ -48,6 +48,12 @@ class PipelineGroup(UnitCore):
         self.buckets = self.members[0].buckets
         self.page_size = self.members[0].page_size
         self.state = "grouped"
+        # While a restore runs (kunjax.memory.restore): `routing` (controller) knows which member each
+        # request goes to and its page table there; `restored` (every process) the layers that are
+        # back on the members: those run on the row's member, the others on their group stage.
+        self.routing = None
+        self.restored: set[int] = set()
+        self.restoring: Optional[dict] = None  # the device side of a restore under way
 
     @property
     def stages(self) -> list[Stage]:
@@ -77,36 +83,60 @@ class PipelineGroup(UnitCore):
 
     # ---- the step-unit interface -----------------------------------------------------------
     def prepare(self, step: ScheduledStep) -> DeviceOp:
+        """Micro-batches as data; during a restore one per target member (each with its page
+        tables in both spaces), so a layer already restored runs on the member that now holds it."""
+        parts = (self.routing.partition(step.rows) if self.routing is not None
+                 else [(-1, rows) for rows in self.micro_batches(step)])
+        step.rows = [r for _, rows in parts for r in rows]  # the order `finish` reads the tokens in
         mbs, arrays = [], {}
-        for j, rows in enumerate(self.micro_batches(step)):
+        for j, (member, rows) in enumerate(parts):
             needed = self.buckets.needed(rows, step.prefill)
-            shape = pick_shape(needed, self.buckets, self.ready)
+            shape = pick_shape(needed, self.buckets, lambda sh, m=member: self.shape_ready(sh, m))
             if shape is None:
                 raise RuntimeError(f"no compiled shape covers {needed} on every stage of group {self.id}; a drop "
                                    f"waits for the covering shapes, so this is a bug")
             for k, v in build_batch(rows, shape, self.page_size).items():
                 arrays[f"{j}/{k}"] = v
-            mbs.append([shape.rows, shape.query, shape.pages, len(rows)])
+            if member >= 0:
+                for k, v in build_batch(rows, shape, self.page_size, self.routing.tables_of(rows)).items():
+                    arrays[f"{j}@local/{k}"] = v
+            mbs.append([shape.rows, shape.query, shape.pages, len(rows), member])
         return DeviceOp(STEP, 0, {"micro_batches": mbs}, arrays)
 
     def execute(self, op: DeviceOp) -> list[InFlight]:
         out = []
-        for j, (R, Q, Pb, n) in enumerate(op.args["micro_batches"]):
+        for j, (R, Q, Pb, n, member) in enumerate(op.args["micro_batches"]):
             shape = StepShape(R, Q, Pb)
-            for st in self.stages:  # a follower that has not compiled a shape yet does so here
-                if not st.ready(shape):
+            if not self.shape_ready(shape, member):  # a follower that has not compiled a shape yet
+                for st in self.stages:
                     st.exes.compile(st.keys(shape))
-            prefix = f"{j}/"
-            batch = {k[len(prefix):]: v for k, v in op.arrays.items() if k.startswith(prefix)}
-            out.append(self.run_micro_batch(batch, shape, n))
+            batch = {k[len(f"{j}/"):]: v for k, v in op.arrays.items() if k.startswith(f"{j}/")}
+            local = {k[len(f"{j}@local/"):]: v for k, v in op.arrays.items() if k.startswith(f"{j}@local/")}
+            out.append(run_route(self.segments(member), self.stages[0], self.head_stage, batch, shape, n,
+                                 self.page_size, {"local": local}))
         return out
 
-    def segments(self) -> list[Segment]:
-        return [Segment(st, tuple(st.layer_ids)) for st in self.stages]
+    @property
+    def head_stage(self) -> Stage:
+        return next(st for st in self.stages if st.head is not None)  # the last stage, or the first when tied
 
-    def run_micro_batch(self, batch: dict, shape: StepShape, num_rows: int) -> InFlight:
-        head = next(st for st in self.stages if st.head is not None)  # the last stage, or the first when tied
-        return run_route(self.segments(), self.stages[0], head, batch, shape, num_rows, self.page_size)
+    def segments(self, member: int = -1) -> list[Segment]:
+        """Where each layer runs: on its group stage, or, for a layer already restored, on the row's
+        member with the member's page tables."""
+        if member < 0 or not self.restored:
+            return [Segment(st, tuple(st.layer_ids)) for st in self.stages]
+        segs: list[Segment] = []
+        for l in range(self.plan.stages[-1].stop):
+            seg = (Segment(self.stages[member], (l,), 0, "local") if l in self.restored
+                   else Segment(self.stages[self.plan.owner_index(l)], (l,)))
+            if segs and segs[-1].stage is seg.stage and segs[-1].batch == seg.batch:
+                segs[-1] = Segment(seg.stage, segs[-1].layers + (l,), 0, seg.batch)
+            else:
+                segs.append(seg)
+        return segs
+
+    def shape_ready(self, shape: StepShape, member: int = -1) -> bool:
+        return route_ready(self.segments(member), self.stages[0], self.head_stage, shape)
 
     @staticmethod
     def wait(handles: list[InFlight]) -> None:

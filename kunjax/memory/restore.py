@@ -1,29 +1,29 @@
 """Restore: a pipeline group splits back into its instances, every weight back on every member.
 
-Requests still running are gathered back: each goes to one member (largest first onto the member
-with the most room, kunjax.control.plan.assign_requests) and its KV of every layer is copied once,
-from the stage that owns the layer into that member's restored pools. We chose this over letting them
-finish in the group because a long generation would otherwise hold the whole group (and its
-pipeline overhead) until it ends.
+Each request still running goes to one member (largest first onto the member with the most room,
+kunjax.control.plan.assign_requests) and its KV of every layer is copied once, from the stage that
+owns the layer into that member's restored pools. We chose this over letting requests finish in the
+group because a long generation would otherwise hold the whole group (and its pipeline overhead)
+until it ends.
 
-A restore is a cluster Task (kunjax.control.cluster) that runs in pieces, each a logged device
-operation; units outside the group step between the pieces and never notice it. The group itself
-does not step until it has split (its KV of a layer is mid-move between two page spaces), so the
-pieces are bounded (`ServingCluster.piece_bytes` of KV each) and the group's activation reserve is
-usable as transition room.
+A restore is a cluster Task (kunjax.control.cluster) run in pieces, each a logged device operation,
+and the group keeps decoding between them; units outside the group never notice it.
 
-1. `prepare_restore` (controller): the assignment and the page moves; refused (RestoreError) when
-   the running requests do not fit the split instances or the transition would not fit memory.
-2. `restore_layers` (repeated): for each layer of the piece, the owner gathers the layer's pages
-   that hold data (chunks), deletes its group pool (room first), every member allocates its
-   instance pool and receives the layer's weights from the owner when it lacks them (device to
-   device, never from disk), and the chunks are scattered into each member's pool at its new ids.
-   Only the pages of requests going to another member cross devices.
-3. `restore_finish`: embedding and head back where they are missing, the members replace the group;
-   on the controller requests move to their members' schedulers, queued ones to the member with
-   the most free pages.
-A failure inside a piece (an allocation, a copy) fails only the requests whose pages were lost;
-the restore goes on with the next layer and completes, so the cluster always ends split and serving.
+- Page tables: a request gets a page table on its target member whose k-th page stands for its
+  k-th group page (`RestoreRouting`, controller side). It grows with the group one, so a token the
+  group writes between two pieces lands in the right place on either side.
+- `restore_begin`: the group gets its routing; nothing moves yet.
+- `restore_layers` (repeated, whole rounds of the plan's layer order, bounded by
+  `ServingCluster.piece_bytes`): for each layer, the owner gathers the layer's pages that hold data
+  (chunks), deletes its group pool (room first), every member allocates its instance pool and
+  receives the layer's weights when it lacks them (device to device, never from disk), and the
+  chunks are scattered at each request's member page ids (only the pages of requests going to
+  another member cross devices). From then on that layer of a request's step runs on its member
+  (kunjax.memory.group: one micro-batch per target member).
+- `restore_finish`: embedding and head back where they are missing, the members replace the group,
+  requests move to their members' schedulers with their member page tables.
+A failure inside a piece (an allocation, a copy) fails only the requests whose pages were lost; the
+restore goes on and completes, so the cluster always ends split and serving.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ import jax
 import numpy as np
 
 from kunjax.control.ops import DeviceOp
-from kunjax.control.pages import PageAllocator
-from kunjax.control.request import RequestOutput
+from kunjax.control.pages import PageAllocator, pages_for
+from kunjax.control.plan import assign_requests, layer_rounds, simulate_restore
+from kunjax.control.request import FinishReason, RequestOutput
 from kunjax.memory.drop import TransitionReport, _live, _sample_peak
 from kunjax.memory.exchange import delete_arrays, pages_in, pages_out
-from kunjax.control.plan import assign_requests, simulate_restore
 from kunjax.runtime import compile_stats
 from sharding.transfer import move, move_tree
 
@@ -53,48 +53,87 @@ class RestoreError(ValueError):
     """The group cannot split now (names why); nothing was changed."""
 
 
-def prepare_restore(cluster, group, infos: dict) -> DeviceOp:
-    """The first operation of a restore, with its page moves (`infos`: MemberInfo of each member,
-    for the memory check)."""
+class RestoreRouting:
+    """Controller side of a restore: each request's target member and its page table there."""
+
+    def __init__(self, group, assign: dict[str, int], allocators: dict[int, PageAllocator]):
+        self.group = group
+        self.assign = dict(assign)
+        self.allocators = allocators  # member position -> its instance page space
+        self.tables: dict[str, list[int]] = {}
+
+    def member_of(self, req) -> int:
+        """A request admitted after the restore began goes to the member with the most free pages."""
+        j = self.assign.get(req.request_id)
+        if j is None:
+            j = max(self.allocators, key=lambda k: (self.allocators[k].num_free, -k))
+            self.assign[req.request_id] = j
+        return j
+
+    def table(self, req) -> list[int]:
+        """Its member page table, grown to as many pages as its group one (positionally)."""
+        t = self.tables.setdefault(req.request_id, [])
+        if len(t) < len(req.pages):
+            t += self.allocators[self.member_of(req)].allocate(len(req.pages) - len(t))
+        return t
+
+    def tables_of(self, rows) -> dict[str, list[int]]:
+        return {r.request.request_id: self.table(r.request)[:len(r.request.pages)] for r in rows}
+
+    def partition(self, rows) -> list[tuple[int, list]]:
+        """Micro-batches by target member, each at most one instance bucket."""
+        cap = self.group.buckets.max_rows
+        by: dict[int, list] = {}
+        for r in rows:
+            by.setdefault(self.member_of(r.request), []).append(r)
+        return [(j, part[i:i + cap]) for j, part in sorted(by.items()) for i in range(0, len(part), cap)]
+
+    def moves(self) -> dict[str, np.ndarray]:
+        """Per member, the running requests' group pages and where they go on the member."""
+        src = {j: [] for j in self.allocators}
+        dst = {j: [] for j in self.allocators}
+        for r in self.group.scheduler.running:
+            if r.pages:
+                j = self.member_of(r)
+                src[j] += r.pages
+                dst[j] += self.table(r)[:len(r.pages)]
+        arrays = {}
+        for j in self.allocators:
+            arrays[f"{j}/src"] = np.asarray(src[j], np.int32)
+            arrays[f"{j}/dst"] = np.asarray(dst[j], np.int32)
+        return arrays
+
+
+def prepare_restore(cluster, group, infos: dict) -> RestoreRouting:
+    """The routing of a restore; refused (RestoreError) when the running requests, with room to grow
+    through the restore, do not fit the split instances or the transition would not fit memory."""
     members = group.members
     before = {j: group.plan.pages_before[cluster.engines.index(m)] for j, m in enumerate(members)}
-    running = [r for r in group.scheduler.running if r.pages]
-    assign = assign_requests({r.request_id: len(r.pages) for r in running}, {j: before[j] - 1 for j in before})
+    rounds = len(layer_rounds(group.plan.layer_order, group.plan.stages))
+    grow = {r.request_id: pages_for(r.num_tokens + rounds + 2, group.page_size) for r in group.scheduler.running}
+    assign = assign_requests(grow, {j: before[j] - 1 for j in before})
     if assign is None:
-        used = sum(len(r.pages) for r in running)
+        used = sum(len(r.pages) for r in group.scheduler.running)
         raise RestoreError(f"group {group.id}: its running requests hold {used} pages, more than its {len(members)} "
                            f"instances can hold once split ({', '.join(str(before[j] - 1) for j in before)} each); "
                            f"restore when the load has fallen")
-    used_after = {cluster.engines.index(m): sum(len(r.pages) for r in running if assign[r.request_id] == j)
+    used_after = {cluster.engines.index(m): sum(grow[rid] for rid, k in assign.items() if k == j)
                   for j, m in enumerate(members)}
     peak = simulate_restore(infos, group.plan, cluster.chunk_pages, used_after)
     over = {i: p for i, p in peak.items() if p > infos[i].budget}
     if over:
         raise RestoreError(f"group {group.id}: the restore would peak above the memory budget on instances "
                            f"{sorted(over)} ({', '.join(f'{p / 2**20:.0f} MiB' for p in over.values())})")
-    arrays, nxt = {}, {j: 1 for j in before}
-    src = {j: [] for j in before}
-    dst = {j: [] for j in before}
-    for r in running:
-        j = assign[r.request_id]
-        src[j] += r.pages
-        dst[j] += list(range(nxt[j], nxt[j] + len(r.pages)))
-        nxt[j] += len(r.pages)
-    for j in before:
-        arrays[f"{j}/src"] = np.asarray(src[j], np.int32)
-        arrays[f"{j}/dst"] = np.asarray(dst[j], np.int32)
-    order = [r.request_id for r in running]
-    return DeviceOp(RESTORE_BEGIN, -1, {"group": group.id, "chunk": cluster.chunk_pages, "order": order,
-                                        "assign": [assign[rid] for rid in order]}, arrays)
+    return RestoreRouting(group, assign, {j: PageAllocator(before[j]) for j in before})
 
 
 class RestoreTask:
     """The controller's side of one restore (a kunjax.control.cluster Task)."""
 
-    def __init__(self, cluster, group, begin: DeviceOp):
+    def __init__(self, cluster, group, routing: RestoreRouting):
         self.group = group
         self.units = [group]
-        self.begin = begin
+        self.routing = routing
         self.report = TransitionReport("restore", [group.id])
         self.outputs: list[RequestOutput] = []
         self._todo = list(group.plan.layer_order)
@@ -103,25 +142,32 @@ class RestoreTask:
         self.done = False
 
     def holds(self, unit) -> bool:
-        return unit is self.group
+        return False  # the group decodes between pieces
 
     def advance(self, cluster) -> bool:
         t = time.perf_counter()
         try:
             if not self._begun:
                 self._t0 = t
-                self.report = cluster.run_op(self.begin)
+                self.group.routing = self.routing
+                self.report = cluster.run_op(DeviceOp(RESTORE_BEGIN, -1, {"group": self.group.id,
+                                                                           "chunk": cluster.chunk_pages}))
                 self._begun = True
                 return False
             if self._todo:
-                used = sum(len(v) for k, v in self.begin.arrays.items() if k.endswith("/src"))
+                arrays = self.routing.moves()
+                used = sum(len(v) for k, v in arrays.items() if k.endswith("/src"))
                 per_layer = max(1, used * self.group.members[0].page_layer_bytes)
-                layers = self._todo[:max(1, int(cluster.piece_bytes // per_layer))]
-                cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers}))
+                layers: list[int] = []
+                for rnd in layer_rounds(self._todo, self.group.plan.stages):
+                    if layers and (len(layers) + len(rnd)) * per_layer > cluster.piece_bytes:
+                        break
+                    layers += rnd
+                cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers}, arrays))
                 del self._todo[:len(layers)]
                 return False
             self.report = cluster.run_op(DeviceOp(RESTORE_FINISH, -1, {"group": self.group.id}))
-            self.outputs += adopt_after_restore(cluster, self.group, self.begin, self.report)
+            self.outputs += adopt_after_restore(cluster, self.group, self.routing, self.report)
             cluster.emit(self.outputs)
             self.done = True
             return True
@@ -133,25 +179,26 @@ class RestoreTask:
 
 def execute_restore_begin(cluster, op: DeviceOp) -> TransitionReport:
     group = cluster.group(int(op.args["group"]))
-    members = group.members
-    devices = [d for m in members for d in m.devices if d.process_index == jax.process_index()]
+    devices = [d for m in group.members for d in m.devices if d.process_index == jax.process_index()]
     report = TransitionReport("restore", [group.id])
     report.live_before = _live(devices)
     report.peak_live = dict(report.live_before)
-    group.restoring = {"op": op, "report": report, "devices": devices, "c0": compile_stats.compile_count(),
-                       "lost": {j: set() for j in range(len(members))}}
+    group.restoring = {"report": report, "devices": devices, "c0": compile_stats.compile_count(),
+                       "chunk": int(op.args["chunk"]), "lost": {j: set() for j in range(len(group.members))}}
+    group.restored = set()
     group.state = "restoring"
     return report
 
 
 def execute_restore_layers(cluster, op: DeviceOp) -> None:
+    from kunjax.memory import exchange
+
     group = cluster.group(int(op.args["group"]))
     st8 = group.restoring
-    begin, report, devices = st8["op"], st8["report"], st8["devices"]
+    report, devices, chunk = st8["report"], st8["devices"], st8["chunk"]
     plan, members = group.plan, group.members
-    chunk = int(begin.args["chunk"])
-    src = {j: begin.arrays[f"{j}/src"].tolist() for j in range(len(members))}
-    dst = {j: begin.arrays[f"{j}/dst"].tolist() for j in range(len(members))}
+    src = {j: op.arrays[f"{j}/src"].tolist() for j in range(len(members))}
+    dst = {j: op.arrays[f"{j}/dst"].tolist() for j in range(len(members))}
     for l in op.args["layers"]:
         l = int(l)
         o = plan.owner_index(l)
@@ -166,8 +213,6 @@ def execute_restore_layers(cluster, op: DeviceOp) -> None:
                 st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
             size = plan.pages_before[cluster.engines.index(m)]
             try:
-                from kunjax.memory import exchange
-
                 if exchange.FAULT_HOOK is not None:
                     exchange.FAULT_HOOK("restore", {"group": group.id, "layer": l, "member": j})
                 pools = pages_in(st, st.exes.new_pools(size), held[j], dst[j], chunk, report.exchange,
@@ -179,6 +224,7 @@ def execute_restore_layers(cluster, op: DeviceOp) -> None:
             st.pools[l] = pools
             _sample_peak(report, devices)
         del held
+        group.restored.add(l)
 
 
 def execute_restore_finish(cluster, op: DeviceOp) -> TransitionReport:
@@ -206,39 +252,34 @@ def execute_restore_finish(cluster, op: DeviceOp) -> TransitionReport:
     report.state = "done"
     group.state = "split"
     group.restoring = None
+    group.restored = set()
     cluster.last_transition = report
     return report
 
 
-def adopt_after_restore(cluster, group, op: DeviceOp, report: TransitionReport) -> list[RequestOutput]:
-    """Controller: every request of the group moves to a member; returns the outputs of requests
-    that failed (their KV could not be moved back)."""
-    from kunjax.control.request import FinishReason
-
+def adopt_after_restore(cluster, group, routing: RestoreRouting, report: TransitionReport) -> list[RequestOutput]:
+    """Controller: every request of the group moves to its member with its member page table;
+    queued ones to the member with the most free pages. Returns the outputs of requests that failed
+    (their KV could not be moved back)."""
     members = group.members
-    by_id = {r.request_id: r for r in group.scheduler.running}
-    new_pages: dict[int, list] = {j: [] for j in range(len(members))}
-    nxt = {j: iter(op.arrays[f"{j}/dst"].tolist()) for j in range(len(members))}
-    placed: dict[str, int] = {}
-    for rid, j in zip(op.args["order"], op.args["assign"]):
-        r = by_id[rid]
-        r.pages = [next(nxt[j]) for _ in r.pages]
-        new_pages[j] += r.pages
-        placed[rid] = j
-    for j, m in enumerate(members):
-        m.scheduler.allocator = PageAllocator(m.scheduler.allocator.num_pages, new_pages[j])
+    group.routing = None
+    kept: dict[int, list[int]] = {j: [] for j in range(len(members))}
     failed_out: list[RequestOutput] = []
+    placed = []
     for r in list(group.scheduler.running):
         req, detok = group.take(r.request_id)
-        if r.request_id in placed:
-            m = members[placed[r.request_id]]
-        else:  # running without pages (a prompt admitted this very step): to the freest member
-            m = max(members, key=lambda e: e.allocator.num_free)
+        j = routing.member_of(req)
+        req.pages = routing.table(req)[:len(req.pages)]
+        kept[j] += req.pages
+        placed.append((j, req, detok))
+    for j, m in enumerate(members):
+        m.scheduler.allocator = PageAllocator(m.scheduler.allocator.num_pages, kept[j])
+    for j, req, detok in placed:
+        m = members[j]
         m.adopt(req, detok)
         m.scheduler.running.append(req)
         cluster.move_requests([req.request_id], m)
-        failed_ids = set(report.failed_pages.get(cluster.engines.index(m), ()))
-        if r.request_id in placed and failed_ids & set(req.pages):
+        if set(report.failed_pages.get(cluster.engines.index(m), ())) & set(req.pages):
             m.scheduler.abort(req, FinishReason.ERROR)
             failed_out.append(m.output(req, []))
             cluster.forget(req.request_id)

@@ -273,8 +273,8 @@ class ServingCluster(Cluster):
         return task
 
     def start_restore(self, group_ids: Optional[Sequence[int]] = None) -> list:
-        """Starts splitting groups back (all by default): one RestoreTask per group; the group pauses
-        for its own restore while every other unit keeps stepping."""
+        """Starts splitting groups back (all by default): one RestoreTask per group; the group keeps
+        decoding between the pieces, every other unit never notices."""
         from kunjax.memory.drop import DropError
         from kunjax.memory.restore import RestoreTask, prepare_restore
 

@@ -122,6 +122,7 @@ class Segment:
     stage: "Stage"
     layers: tuple[int, ...]
     page_offset: int = 0
+    batch: str = ""  # which of the step's batches gives its page tables ("": the main one)
 
 
 def offset_batch(batch: dict[str, np.ndarray], page_offset: int, page_size: int) -> dict[str, np.ndarray]:
@@ -134,19 +135,20 @@ def offset_batch(batch: dict[str, np.ndarray], page_offset: int, page_size: int)
 
 
 def run_route(segments, embed_stage: "Stage", head_stage: "Stage", batch: dict[str, np.ndarray],
-              shape: StepShape, num_rows: int, page_size: int) -> InFlight:
+              shape: StepShape, num_rows: int, page_size: int, others: Optional[dict] = None) -> InFlight:
     """One step (or micro-batch) through a chain of stages: embed on `embed_stage`, each segment's
     layers on its stage (the hidden state moves device to device when the stage changes, the batch is
-    put once per stage and page offset), head + sample on `head_stage`. A pipeline group's stages and
-    a member instance mid-drop are both such chains."""
+    put once per stage, batch and page offset), head + sample on `head_stage`. A pipeline group's
+    stages, a member instance mid-drop and a group mid-restore are all such chains. `others` are
+    extra batches (other page tables of the same rows) that segments may name."""
     from sharding.transfer import move
 
     devs: dict = {}
 
-    def dev_for(stage, off):
-        key = (id(stage), off)
+    def dev_for(stage, off, name=""):
+        key = (id(stage), off, name)
         if key not in devs:
-            devs[key] = stage.put(offset_batch(batch, off, page_size))
+            devs[key] = stage.put(offset_batch(others[name] if name else batch, off, page_size))
         return devs[key]
 
     h = embed_stage.run_embed(dev_for(embed_stage, 0), shape)
@@ -155,7 +157,7 @@ def run_route(segments, embed_stage: "Stage", head_stage: "Stage", batch: dict[s
         if seg.stage is not at:
             h = move(h, seg.stage.exes.rep)
             at = seg.stage
-        h = seg.stage.run_layers(h, dev_for(seg.stage, seg.page_offset), shape, seg.layers)
+        h = seg.stage.run_layers(h, dev_for(seg.stage, seg.page_offset, seg.batch), shape, seg.layers)
     if head_stage is not at:
         h = move(h, head_stage.exes.rep)
     tokens, logits = head_stage.run_head(h, dev_for(head_stage, 0), shape)
