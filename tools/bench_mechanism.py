@@ -8,11 +8,15 @@ Weights are set to a realistic share of each device's budget (the KunServe setti
 default the budget is sized from the weights with --weight_share). The run:
   1. measures device-to-device bandwidth (a large array copied between two devices, best of 5);
   2. fills instance 0 with --batch running requests, times its decode steps (one instance);
-  3. drops (groups of --group_size), and reports time to freed memory usable, weights freed, the KV
-     exchange's bytes and seconds against bytes / bandwidth, peak live bytes against the budget;
-  4. times the grouped decode steps of the same requests (the pipelining overhead);
-  5. restores, reporting its seconds against the bytes moved / bandwidth, and checks that every
-     device is back to its starting live bytes and no compilation happened on the way.
+  3. with --batch requests running on every instance, drives the cluster's independent loop
+     (`poll`) through one drop (the first --group_size instances; the others stay outside) and
+     one restore, timing every token of every request: the longest gap between two tokens during
+     each transition, for the members' requests and for the requests outside the group, against the
+     normal step; the outside instances' step time during the transitions against before;
+  4. reports the drop's and the restore's bytes between devices and within devices against the
+     minimum the new placement needs, the padding apart, their pieces' time against bytes /
+     bandwidth, wall time, peak live bytes against the budget, 0 compilations, live bytes back;
+  5. times the grouped decode steps of instance 0's batch (the pipelining overhead).
 """
 
 from __future__ import annotations
@@ -101,70 +105,146 @@ def main(argv):
 
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=FLAGS.max_model_len - FLAGS.prompt_len - 1, ignore_eos=True)
-    class OnInstanceZero:  # the whole batch on one instance: the baseline for the grouped steps
-        def choose(self, views, num_tokens):
-            return 0
 
-    cluster.policy = OnInstanceZero()
-    for _ in range(FLAGS.batch):
-        cluster.add_request(rng.integers(0, model.config.vocab_size, FLAGS.prompt_len).tolist(), params)
-    while any(r.num_pending > 1 for r in e0.scheduler.running) or e0.scheduler.waiting:
+    class OnInstance:  # a batch on one chosen instance
+        target = 0
+
+        def choose(self, views, num_tokens):
+            return self.target
+
+    place = OnInstance()
+    cluster.policy = place
+    n = FLAGS.num_instances
+    for i in range(n):
+        place.target = i
+        for _ in range(FLAGS.batch):
+            cluster.add_request(rng.integers(0, model.config.vocab_size, FLAGS.prompt_len).tolist(), params)
+    while any(r.num_pending > 1 for e in cluster.engines for r in e.scheduler.running) or cluster.num_waiting():
         cluster.step()
-    one = timed_steps(cluster, FLAGS.steps)
+    where = {rid: i for i, e in enumerate(cluster.engines) for rid in e.requests}
+    members = set(range(FLAGS.group_size))
     start_live = {d: measure.device_live_bytes(d) for d in devs}
 
     plan = cluster.plan_drop(FLAGS.group_size)
     t = time.perf_counter()
     cluster.compile_plan(plan, background=False)
     compile_s = time.perf_counter() - t
+    ready, total = cluster.plan_ready(plan)
     c0 = compile_stats.compile_count()
-    drop, failed = cluster.drop(plan)
-    assert not failed
+
+    last: dict[str, float] = {}
+
+    def run(seconds=None, until=None) -> dict:
+        """Polls the cluster; returns the longest token gap of member / outside requests and the
+        outside instances' steps."""
+        gaps = {"member": 0.0, "outside": 0.0}
+        steps0 = [e.num_steps for e in cluster.engines]
+        t0 = time.perf_counter()
+        while True:
+            for o in cluster.poll(timeout=0.5):
+                now = time.perf_counter()
+                if o.new_token_ids and o.request_id in last:
+                    kind = "member" if where[o.request_id] in members else "outside"
+                    gaps[kind] = max(gaps[kind], now - last[o.request_id])
+                last[o.request_id] = now
+            if (until is not None and until()) or (seconds is not None and time.perf_counter() - t0 >= seconds):
+                break
+        dt = time.perf_counter() - t0
+        out_steps = sum(cluster.engines[i].num_steps - steps0[i] for i in range(n) if i not in members)
+        gaps["outside_step"] = dt / max(out_steps / max(n - len(members), 1), 1) if n > len(members) else 0.0
+        gaps["seconds"] = dt
+        gaps["step0"] = dt / max(cluster.engines[0].num_steps - steps0[0], 1)
+        return gaps
+
+    def kv_pages(ids):
+        return {i: sum(len(r.pages) for r in cluster.engines[i].scheduler.running) for i in ids}
+
+    normal = run(seconds=3.0)
+    one = normal["step0"]  # the normal step: instance 0's mean step time with every instance running
+    used = kv_pages(members)
+    task = cluster.start_drop(plan)
+    during_drop = run(until=lambda: task.done)
+    drop = task.report
+    run(seconds=max(3.0, FLAGS.steps * one))  # grouped serving
+    group = cluster.groups()[0]
+    used_group = sum(len(r.pages) for r in group.scheduler.running)
+    (rtask,) = cluster.start_restore()
+    during_restore = run(until=lambda: rtask.done)
+    restore = rtask.report
+    run(seconds=max(3.0, FLAGS.steps * one))  # split again
+    compiles = compile_stats.compile_count() - c0
+    for rid in list(last):
+        cluster.abort(rid)
+    while cluster.has_unfinished():
+        cluster.step()
+    end_live = {d: measure.device_live_bytes(d) for d in devs}
+
+    # The grouped step of one instance's batch (pipelining overhead), measured apart.
+    place.target = 0
+    for _ in range(FLAGS.batch):
+        cluster.add_request(rng.integers(0, model.config.vocab_size, FLAGS.prompt_len).tolist(), params)
+    while any(r.num_pending > 1 for r in e0.scheduler.running) or e0.scheduler.waiting:
+        cluster.step()
+    single = timed_steps(cluster, FLAGS.steps)
+    cluster.drop(plan)
     grouped = timed_steps(cluster, FLAGS.steps)
     cluster.groups()[0].pipeline_depth = 1
     grouped_one = timed_steps(cluster, FLAGS.steps)
-    (restore,), failed = cluster.restore()
-    assert not failed
-    compiles = compile_stats.compile_count() - c0
-    end_live = {d: measure.device_live_bytes(d) for d in devs}
+    cluster.restore()
 
     gp = plan.groups[0]
+    plb = e0.page_layer_bytes
+    L = model.config.num_layers
+    # The least the new placement needs: each member's pages of the layers it gives up change device.
+    min_cross = sum(used[st.instance] * plb * (L - st.num_layers) for st in gp.stages)
+    min_local = sum(used[st.instance] * plb * st.num_layers for st in gp.stages)
     print(f"\nplan: groups {[list(g.instances) for g in plan.groups]}, stages "
-          f"{[(s.instance, s.start, s.stop) for s in gp.stages]}, group pages {gp.num_pages} "
-          f"(instances had {e0.num_pages}); plan executables compiled ahead in {compile_s:.1f}s")
+          f"{[(s.instance, s.start, s.stop) for s in gp.stages]}, group pages {gp.num_pages} on the ladder "
+          f"{cluster.ladder()} (instances had {e0.num_pages}); {ready}/{total} executables ready after compile_plan "
+          f"({compile_s:.1f}s)")
     rows = []
 
     def row(name, value, vs="", ratio=""):
         rows.append((name, value, vs, ratio))
 
-    xb = drop.exchange.bytes_between_devices
-    row("drop: to freed memory usable", f"{drop.seconds * 1e3:.1f} ms")
+    step_ms = one * 1e3
+    for name, rep, phase in (("drop", drop, during_drop), ("restore", restore, during_restore)):
+        x = rep.exchange
+        moved = x.bytes_between_devices + (0 if name == "drop" else sum(drop.freed_weight_bytes.values()))
+        row(f"{name}: wall time (members step between pieces)", f"{rep.seconds * 1e3:.1f} ms", f"{rep.pieces} pieces")
+        row(f"{name}: pieces alone", f"{rep.piece_seconds_total * 1e3:.1f} ms",
+            f"bytes/bw {moved / bw * 1e3:.1f} ms", f"{rep.piece_seconds_total / max(moved / bw, 1e-9):.1f}x")
+        row(f"{name}: longest token gap, members' requests", f"{phase['member'] * 1e3:.1f} ms",
+            f"step {step_ms:.1f} ms", f"{phase['member'] / one:.1f} steps")
+        if n > len(members):
+            row(f"{name}: longest token gap, outside requests", f"{phase['outside'] * 1e3:.1f} ms",
+                f"step {step_ms:.1f} ms", f"{phase['outside'] / one:.1f} steps")
+            row(f"{name}: outside instance step", f"{phase['outside_step'] * 1e3:.1f} ms",
+                f"before {normal['outside_step'] * 1e3:.1f} ms", f"{phase['outside_step'] / max(normal['outside_step'], 1e-9):.2f}x")
+        row(f"{name}: KV between devices", f"{x.bytes_between_devices / 2**20:.2f} MiB",
+            (f"minimum {min_cross / 2**20:.2f} MiB" if name == "drop" else f"pages held {used_group} x {L} layers"),
+            (f"{x.bytes_between_devices / max(min_cross, 1):.2f}x" if name == "drop" else ""))
+        row(f"{name}: KV copied within devices", f"{x.bytes_local / 2**20:.2f} MiB",
+            f"owner's own {min_local / 2**20:.2f} MiB" if name == "drop" else "")
+        row(f"{name}: chunk padding moved", f"{x.bytes_padding / 2**20:.2f} MiB")
+        for d in map(str, devs[:FLAGS.group_size]):
+            row(f"{name}: peak live bytes {d}", f"{rep.peak_live[d] / 2**20:.1f} MiB", f"budget {budget / 2**20:.0f} MiB",
+                f"{rep.peak_live[d] / budget:.2f}")
     row("drop: weights freed per device", f"{max(drop.freed_weight_bytes.values()) / 2**20:.1f} MiB")
-    row("drop: KV exchange between devices", f"{xb / 2**20:.2f} MiB in {drop.exchange.seconds * 1e3:.1f} ms",
-        f"bound {xb / bw * 1e3:.1f} ms", f"{drop.exchange.seconds / max(xb / bw, 1e-9):.1f}x")
-    row("drop: KV copied within devices", f"{drop.exchange.bytes_local / 2**20:.2f} MiB")
-    for d in map(str, devs[:FLAGS.group_size]):
-        row(f"drop: peak live bytes {d}", f"{drop.peak_live[d] / 2**20:.1f} MiB", f"budget {budget / 2**20:.0f} MiB",
-            f"{drop.peak_live[d] / budget:.2f}")
-    rb = restore.exchange.bytes_between_devices
-    restore_bytes = rb + sum(drop.freed_weight_bytes.values())
-    row("restore: total", f"{restore.seconds * 1e3:.1f} ms",
-        f"bytes/bw {restore_bytes / bw * 1e3:.1f} ms", f"{restore.seconds / max(restore_bytes / bw, 1e-9):.1f}x")
-    row("restore: weights + KV moved", f"{restore_bytes / 2**20:.1f} MiB (KV {rb / 2**20:.2f} MiB)")
-    for d in map(str, devs[:FLAGS.group_size]):
-        row(f"restore: peak live bytes {d}", f"{restore.peak_live[d] / 2**20:.1f} MiB",
-            f"budget {budget / 2**20:.0f} MiB", f"{restore.peak_live[d] / budget:.2f}")
-    row(f"decode step, batch {FLAGS.batch}: one instance", f"{one * 1e3:.1f} ms")
+    row("normal: longest token gap", f"{normal['member'] * 1e3:.1f} ms", f"step {step_ms:.1f} ms",
+        f"{normal['member'] / one:.1f} steps")
+    row(f"decode step, batch {FLAGS.batch}, alone on the cluster: one instance", f"{single * 1e3:.1f} ms")
     row(f"decode step, batch {FLAGS.batch}: group of {FLAGS.group_size}, {FLAGS.group_size} micro-batches",
-        f"{grouped * 1e3:.1f} ms", "vs one instance", f"{grouped / one:.2f}x")
+        f"{grouped * 1e3:.1f} ms", "vs one instance", f"{grouped / single:.2f}x")
     row(f"decode step, batch {FLAGS.batch}: group of {FLAGS.group_size}, 1 micro-batch", f"{grouped_one * 1e3:.1f} ms",
-        "vs one instance", f"{grouped_one / one:.2f}x")
-    row("compilations during drop, grouped steps, restore", str(compiles))
+        "vs one instance", f"{grouped_one / single:.2f}x")
+    row("compilations during drop, grouped serving, restore", str(compiles))
     row("live bytes back to the start on every device", str(end_live == start_live))
     w = max(len(r[0]) for r in rows)
     for name, value, vs, ratio in rows:
-        print(f"{name:<{w}}  {value:>28}  {vs:>22}  {ratio:>7}")
-    print(f"\n(CPU virtual devices share {os.cpu_count()} cores: a pipeline's stages do not run in parallel here)")
+        print(f"{name:<{w}}  {value:>28}  {vs:>26}  {ratio:>9}")
+    print(f"\n(CPU virtual devices share {os.cpu_count()} cores: a pipeline's stages and the instances do not run "
+          f"in parallel here)")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ class TransitionReport:
     groups: list[int]
     seconds: float = 0.0  # from the first piece to the last (the members step in between)
     pieces: int = 0
-    piece_seconds_max: float = 0.0  # the longest piece: what a request whose KV is not moving waits
+    piece_seconds_max: float = 0.0  # the longest piece: how long the members' requests wait at most
+    piece_seconds_total: float = 0.0  # the pieces alone (the members' steps in between excluded)
     freed_weight_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # device -> bytes
     exchange: ExchangeStats = dataclasses.field(default_factory=ExchangeStats)
     live_before: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -198,6 +199,7 @@ class DropTask:
             dt = time.perf_counter() - t
             self.report.pieces += 1
             self.report.piece_seconds_max = max(self.report.piece_seconds_max, dt)
+            self.report.piece_seconds_total += dt
             self.report.seconds = time.perf_counter() - self._t0
 
 

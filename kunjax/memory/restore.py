@@ -173,7 +173,9 @@ class RestoreTask:
             return True
         finally:
             self.report.pieces += 1
-            self.report.piece_seconds_max = max(self.report.piece_seconds_max, time.perf_counter() - t)
+            dt = time.perf_counter() - t
+            self.report.piece_seconds_max = max(self.report.piece_seconds_max, dt)
+            self.report.piece_seconds_total += dt
             self.report.seconds = time.perf_counter() - self._t0
 
 
