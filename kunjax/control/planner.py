@@ -54,6 +54,18 @@ class PlannerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A group worth planning exactly: its members, stage ranges, committed demand, and the pages it
+    needs and is estimated to have."""
+
+    members: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+    demand_pages: int
+    need_pages: int
+    estimate_pages: int
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupChoice:
     """The plan chosen for one overload, and the numbers behind the choice."""
 
@@ -156,45 +168,55 @@ class GroupPlanner:
             self._ranges[key] = tuple(rng)
         return self._ranges[key]
 
-    def plan(self, views: Sequence[UnitView], seed: UnitView, exclude: Sequence[int] = ()) -> tuple[Optional[GroupChoice], dict]:
-        """The smallest group around `seed` (an overloaded single instance) whose pages cover its
-        members' committed demand, among plans that are ready; else (None, the numbers of why)."""
+    def candidates(self, views: Sequence[UnitView], seed: UnitView, infos: Mapping[int, MemberInfo],
+                   exclude: Sequence[int] = ()) -> list[Candidate]:
+        """The groups around `seed` worth an exact plan, smallest first: seed + the g - 1 single
+        instances with the most spare pages, for g = 2 .. max_group_size, whose closed-form page
+        estimate covers the members' committed demand. O(N log max_group_size)."""
         c = self.config
         banned = set(exclude) | set(seed.members)
         singles = [v for v in views if not v.is_group and not v.transitioning and v.members[0] not in banned]
         partners = heapq.nlargest(c.max_group_size - 1, singles,
                                   key=lambda v: (v.pages_total - v.demand_pages, -v.members[0]))
-        infos = None
-        numbers = {"seed": seed.members[0], "seed_demand_pages": seed.demand_pages, "candidates": len(singles)}
-        demand, tried, not_ready, best_estimate = seed.demand_pages, 0, 0, 0
-        for k, p in enumerate(partners):
+        out, demand = [], seed.demand_pages
+        num_layers = len(infos[seed.members[0]].layer_bytes)
+        for k, p in enumerate(partners[:num_layers - 1]):
             g = k + 2
             demand += p.demand_pages
-            members = sorted(seed.members + tuple(v.members[0] for v in partners[:k + 1]))
-            if infos is None:
-                infos = self.member_infos()
-            num_layers = len(infos[members[0]].layer_bytes)
-            if g > num_layers:
-                break
+            members = tuple(sorted(seed.members + tuple(v.members[0] for v in partners[:k + 1])))
             rng = self.ranges(num_layers, g)
-            need = int(c.headroom * demand)
             est = estimate_pages(infos, members, self.tied, rng, g * c.max_pages_per_instance)
-            best_estimate = max(best_estimate, est)
-            if est < need:
-                continue
+            out.append(Candidate(members, rng, demand, int(c.headroom * demand), est))
+        return out
+
+    def plan(self, views: Sequence[UnitView], seed: UnitView,
+             exclude: Sequence[int] = ()) -> tuple[Optional[GroupChoice], dict]:
+        """The smallest group around `seed` (an overloaded single instance) whose pages cover its
+        members' committed demand, among plans that are ready; else (None, the numbers of why)."""
+        c = self.config
+        infos = self.member_infos()
+        cands = self.candidates(views, seed, infos, exclude)
+        numbers = {"seed": seed.members[0], "seed_demand_pages": seed.demand_pages, "candidates": len(cands)}
+        tried = not_ready = 0
+        for cand in (x for x in cands if x.estimate_pages >= x.need_pages):
+            g = len(cand.members)
             tried += 1
+            # the estimate bounds the exact count: searching no higher gives the same answer sooner
+            cap = min(c.max_pages_per_instance, -(-(cand.estimate_pages + 1) // g))
             try:
-                plan = plan_drop([infos[m] for m in members], g, self.tied, c.max_pages_per_instance,
-                                 eligible=members, chunk_pages=c.chunk_pages, ranges=rng)
+                plan = plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
+                                 chunk_pages=c.chunk_pages, ranges=cand.ranges)
             except PlanError:
                 continue
-            if plan.groups[0].num_pages - 1 < need:
+            if plan.groups[0].num_pages - 1 < cand.need_pages:
                 continue
             if not self.ready(plan):
                 not_ready += 1
                 continue
-            return GroupChoice(plan, seed.members[0], demand, plan.groups[0].num_pages - 1, tried, not_ready,
-                               exchange_bytes(plan.groups[0], infos)), numbers
-        numbers.update({"largest_group_tried": len(partners) + 1, "demand_pages": demand,
-                        "best_estimate_pages": best_estimate, "exact_plans": tried, "not_ready": not_ready})
+            return GroupChoice(plan, seed.members[0], cand.demand_pages, plan.groups[0].num_pages - 1, tried,
+                               not_ready, exchange_bytes(plan.groups[0], infos)), numbers
+        numbers.update({"largest_group_tried": len(cands[-1].members) if cands else 1,
+                        "demand_pages": cands[-1].demand_pages if cands else seed.demand_pages,
+                        "best_estimate_pages": max((x.estimate_pages for x in cands), default=0),
+                        "exact_plans": tried, "not_ready": not_ready})
         return None, numbers
