@@ -343,3 +343,22 @@ def test_lookahead_keeps_the_round_within_the_tpot_slo():
     ran = {r.request.request_id: r.n for r in plan.rows if r.n > 1}
     for r in plan.deferred:  # what ran plus what waits is the whole prompt, in order
         assert ran.get(r.request.request_id, 0) + r.n == 512 and r.start == ran.get(r.request.request_id, 0)
+
+
+# ---- launcher flags -----------------------------------------------------------------------------
+def test_launch_flags_build_the_kunserve_config_and_name_a_bad_one():
+    from absl import app
+
+    from serving.launch import MemoryPolicyOptions, kunserve_config
+
+    opts = MemoryPolicyOptions(overload_policy="kunserve", drop_demand=0.9, drop_dwell_s=0.2, restore_demand=0.4,
+                               restore_dwell_s=3.0, transition_cooldown_s=2.0, max_group_size=3, tpot_slo_ms=150.0)
+    cfg = kunserve_config(opts)
+    assert (cfg.monitor.drop_demand, cfg.monitor.drop_dwell_s, cfg.monitor.restore_demand) == (0.9, 0.2, 0.4)
+    assert (cfg.monitor.restore_dwell_s, cfg.monitor.transition_cooldown_s) == (3.0, 2.0)
+    assert cfg.planner.max_group_size == 3 and cfg.tpot_slo_ms == 150.0
+    for field, value in (("restore_demand", 0.95), ("max_group_size", 1), ("tpot_slo_ms", 0.0),
+                         ("transition_cooldown_s", -1.0)):
+        bad = MemoryPolicyOptions(**{**opts.__dict__, field: value})
+        with pytest.raises(app.UsageError, match=f"--{field}"):
+            kunserve_config(bad)

@@ -9,8 +9,9 @@ a Poisson process whose rate follows a scenario:
 
     ramp       up from a light load to well past what the pages hold, held, then down
     burst      a 3 s burst on a light load that the pages absorb (no preemption ever happens)
-    spike      a 1 s spike of long prompts with short answers: a queue for memory that drains by
-               itself within about a second (a drop there would be a false one)
+    wave       a wave of long generations fills most pages; a second wave arrives as the first is
+               15 tokens from its end: a sudden overload (admitted prompts take the pages the first
+               wave still needs: recompute preempts within about half a second)
     steady     a constant load at about three quarters of the pages
 
 Both triggers see the same views at every scheduler iteration (nothing is dropped: the question is
@@ -52,17 +53,18 @@ def rate(scenario: str, t: float) -> float:
         return 1.0 if t < 10 else (1.0 + (t - 10) * 0.4 if t < 30 else (9.0 if t < 60 else 0.5))
     if scenario == "burst":
         return 12.0 if 10 <= t < 13 else 0.6
-    if scenario == "spike":
-        return 60.0 if 10 <= t < 11 else 0.6
+    if scenario == "wave":
+        return 0.0  # its requests come in two waves (simulate)
     return 3.0  # steady
 
 
-def lengths(scenario: str, t: float, rng) -> tuple[int, int]:
-    """(prompt, output) tokens of a request arriving at t: decode-heavy, except the spike's
-    requests (long prompts, short answers: a queue that finishing requests drain within a second)."""
-    if scenario == "spike" and 10 <= t < 11:
-        return int(rng.integers(512, 1025)), int(rng.integers(4, 9))
+def lengths(rng) -> tuple[int, int]:
+    """(prompt, output) tokens of a request: decode-heavy."""
     return int(rng.integers(64, 513)), int(rng.integers(128, 1025))
+
+
+WAVE = 20  # first wave: requests of 256 + 1000 tokens (77 % of the pages at their end)
+WAVE2 = 18  # second wave: prompts of 500 tokens, arriving when the first is 15 tokens from its end
 
 
 class AuthorsTrigger:
@@ -90,14 +92,28 @@ def simulate(scenario: str, seed: int, duration: float = 90.0) -> dict:
     t, next_arrival, n = 0.0, 0.0, 0
     fired = {"kunserve": [], "authors": []}
     first_wait = None
+    def add(prompt: int, output: int, at: float) -> None:
+        nonlocal n
+        rid = f"r{n}"
+        n += 1
+        target[rid] = output
+        core.add(Request(rid, [1] * prompt, SamplingParams(max_tokens=1024), arrival_time=at))
+
+    waves = [10.0, None] if scenario == "wave" else []
+    if waves:
+        next_arrival = float("inf")
     while t < duration:
         while next_arrival <= t:
-            rid = f"r{n}"
-            n += 1
-            prompt, target[rid] = lengths(scenario, next_arrival, rng)
-            core.add(Request(rid, [1] * prompt, SamplingParams(max_tokens=1024),
-                             arrival_time=next_arrival))
+            add(*lengths(rng), next_arrival)
             next_arrival += rng.exponential(1.0 / max(1e-6, rate(scenario, next_arrival)))
+        if waves and waves[0] is not None and t >= waves[0]:
+            for _ in range(WAVE):
+                add(256, 1000, t)
+            waves[0] = None
+        if waves and waves[1] is None and any(len(r.output_token_ids) >= 985 for r in sched.running):
+            for _ in range(WAVE2):
+                add(500, int(rng.integers(128, 1025)), t)
+            waves[1] = t
         v = core.view(0, instances=(0,))
         if monitor.update([v], t):
             fired["kunserve"].append(t)
@@ -106,8 +122,10 @@ def simulate(scenario: str, seed: int, duration: float = 90.0) -> dict:
         if first_wait is None and sched.waiting and pages_for(sched.waiting[0].num_tokens, 16) > sched.allocator.num_free:
             first_wait = t
         step = core.schedule()
-        if step is None:
-            t = max(t, next_arrival)
+        if step is None:  # idle until the next arrival
+            t = max(t, min(next_arrival, waves[0] if waves and waves[0] is not None else float("inf")))
+            if t == float("inf"):
+                break
             continue
         tokens = [EOS if r.samples and len(r.request.output_token_ids) + 1 >= target[r.request.request_id] else 1
                   for r in step.rows]
@@ -137,7 +155,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(f"{'scenario':>8} {'seed':>4} {'preempt':>8} {'1st wait':>8} | {'kunserve':>8} {'#':>3} {'lead s':>7} | "
           f"{'authors':>8} {'#':>3} {'lead s':>7} | preemptions")
-    for scenario in ("ramp", "burst", "spike", "steady"):
+    for scenario in ("ramp", "burst", "wave", "steady"):
         for seed in range(args.seeds):
             r = simulate(scenario, seed, args.duration)
             p = r["first_preemption"]
