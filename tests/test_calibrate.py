@@ -26,11 +26,8 @@ def test_calibrate_fits_the_instance_it_timed(host_model):
     assert compile_stats.compile_count() - steps_compiled == 1  # the local-copy probe only, no step shape
     assert np.all(cm.coef >= 0) and cm.coef.sum() > 0
     assert cm.bandwidths["local"] > 0 and cm.bandwidths["d2d"] > 0
-    for s in shapes:  # the fit describes the steps it timed (a loose bound: a shared CI machine is noisy)
-        pred = cm.step_time(prefill_tokens=s.rows * s.query if s.prefill else 0,
-                            decode_rows=0 if s.prefill else s.rows, context_pages=s.rows * s.pages,
-                            layers=len(eng.stage.layer_ids), prefill_rows=s.rows if s.prefill else 0)
-        assert pred > 0
+    for s in shapes:  # every step it timed has a cost
+        assert cm.shape_time(s, len(eng.stage.layer_ids)) > 0
     assert set(eng.stage.pools) == set(before)
     for l, (k, _) in eng.stage.pools.items():  # null steps touch the null page only
         np.testing.assert_array_equal(np.asarray(k)[:, 1:], before[l][:, 1:])

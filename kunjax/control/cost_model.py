@@ -53,6 +53,14 @@ def features(prefill_tokens: int, decode_rows: int, context_pages: int, layers: 
                      h * (decode_rows + prefill_rows)], np.float64)
 
 
+def shape_work(rows: int, query: int, pages: int) -> dict:
+    """The work of a step run at a padded shape (batch.StepShape: rows x query tokens, pages gathered
+    per row), as step_time's keyword arguments: what the device computes, padding included."""
+    prefill = query > 1
+    return {"prefill_tokens": rows * query if prefill else 0, "decode_rows": 0 if prefill else rows,
+            "context_pages": rows * pages, "prefill_rows": rows if prefill else 0}
+
+
 class CostModel:
     def __init__(self, coef: Sequence[float], bandwidths: Optional[Mapping[str, float]] = None):
         """`coef`: seconds per unit of each feature (FEATURES order); `bandwidths`: bytes/s per link
@@ -75,6 +83,10 @@ class CostModel:
                   head: bool = True, prefill_rows: int = 0) -> float:
         """Predicted seconds of a step on a unit (head=True) or a stage that runs `layers` layers."""
         return float(self.coef @ features(prefill_tokens, decode_rows, context_pages, layers, head, prefill_rows))
+
+    def shape_time(self, shape, layers: int, head: bool = True) -> float:
+        """Predicted seconds of a step at a padded shape (batch.StepShape) on `layers` layers."""
+        return self.step_time(**shape_work(shape.rows, shape.query, shape.pages), layers=layers, head=head)
 
     def layer_time(self, prefill_tokens: int = 0, decode_rows: int = 0, context_pages: int = 0) -> float:
         """Predicted seconds of one layer of a step."""
