@@ -362,3 +362,23 @@ def test_launch_flags_build_the_kunserve_config_and_name_a_bad_one():
         bad = MemoryPolicyOptions(**{**opts.__dict__, field: value})
         with pytest.raises(app.UsageError, match=f"--{field}"):
             kunserve_config(bad)
+
+
+# ---- the tools ----------------------------------------------------------------------------------
+def test_on_a_ramp_the_monitor_fires_before_the_authors_trigger_and_before_recompute_preempts():
+    """tools.bench_monitor's ramp on the real scheduler (simulated clock, seeded): the committed
+    demand crosses the pages seconds before the first preemption; the authors' rule has not fired."""
+    from tools.bench_monitor import simulate
+
+    r = simulate("ramp", 0, duration=32.0)
+    first = r["kunserve"][0]
+    assert r["first_preemption"] - first > 2.0  # seconds of lead for the drop's transition
+    assert r["authors"][0] - first > 2.0 and r["authors"][0] > r["first_preemption"] - 0.5
+
+
+def test_bench_planner_prints_a_row_per_size(capsys):
+    from tools import bench_planner
+
+    assert bench_planner.main(["8", "64"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines()[1:] if l.strip()]
+    assert [int(l.split()[0]) for l in rows] == [8, 64] and all("pages for" in l for l in rows)
