@@ -20,6 +20,7 @@ from kunjax.control.planner import GroupPlanner, PlannerConfig, balanced_ranges,
 from kunjax.control.request import Request, SamplingParams
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore, UnitView
+from tools.bench_lookahead import authors_lpt
 
 MB = 1 << 20
 L = 8
@@ -288,19 +289,6 @@ def test_view_counts_the_expected_growth_of_unfinished_requests():
 # ---- lookahead micro-batches --------------------------------------------------------------------
 def req(rid: str, n: int) -> Request:
     return Request(rid, list(range(n)), SamplingParams(max_tokens=64))
-
-
-def authors_lpt(rows, k):
-    """The authors' formation: prompts longest first onto the micro-batch with the fewest prefill
-    tokens, decodes dealt to even out the batch sizes."""
-    batches, tokens = [[] for _ in range(k)], [0] * k
-    for r in sorted((r for r in rows if r.n > 1), key=lambda r: -r.n):
-        j = min(range(k), key=lambda j: tokens[j])
-        batches[j].append(r)
-        tokens[j] += r.n
-    for r in (r for r in rows if r.n == 1):
-        min(batches, key=len).append(r)
-    return batches
 
 
 def test_lookahead_gives_every_stage_equal_predicted_work():
