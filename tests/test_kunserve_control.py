@@ -200,9 +200,9 @@ def run_cluster(policy: KunservePolicy, steps: int, dt: float):
 
 
 def make_policy(cfg: MonitorConfig = MonitorConfig(), ready=lambda plan: True, n=2, used=None) -> KunservePolicy:
-    cm = cost_model()
-    return KunservePolicy(KunserveConfig(monitor=cfg), OverloadMonitor(cfg),
-                          planner(n, used or {0: 100, 1: 10}, ready=ready, cm=cm), cm)
+    infos = {i: member_info(i, (used or {0: 100, 1: 10}).get(i, 0)) for i in range(n)}
+    return KunservePolicy.build(KunserveConfig(monitor=cfg), tied=True, member_infos=lambda: infos,
+                                cost_model=cost_model(), ready=ready)
 
 
 def test_a_load_ramp_up_and_down_gives_exactly_one_drop_and_one_restore(caplog):

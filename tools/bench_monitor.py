@@ -28,7 +28,6 @@ drop. Pure Python, no JAX.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import numpy as np

@@ -92,6 +92,15 @@ class KunservePolicy:
         self._pending_restore: dict[int, float] = {}  # group id -> when decided
         self._fallback: set[int] = set()  # instances in an overload episode no plan covered
 
+    @classmethod
+    def build(cls, config: KunserveConfig, tied: bool, member_infos, cost_model: Optional[CostModel] = None,
+              ready=lambda plan: True) -> "KunservePolicy":
+        """The policy with its monitor and planner made from `config`: `member_infos()` gives every
+        instance's plan.MemberInfo now (the cluster's ledger), `ready(plan)` whether a plan's
+        executables are compiled, `tied` whether the head is the tied embedding."""
+        return cls(config, OverloadMonitor(config.monitor),
+                   GroupPlanner(config.planner, tied, member_infos, cost_model, ready), cost_model)
+
     def status(self) -> dict:
         """Counters and settings for Admin.Status and the metrics."""
         out = {"overload_policy": self.name, "drops": self.drops, "restores": self.restores,
