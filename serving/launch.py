@@ -72,6 +72,8 @@ flags.DEFINE_enum("overload_policy", "recompute", ["recompute", "kunserve"],
 flags.DEFINE_float("drop_demand", 1.0, "kunserve: committed KV demand (held + queued + expected growth) / an "
                    "instance's pages at which it is overloaded")
 flags.DEFINE_float("drop_dwell_s", 0.5, "kunserve: ... continuously for this long before a drop")
+flags.DEFINE_float("drop_surge", 1.5, "kunserve: ... or at once when the committed demand is this many times the "
+                   "pages (a sudden overload)")
 flags.DEFINE_float("restore_demand", 0.5, "kunserve: committed demand / the members' own pages at which a group "
                    "may split (below drop_demand: the gap is the hysteresis)")
 flags.DEFINE_float("restore_dwell_s", 5.0, "kunserve: ... with nothing queued and demand not rising, for this long")
@@ -135,6 +137,7 @@ class MemoryPolicyOptions:
     overload_policy: str
     drop_demand: float
     drop_dwell_s: float
+    drop_surge: float
     restore_demand: float
     restore_dwell_s: float
     transition_cooldown_s: float
@@ -151,8 +154,8 @@ def kunserve_config(memory: MemoryPolicyOptions):
 
     cfg = KunserveConfig(
         monitor=MonitorConfig(drop_demand=memory.drop_demand, drop_dwell_s=memory.drop_dwell_s,
-                              restore_demand=memory.restore_demand, restore_dwell_s=memory.restore_dwell_s,
-                              transition_cooldown_s=memory.transition_cooldown_s),
+                              drop_surge=memory.drop_surge, restore_demand=memory.restore_demand,
+                              restore_dwell_s=memory.restore_dwell_s, transition_cooldown_s=memory.transition_cooldown_s),
         planner=PlannerConfig(max_group_size=memory.max_group_size), tpot_slo_ms=memory.tpot_slo_ms)
     try:
         cfg.validate()

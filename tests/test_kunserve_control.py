@@ -233,6 +233,8 @@ def test_no_drop_for_a_spike_shorter_than_the_dwell_and_no_oscillation_at_the_th
     for k in range(400, 460):  # a real overload: held continuously
         signals += mon.update([instance_view(0, PAGES - 10, queued=20)], k * 0.01)
     assert [s.kind for s in signals] == ["drop"] and signals[0].numbers["over_s"] == pytest.approx(0.5)
+    surge = OverloadMonitor(MonitorConfig(drop_dwell_s=0.5, drop_surge=1.5))  # a sudden overload: no dwell
+    assert [s.kind for s in surge.update([instance_view(1, PAGES - 10, queued=PAGES)], 7.0)] == ["drop"]
 
 
 def test_restore_waits_for_demand_that_is_low_and_not_rising():
@@ -339,13 +341,14 @@ def test_launch_flags_build_the_kunserve_config_and_name_a_bad_one():
 
     from serving.launch import MemoryPolicyOptions, kunserve_config
 
-    opts = MemoryPolicyOptions(overload_policy="kunserve", drop_demand=0.9, drop_dwell_s=0.2, restore_demand=0.4,
+    opts = MemoryPolicyOptions(overload_policy="kunserve", drop_demand=0.9, drop_dwell_s=0.2, drop_surge=1.2,
+                               restore_demand=0.4,
                                restore_dwell_s=3.0, transition_cooldown_s=2.0, max_group_size=3, tpot_slo_ms=150.0)
     cfg = kunserve_config(opts)
     assert (cfg.monitor.drop_demand, cfg.monitor.drop_dwell_s, cfg.monitor.restore_demand) == (0.9, 0.2, 0.4)
     assert (cfg.monitor.restore_dwell_s, cfg.monitor.transition_cooldown_s) == (3.0, 2.0)
     assert cfg.planner.max_group_size == 3 and cfg.tpot_slo_ms == 150.0
-    for field, value in (("restore_demand", 0.95), ("max_group_size", 1), ("tpot_slo_ms", 0.0),
+    for field, value in (("restore_demand", 0.95), ("drop_surge", 0.5), ("max_group_size", 1), ("tpot_slo_ms", 0.0),
                          ("transition_cooldown_s", -1.0)):
         bad = MemoryPolicyOptions(**{**opts.__dict__, field: value})
         with pytest.raises(app.UsageError, match=f"--{field}"):

@@ -7,7 +7,8 @@ grow into as they generate (UnitView.growth_pages: to max_tokens, or to the unit
 length), against its pages.
 
     drop     a single instance whose demand >= drop_demand x its pages (at 1.0: its requests cannot
-             all finish without a preemption) continuously for drop_dwell_s
+             all finish without a preemption) continuously for drop_dwell_s, or at once when it is
+             drop_surge x its pages (a sudden overload: waiting the dwell only costs time)
     restore  a group with nothing queued whose demand <= restore_demand x the pages its members have
              once split (UnitView.base_pages), continuously for restore_dwell_s, and not rising over
              that window (its end at most restore_rise_tolerance x those pages above its start: noise
@@ -39,6 +40,7 @@ from kunjax.control.unit import UnitView
 class MonitorConfig:
     drop_demand: float = 1.0  # committed demand / pages at which an instance is overloaded
     drop_dwell_s: float = 0.5  # ... for this long, continuously
+    drop_surge: float = 1.5  # ... or at once, when the demand is this many times the pages
     restore_demand: float = 0.5  # committed demand / the members' own pages at which a group may split
     restore_dwell_s: float = 5.0  # ... with nothing queued and demand not rising, for this long
     restore_rise_tolerance: float = 0.05  # "not rising": window end <= start + this x the members' own pages
@@ -48,6 +50,8 @@ class MonitorConfig:
         """Raises ValueError naming the field."""
         if not self.drop_demand > 0:
             raise ValueError(f"drop_demand must be > 0, got {self.drop_demand}")
+        if not self.drop_surge >= self.drop_demand:
+            raise ValueError(f"drop_surge must be >= drop_demand={self.drop_demand}, got {self.drop_surge}")
         if not 0 <= self.restore_demand < self.drop_demand:
             raise ValueError(f"restore_demand must be in [0, drop_demand={self.drop_demand}), got "
                              f"{self.restore_demand} (the gap between them keeps drop and restore from oscillating)")
@@ -135,7 +139,8 @@ class OverloadMonitor:
             if self.overloaded(v):
                 st.over_since = now if st.over_since is None else st.over_since
                 start = max(st.over_since, st.last_fired if st.last_fired is not None else st.over_since)
-                if now - start >= c.drop_dwell_s and not self.cooling(v.members, now):
+                surge = st.last_fired is None and v.demand_pages >= c.drop_surge * max(1, v.pages_total)
+                if (surge or now - start >= c.drop_dwell_s) and not self.cooling(v.members, now):
                     st.last_fired = now
                     out.append(Signal("drop", v, {**drop_numbers(v), "over_s": round(now - st.over_since, 3)}))
             else:
