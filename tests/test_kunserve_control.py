@@ -11,7 +11,8 @@ import pytest
 
 from kunjax.control.batch import Row
 from kunjax.control.cost_model import FEATURES, CostModel, StepSample, fit
-from kunjax.control.kunserve import DropDecision, FallbackDecision, KunserveConfig, KunservePolicy, RestoreDecision
+from kunjax.control.kunserve import (DropDecision, FallbackDecision, KunserveConfig, KunservePolicy, RestoreDecision,
+                                     group_identity)
 from kunjax.control.lookahead import form_micro_batches, row_cost
 from kunjax.control.monitor import MonitorConfig, OverloadMonitor
 from kunjax.control.pages import PageAllocator, pages_for
@@ -215,6 +216,7 @@ def test_a_load_ramp_up_and_down_gives_exactly_one_drop_and_one_restore(caplog):
     assert 18.5 < t_drop < 20  # the wobble crosses capacity from t ~ 18.6 on; drop_dwell_s later
     assert drop.instances == (0, 1) and drop.group_size == 2 and drop.numbers["group_pages"] >= drop.numbers["group_demand_pages"] > PAGES
     assert 70 < t_restore < 75 and restore.group_id == 7
+    assert group_identity(drop.plan.groups[0], 7) == {"instances": (0, 1), "group": 7, "base_pages": 2 * PAGES}
     assert policy.status() | {"cost_model": None} == {"overload_policy": "kunserve", "drops": 1, "restores": 1,
                                                       "fallbacks": 0, "pending": 0, "cost_model": None}
     lines = [r.getMessage() for r in caplog.records]

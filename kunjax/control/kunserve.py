@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 from kunjax.control.cost_model import CostModel
 from kunjax.control.monitor import MonitorConfig, OverloadMonitor
-from kunjax.control.plan import DropPlan
+from kunjax.control.plan import DropPlan, GroupPlan
 from kunjax.control.planner import GroupPlanner, PlannerConfig
 from kunjax.control.unit import UnitView
 
@@ -73,6 +73,13 @@ class FallbackDecision:
 
 
 Decision = Union[DropDecision, RestoreDecision, FallbackDecision]
+
+
+def group_identity(plan: GroupPlan, group_id: int) -> dict:
+    """What the cluster passes to a pipeline group's `view` (UnitView.instances / group /
+    base_pages), so the policy knows the group's members and the pages they have once split."""
+    return {"instances": tuple(plan.instances), "group": group_id,
+            "base_pages": sum(p - 1 for p in plan.pages_before.values())}  # usable: less each null page
 
 
 class KunservePolicy:
