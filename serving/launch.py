@@ -64,8 +64,24 @@ flags.DEFINE_bool("warmup", True, "compile every shape bucket: the shapes that c
                   "serving, the cheaper ones in the background while serving (--nowarmup: covering shapes only)")
 flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache directory "
                     "(default ~/.cache/kunjax/jax or $KUNJAX_COMPILE_CACHE)")
-# memory policy
-flags.DEFINE_enum("overload_policy", "none", ["none"], "what to do when KV runs out (more policies to come)")
+# memory policy (kunjax.control.kunserve.KunserveConfig; the monitor's thresholds: kunjax.control.monitor)
+flags.DEFINE_enum("overload_policy", "recompute", ["recompute", "kunserve"],
+                  "when KV runs out: recompute (preempt the latest arrival and recompute it later, vLLM-style) or "
+                  "kunserve (drop parameters into pipeline groups where the overload is, restore when it passes; "
+                  "recompute where no plan covers the demand)")
+flags.DEFINE_float("drop_demand", 1.0, "kunserve: committed KV demand (held + queued + expected growth) / an "
+                   "instance's pages at which it is overloaded")
+flags.DEFINE_float("drop_dwell_s", 0.5, "kunserve: ... continuously for this long before a drop")
+flags.DEFINE_float("drop_surge", 1.5, "kunserve: ... or at once when the committed demand is this many times the "
+                   "pages (a sudden overload)")
+flags.DEFINE_float("restore_demand", 0.5, "kunserve: committed demand / the members' own pages at which a group "
+                   "may split (below drop_demand: the gap is the hysteresis)")
+flags.DEFINE_float("restore_dwell_s", 5.0, "kunserve: ... with nothing queued and demand not rising, for this long")
+flags.DEFINE_float("transition_cooldown_s", 5.0, "kunserve: no new drop or restore of an instance this soon after "
+                   "its last one")
+flags.DEFINE_integer("max_group_size", 4, "kunserve: stages of a pipeline group at most")
+flags.DEFINE_float("tpot_slo_ms", 200.0, "kunserve: lookahead micro-batches keep the time between tokens of a "
+                   "group within this")
 # server
 flags.DEFINE_integer("port", 50051, "gRPC port")
 flags.DEFINE_string("host", "[::]", "gRPC bind address")
@@ -119,6 +135,33 @@ class SchedulerOptions:
 @dataclasses.dataclass(frozen=True)
 class MemoryPolicyOptions:
     overload_policy: str
+    drop_demand: float
+    drop_dwell_s: float
+    drop_surge: float
+    restore_demand: float
+    restore_dwell_s: float
+    transition_cooldown_s: float
+    max_group_size: int
+    tpot_slo_ms: float
+
+
+def kunserve_config(memory: MemoryPolicyOptions):
+    """The kunserve policy's config from the flags (the cluster receives it); a bad value is a
+    UsageError naming the flag."""
+    from kunjax.control.kunserve import KunserveConfig
+    from kunjax.control.monitor import MonitorConfig
+    from kunjax.control.planner import PlannerConfig
+
+    cfg = KunserveConfig(
+        monitor=MonitorConfig(drop_demand=memory.drop_demand, drop_dwell_s=memory.drop_dwell_s,
+                              drop_surge=memory.drop_surge, restore_demand=memory.restore_demand,
+                              restore_dwell_s=memory.restore_dwell_s, transition_cooldown_s=memory.transition_cooldown_s),
+        planner=PlannerConfig(max_group_size=memory.max_group_size), tpot_slo_ms=memory.tpot_slo_ms)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise app.UsageError(f"--{e}") from None
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +226,10 @@ def options_from_flags() -> LaunchOptions:
     cluster = _pick(ClusterOptions, devices=_device_ids(FLAGS.devices))
     distributed = _pick(DistributedOptions)
     _check_distributed(distributed)
+    memory = _pick(MemoryPolicyOptions)
+    kunserve_config(memory)  # every flag checked before anything slow
     return LaunchOptions(model=_pick(ModelOptions), cluster=cluster, cache=_pick(CacheOptions),
-                         scheduler=_pick(SchedulerOptions), memory=_pick(MemoryPolicyOptions), server=server,
+                         scheduler=_pick(SchedulerOptions), memory=memory, server=server,
                          metrics_port=FLAGS.metrics_port, distributed=distributed)
 
 

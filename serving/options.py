@@ -12,4 +12,4 @@ class ServerOptions:
     max_queue: int = 1024  # requests received and not yet running, across the cluster
     shutdown_grace_s: float = 10.0  # in-flight streams get this long to finish on shutdown
     default_max_tokens: int = 256
-    overload_policy: str = "none"
+    overload_policy: str = "recompute"  # what Status reports: recompute (the default) or kunserve

@@ -498,7 +498,7 @@ def test_status(client):
     assert st.model == "tiny" and len(st.instances) == 2 and st.max_model_len == 128
     assert [i.tp for i in st.instances] == [2, 2]
     assert len(st.memory) == 4 and all(m.live_bytes > 0 for m in st.memory)
-    assert st.overload_policy == "none" and len(st.groups) == 0
+    assert st.overload_policy == "recompute" and len(st.groups) == 0
 
 
 def test_health_and_reflection(server):

@@ -2,8 +2,9 @@
 gets, and the memory of every device through the transition (plain Python, no JAX).
 
 A group of g instances becomes one pipeline of g stages. Stage s keeps a contiguous layer range
-(sizes as equal as possible; the layers the division leaves over go to the last stages, since the
-first one also keeps the embedding), the first stage keeps the embedding, the head (final norm + LM
+(given explicitly, e.g. balanced by the cost model (kunjax.control.planner), or by default sizes as
+equal as possible; the layers the division leaves over go to the last stages, since the first one
+also keeps the embedding), the first stage keeps the embedding, the head (final norm + LM
 head) stays on the last stage, or on the first when it is the tied embedding (one copy of every
 weight per group, as KunServe intends). The group serves one page-id space: stage s holds, for each
 of its layers, a pool of `num_pages` pages.
@@ -150,8 +151,27 @@ def interleaved_order(ranges: Sequence[tuple[int, int]]) -> list[int]:
     return order
 
 
-def stage_plans(members: Sequence[int], num_layers: int, tied: bool) -> list[StagePlan]:
-    ranges = split_layers(num_layers, len(members))
+def check_ranges(ranges: Sequence[tuple[int, int]], num_layers: int, g: int) -> list[tuple[int, int]]:
+    """Explicit stage layer ranges (e.g. balanced by the cost model): g non-empty contiguous ranges
+    that partition [0, num_layers) in order; else a PlanError naming the field."""
+    ranges = [(int(a), int(b)) for a, b in ranges]
+    if len(ranges) != g:
+        raise PlanError(f"ranges: {len(ranges)} layer ranges for a group of {g}")
+    edge = 0
+    for a, b in ranges:
+        if a != edge or b <= a:
+            raise PlanError(f"ranges: {ranges} must be non-empty and partition the layers [0, {num_layers}) in order")
+        edge = b
+    if edge != num_layers:
+        raise PlanError(f"ranges: {ranges} must partition the layers [0, {num_layers}) in order")
+    return ranges
+
+
+def stage_plans(members: Sequence[int], num_layers: int, tied: bool,
+                ranges: Optional[Sequence[tuple[int, int]]] = None) -> list[StagePlan]:
+    """Stage s of `members[s]` keeps `ranges[s]` (default: split_layers, as even as possible)."""
+    ranges = (split_layers(num_layers, len(members)) if ranges is None
+              else check_ranges(ranges, num_layers, len(members)))
     last = len(members) - 1
     return [StagePlan(m, a, b, embed=(s == 0), head=(s == 0) if tied else (s == last))
             for s, (m, (a, b)) in enumerate(zip(members, ranges))]
@@ -230,11 +250,13 @@ def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], ord
 
 
 def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool, max_pages: int,
-               chunk_pages: int = 64, ladder: Optional[Sequence[int]] = None) -> GroupPlan:
+               chunk_pages: int = 64, ladder: Optional[Sequence[int]] = None,
+               ranges: Optional[Sequence[tuple[int, int]]] = None) -> GroupPlan:
     """The largest group page count whose steady state and transition fit every member's budget
-    (with `ladder`: the largest such count on the ladder of pool sizes compiled ahead)."""
+    (with `ladder`: the largest such count on the ladder of pool sizes compiled ahead; `ranges`: each
+    stage's layers, default as even as possible)."""
     num_layers = len(infos[members[0]].layer_bytes)
-    stages = stage_plans(members, num_layers, tied)
+    stages = stage_plans(members, num_layers, tied, ranges)
     order = interleaved_order([(s.start, s.stop) for s in stages])
     # Every member's page ids keep their place at an offset of the group's space (member_offsets).
     need = sum(infos[m].num_pages for m in members)
@@ -275,8 +297,10 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
 
 def plan_drop(infos: Sequence[MemberInfo], group_size: int, tied: bool, max_pages_per_instance: int,
               eligible: Optional[Sequence[int]] = None, chunk_pages: int = 64,
-              ladder: Optional[Sequence[int]] = None) -> DropPlan:
-    """Groups of `group_size` consecutive eligible instances (those left over stay alone)."""
+              ladder: Optional[Sequence[int]] = None,
+              ranges: Optional[Sequence[tuple[int, int]]] = None) -> DropPlan:
+    """Groups of `group_size` consecutive eligible instances (those left over stay alone); `ranges`:
+    every group's stage layer ranges (default as even as possible)."""
     by_index = {i.index: i for i in infos}
     pool = list(eligible if eligible is not None else sorted(by_index))
     if not 2 <= group_size <= len(pool):
@@ -285,7 +309,8 @@ def plan_drop(infos: Sequence[MemberInfo], group_size: int, tied: bool, max_page
     groups = []
     while len(pool) >= group_size:
         members, pool = pool[:group_size], pool[group_size:]
-        groups.append(plan_group(by_index, members, tied, group_size * max_pages_per_instance, chunk_pages, ladder))
+        groups.append(plan_group(by_index, members, tied, group_size * max_pages_per_instance, chunk_pages, ladder,
+                                 ranges))
     return DropPlan(tuple(groups), tuple(pool))
 
 

@@ -38,6 +38,35 @@ class UnitView:
     running: int
     waiting: int
     page_size: int
+    # Pages the unfinished requests (running and waiting) are still expected to take as they
+    # generate: to their max_tokens, or to the unit's typical output length when that is shorter
+    # (UnitCore.expected_remaining). The overload monitor looks ahead with it.
+    growth_pages: int = 0
+    instances: tuple[int, ...] = ()  # the instances this unit is made of (a group: its members in stage order)
+    group: Optional[int] = None  # the pipeline group's id; None for a single instance
+    base_pages: int = 0  # a group: the pages its members have once split again (0: pages_total)
+    transitioning: bool = False  # a drop or restore of this unit is under way
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """Instance ids of the unit (a unit built without them: its index)."""
+        return self.instances or (self.index,)
+
+    @property
+    def is_group(self) -> bool:
+        return self.group is not None
+
+    @property
+    def pages_used(self) -> int:
+        return self.pages_total - self.pages_free
+
+    @property
+    def demand_pages(self) -> int:
+        """Pages the unit's requests hold, wait for and are expected to grow into."""
+        return self.pages_used + self.queued_pages + self.growth_pages
+
+
+TYPICAL_OUTPUT_WEIGHT = 0.1  # weight of each finished request in UnitCore.typical_output
 
 
 class StepUnit(Protocol):
@@ -48,7 +77,7 @@ class StepUnit(Protocol):
     def prepare(self, step: ScheduledStep) -> DeviceOp: ...
     def execute(self, op: DeviceOp) -> Any: ...
     def finish(self, step: ScheduledStep, handle: Any) -> list[RequestOutput]: ...
-    def view(self, index: int = 0) -> UnitView: ...
+    def view(self, index: int = 0, **identity) -> UnitView: ...
     def status(self) -> dict: ...
 
 
@@ -62,6 +91,7 @@ class UnitCore:
         self._detok: dict[str, Any] = {}
         self.num_steps = 0
         self.last_wait_s = 0.0  # how long `finish` of the last step waited for the device
+        self.typical_output: Optional[float] = None  # moving average of finished requests' output tokens
 
     @property
     def allocator(self):
@@ -125,6 +155,10 @@ class UnitCore:
         if req.is_finished:
             self._detok.pop(req.request_id, None)
             self.requests.pop(req.request_id, None)
+            if req.finish_reason in (FinishReason.LENGTH, FinishReason.STOP):
+                n = len(req.output_token_ids)
+                self.typical_output = n if self.typical_output is None else (
+                    (1 - TYPICAL_OUTPUT_WEIGHT) * self.typical_output + TYPICAL_OUTPUT_WEIGHT * n)
         return out
 
     def _apply_stop_strings(self, req: Request, detok: Any, delta: str) -> str:
@@ -143,11 +177,30 @@ class UnitCore:
             req.finish_reason = FinishReason.STOP
         return text[emitted_before:cut] if cut > emitted_before else ""
 
-    def view(self, index: int = 0) -> UnitView:
+    def expected_remaining(self, req: Request) -> int:
+        """Output tokens `req` is still expected to generate: up to its max_tokens, or to the typical
+        output length of the requests this unit finished when that comes first (a request already
+        past it is expected to end soon: nothing more is counted, later views correct it)."""
+        left = req.params.max_tokens - len(req.output_token_ids)
+        if self.typical_output is not None:
+            left = min(left, int(self.typical_output) - len(req.output_token_ids))
+        return max(0, left)
+
+    def growth_pages(self) -> int:
+        """Pages the unfinished requests are expected to grow into (UnitView.growth_pages)."""
+        ps = self.scheduler.page_size
+        return sum(pages_for(r.num_tokens + self.expected_remaining(r), ps) - pages_for(r.num_tokens, ps)
+                   for reqs in (self.scheduler.running, self.scheduler.waiting) for r in reqs)
+
+    def view(self, index: int = 0, instances: tuple[int, ...] = (), group: Optional[int] = None,
+             base_pages: int = 0, transitioning: bool = False) -> UnitView:
+        """Plain numbers of this unit; the cluster knows (and passes) which instances it is made of."""
         s = self.scheduler
         return UnitView(index=index, pages_total=s.allocator.num_usable, pages_free=s.allocator.num_free,
                         queued_pages=sum(pages_for(r.num_tokens, s.page_size) for r in s.waiting),
-                        running=len(s.running), waiting=len(s.waiting), page_size=s.page_size)
+                        running=len(s.running), waiting=len(s.waiting), page_size=s.page_size,
+                        growth_pages=self.growth_pages(), instances=tuple(instances), group=group,
+                        base_pages=base_pages, transitioning=transitioning)
 
     def host_status(self) -> dict:
         s = self.scheduler

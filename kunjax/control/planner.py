@@ -1,0 +1,222 @@
+"""Group planner: which instances merge, into a group of which size, with which layers per stage, so
+that the freed memory covers an overloaded instance's demand with the least pipelining (plain
+Python; the page counts and transition peaks are kunjax.control.plan's).
+
+One group at a time, where the overload is: the overloaded instance (the seed) takes as partners the
+single instances with the most spare pages (pages - committed demand), and the group size grows from
+2 until the group's pages cover the members' committed demand. Smallest g first: a smaller group
+pipelines less (fewer stages, fewer hidden-state hops, a restore sooner) and leaves the other
+instances free to form their own groups where their overload comes.
+
+Cost: the partners are the g_max - 1 largest of N spares (heapq.nlargest, O(N log g_max)); each size
+g is first estimated in closed form (every member's steady-state pages for the layers it keeps: an
+upper bound of plan_group's answer, which also bounds the transition peak), and only a size whose
+estimate covers the demand is planned exactly (plan.plan_drop, a binary search over simulated
+transitions). So a plan is O(N log g_max) + a few exact plans of g instances, whatever N is
+(tools/bench_planner measures 8..1024 instances).
+
+Stage layer ranges are balanced by the cost model: every layer of a step costs the same, the first
+stage also runs the embedding and, with a tied embedding, the head; otherwise the last stage runs the
+head. Layers go one at a time to the stage whose predicted time stays lowest (optimal for identical
+layers), so the head's stage gets fewer layers. Without a cost model the split is plan.split_layers'.
+
+A plan is chosen only if its executables are ready (`ready(plan)`, from the runtime): a plan whose
+shapes are still compiling is passed over for the next size, and counted (`not_ready`) so the
+caller can compile it for next time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import Callable, Mapping, Optional, Sequence
+
+from kunjax.control.cost_model import CostModel
+from kunjax.control.plan import (DropPlan, GroupPlan, MemberInfo, PlanError, _kept_weights, plan_drop,
+                                 split_layers, stage_plans)
+from kunjax.control.unit import UnitView
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerConfig:
+    max_group_size: int = 4  # stages of a group at most
+    max_pages_per_instance: int = 1 << 30  # pages an instance can use at most (plan.plan_drop's cap)
+    chunk_pages: int = 64  # pages per exchange chunk (the transition's peak)
+    headroom: float = 1.0  # the group's pages must be >= headroom x its members' committed demand
+    balance_decode_rows: int = 32  # the step the stage ranges are balanced for: decode rows ...
+    balance_context_pages: int = 512  # ... and the KV pages they read
+
+    def validate(self) -> None:
+        if self.max_group_size < 2:
+            raise ValueError(f"max_group_size must be >= 2, got {self.max_group_size}")
+        if self.headroom <= 0:
+            raise ValueError(f"headroom must be > 0, got {self.headroom}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A group worth planning exactly: its members, stage ranges, committed demand, and the pages it
+    needs and is estimated to have."""
+
+    members: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+    demand_pages: int
+    need_pages: int
+    estimate_pages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupChoice:
+    """The plan chosen for one overload, and the numbers behind the choice."""
+
+    plan: DropPlan
+    seed: int  # the overloaded instance
+    demand_pages: int  # committed demand of the members together
+    capacity_pages: int  # usable pages of the group (its page count less the null page)
+    sizes_tried: int
+    not_ready: int  # covering plans passed over because their executables were not ready
+    exchange_bytes: int  # what the drop's KV exchange moves between devices
+
+    @property
+    def group(self) -> GroupPlan:
+        return self.plan.groups[0]
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self.group.instances
+
+    @property
+    def group_size(self) -> int:
+        return len(self.members)
+
+
+def balanced_ranges(num_layers: int, g: int, layer_cost: float, first_extra: float,
+                    last_extra: float) -> list[tuple[int, int]]:
+    """g contiguous layer ranges minimising the slowest stage, stage s costing n_s x layer_cost plus
+    first_extra (s = 0) and last_extra (s = g - 1). Ties go to the later stage, as split_layers."""
+    if not 2 <= g <= num_layers:
+        raise PlanError(f"group_size {g} must be between 2 and the layer count {num_layers}")
+    if layer_cost <= 0:
+        return split_layers(num_layers, g)
+    extra = [0.0] * g
+    extra[0] += first_extra
+    extra[-1] += last_extra
+    sizes = [1] * g
+    heap = [(2 * layer_cost + extra[s], -s) for s in range(g)]  # cost of the stage with one more layer
+    heapq.heapify(heap)
+    for _ in range(num_layers - g):
+        cost, neg = heapq.heappop(heap)
+        s = -neg
+        sizes[s] += 1
+        heapq.heappush(heap, ((sizes[s] + 1) * layer_cost + extra[s], neg))
+    out, a = [], 0
+    for n in sizes:
+        out.append((a, a + n))
+        a += n
+    return out
+
+
+def estimate_pages(infos: Mapping[int, MemberInfo], members: Sequence[int], tied: bool,
+                   ranges: Sequence[tuple[int, int]], max_pages: int) -> int:
+    """Usable pages of the group in the steady state (an upper bound of plan.plan_group's count):
+    each member's room after the weights it keeps and its reserve, over the bytes a page of its
+    layers takes; the smallest member decides."""
+    num_layers = len(infos[members[0]].layer_bytes)
+    pages = max_pages
+    for st in stage_plans(members, num_layers, tied, ranges):
+        i = infos[st.instance]
+        room = i.budget - i.reserve - i.other_bytes - _kept_weights(i, st)
+        pages = min(pages, room // (st.num_layers * i.page_layer_bytes))
+    return max(0, pages - 1)
+
+
+def exchange_bytes(group: GroupPlan, infos: Mapping[int, MemberInfo]) -> int:
+    """Bytes the drop's KV exchange moves between devices: each member's used pages of the layers
+    another stage keeps."""
+    total = 0
+    for st in group.stages:
+        i = infos[st.instance]
+        total += i.used_pages * (len(i.layer_bytes) - st.num_layers) * i.page_layer_bytes
+    return total
+
+
+class GroupPlanner:
+    def __init__(self, config: PlannerConfig, tied: bool, member_infos: Callable[[], Mapping[int, MemberInfo]],
+                 cost_model: Optional[CostModel] = None, ready: Callable[[DropPlan], bool] = lambda plan: True):
+        """`member_infos()`: every instance's MemberInfo now (read only when a plan is made: it reads
+        the ledger); `ready(plan)`: whether the plan's executables are compiled."""
+        config.validate()
+        self.config = config
+        self.tied = tied
+        self.member_infos = member_infos
+        self.cost_model = cost_model
+        self.ready = ready
+        self._ranges: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+
+    def ranges(self, num_layers: int, g: int) -> tuple[tuple[int, int], ...]:
+        """Each stage's layers for a group of g, balanced by the cost model (computed once per size)."""
+        key = (num_layers, g)
+        if key not in self._ranges:
+            cm, c = self.cost_model, self.config
+            if cm is None:
+                rng = split_layers(num_layers, g)
+            else:
+                layer = cm.layer_time(decode_rows=c.balance_decode_rows, context_pages=c.balance_context_pages)
+                head = cm.head_time(c.balance_decode_rows)
+                first, last = (head, 0.0) if self.tied else (0.0, head)
+                rng = balanced_ranges(num_layers, g, layer, first, last)
+            self._ranges[key] = tuple(rng)
+        return self._ranges[key]
+
+    def candidates(self, views: Sequence[UnitView], seed: UnitView, infos: Mapping[int, MemberInfo],
+                   exclude: Sequence[int] = ()) -> list[Candidate]:
+        """The groups around `seed` worth an exact plan, smallest first: seed + the g - 1 single
+        instances with the most spare pages, for g = 2 .. max_group_size, whose closed-form page
+        estimate covers the members' committed demand. O(N log max_group_size)."""
+        c = self.config
+        banned = set(exclude) | set(seed.members)
+        singles = [v for v in views if not v.is_group and not v.transitioning and v.members[0] not in banned]
+        partners = heapq.nlargest(c.max_group_size - 1, singles,
+                                  key=lambda v: (v.pages_total - v.demand_pages, -v.members[0]))
+        out, demand = [], seed.demand_pages
+        num_layers = len(infos[seed.members[0]].layer_bytes)
+        for k, p in enumerate(partners[:num_layers - 1]):
+            g = k + 2
+            demand += p.demand_pages
+            members = tuple(sorted(seed.members + tuple(v.members[0] for v in partners[:k + 1])))
+            rng = self.ranges(num_layers, g)
+            est = estimate_pages(infos, members, self.tied, rng, g * c.max_pages_per_instance)
+            out.append(Candidate(members, rng, demand, int(c.headroom * demand), est))
+        return out
+
+    def plan(self, views: Sequence[UnitView], seed: UnitView,
+             exclude: Sequence[int] = ()) -> tuple[Optional[GroupChoice], dict]:
+        """The smallest group around `seed` (an overloaded single instance) whose pages cover its
+        members' committed demand, among plans that are ready; else (None, the numbers of why)."""
+        c = self.config
+        infos = self.member_infos()
+        cands = self.candidates(views, seed, infos, exclude)
+        numbers = {"seed": seed.members[0], "seed_demand_pages": seed.demand_pages, "candidates": len(cands)}
+        tried = not_ready = 0
+        for cand in (x for x in cands if x.estimate_pages >= x.need_pages):
+            g = len(cand.members)
+            tried += 1
+            # the estimate bounds the exact count: searching no higher gives the same answer sooner
+            cap = min(c.max_pages_per_instance, -(-(cand.estimate_pages + 1) // g))
+            try:
+                plan = plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
+                                 chunk_pages=c.chunk_pages, ranges=cand.ranges)
+            except PlanError:
+                continue
+            if plan.groups[0].num_pages - 1 < cand.need_pages:
+                continue
+            if not self.ready(plan):
+                not_ready += 1
+                continue
+            return GroupChoice(plan, seed.members[0], cand.demand_pages, plan.groups[0].num_pages - 1, tried,
+                               not_ready, exchange_bytes(plan.groups[0], infos)), numbers
+        numbers.update({"largest_group_tried": len(cands[-1].members) if cands else 1,
+                        "demand_pages": cands[-1].demand_pages if cands else seed.demand_pages,
+                        "best_estimate_pages": max((x.estimate_pages for x in cands), default=0),
+                        "exact_plans": tried, "not_ready": not_ready})
+        return None, numbers
