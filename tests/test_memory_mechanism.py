@@ -181,7 +181,6 @@ def test_a_failure_at_any_point_leaves_the_cluster_serving(host_model, reference
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     want = {i: o.token_ids for i, o in enumerate(reference.generate(prompts, params))}
     cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
-    cluster.piece_bytes = 1  # one layer per piece: the failure lands after layers have moved
     plan = cluster.plan_drop(2)
     cluster.compile_plan(plan, background=False)
     live0 = _live_total(cluster)
@@ -228,7 +227,6 @@ def test_units_outside_the_group_and_the_group_itself_step_through_a_transition(
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     want = {i: o.token_ids for i, o in enumerate(reference.generate(prompts, params))}
     cluster = ServingCluster.build(host_model, CONFIG, num_instances=3, tp=1)
-    cluster.piece_bytes = 1
     ids = [cluster.add_request(p, params) for p in prompts]
     for _ in range(3):
         cluster.step()

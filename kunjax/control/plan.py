@@ -206,6 +206,12 @@ def layer_rounds(order: Sequence[int], stages: Sequence[StagePlan]) -> list[list
     return rounds
 
 
+def restore_rounds(plan: "GroupPlan") -> list[list[int]]:
+    """A restore undoes the drop: its rounds in reverse order (where the stages are uneven, the
+    rounds in which a member only gives room back come first)."""
+    return list(reversed(layer_rounds(plan.layer_order, plan.stages)))
+
+
 def _chunked(pages: int, chunk_pages: int) -> int:
     """Pages a list of `pages` takes once gathered in chunks of `chunk_pages` (the last one padded)."""
     return -(-pages // chunk_pages) * chunk_pages if pages else 0
@@ -214,38 +220,44 @@ def _chunked(pages: int, chunk_pages: int) -> int:
 def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int],
                   num_pages: int, chunk_pages: int) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
     """(peak, final, between) bytes per device of each member through the drop, event by event as
-    kunjax.memory.drop runs it: per layer, every member gathers its pages that hold data, deletes its
-    pool of the layer (and its weights of the layer when it does not keep it), the owner allocates
-    the group pool and the chunks arrive one at a time; embedding and head last. `between` is the
-    largest state between two layers, where the members step (their activation reserve must stay
-    free); `peak` the largest transient inside a piece (pieces are whole rounds, `layer_rounds`)."""
+    kunjax.memory.drop runs it, one round of `layer_rounds` a piece (one layer per stage): the members that give a layer
+    up delete its weights, every member gathers its pages that hold data of the round's layers and
+    deletes its pools of them, the owners allocate the group pools (the chunks arrive one at a time
+    and are freed layer by layer); the embedding and head copies the plan does not keep go first. `between` is the largest state between two pieces, where the
+    members step (their activation reserve must stay free); `peak` the largest transient inside one."""
     owner = {l: st for st in stages for l in range(st.start, st.stop)}
-    round_ends = {r[-1] for r in layer_rounds(order, stages)}
     num_layers = len(next(iter(infos.values())).layer_bytes)
     cur, peak = {}, {}
     for st in stages:
         i = infos[st.instance]
         cur[st.instance] = i.other_bytes + _full_weights(i) + num_layers * i.num_pages * i.page_layer_bytes
         peak[st.instance] = cur[st.instance]
-    between = dict(cur)
-    for l in order:
-        s = owner[l].instance
-        held = {m: _chunked(infos[m].used_pages, chunk_pages) * infos[m].page_layer_bytes for m in cur}
-        for m in cur:
-            peak[m] = max(peak[m], cur[m] + held[m])
-            cur[m] -= infos[m].num_pages * infos[m].page_layer_bytes
-        cur[s] += num_pages * infos[s].page_layer_bytes
-        chunk = min(chunk_pages, max(i.used_pages for i in infos.values())) * infos[s].page_layer_bytes
-        for m in cur:
-            peak[m] = max(peak[m], cur[m] + held[m] + (chunk if m == s else 0))
-        for m in cur:
-            if m != s:
-                cur[m] -= infos[m].layer_bytes[l]
-            if l in round_ends:
-                between[m] = max(between[m], cur[m])
-    for st in stages:  # embedding and head stay only where the plan keeps them
+    for st in stages:  # first room: the embedding and head copies the plan does not keep
         i = infos[st.instance]
         cur[st.instance] -= (0 if st.embed else i.embed_bytes) + (0 if st.head else i.head_bytes)
+    between = dict(cur)
+    chunk = min(chunk_pages, max(i.used_pages for i in infos.values()))
+    for rnd in layer_rounds(order, stages):
+        for l in rnd:
+            for m in cur:
+                if m != owner[l].instance:
+                    cur[m] -= infos[m].layer_bytes[l]
+        part = {m: _chunked(infos[m].used_pages, chunk_pages) * infos[m].page_layer_bytes for m in cur}
+        held = {m: 0 for m in cur}
+        for _ in rnd:  # layer by layer: pages out, old pool freed
+            for m in cur:
+                held[m] += part[m]
+                peak[m] = max(peak[m], cur[m] + held[m])
+                cur[m] -= infos[m].num_pages * infos[m].page_layer_bytes
+        # the owners with the fewest pages that hold data first (kunjax.memory.drop does the same)
+        for l in sorted(rnd, key=lambda l: (infos[owner[l].instance].used_pages, l)):
+            s = owner[l].instance
+            cur[s] += num_pages * infos[s].page_layer_bytes
+            peak[s] = max(peak[s], cur[s] + held[s] + chunk * infos[s].page_layer_bytes)
+            for m in cur:
+                held[m] -= part[m]
+        for m in cur:
+            between[m] = max(between[m], cur[m])
     return peak, cur, between
 
 
@@ -270,8 +282,8 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
             return False
         trial = GroupPlan(tuple(members), tuple(stages), p, {m: infos[m].num_pages for m in members}, peak, final,
                           tuple(order), tied)
-        # Splittable again once its requests hold up to a quarter of the split instances' pages.
-        back = simulate_restore(infos, trial, chunk_pages, {m: infos[m].num_pages // 4 for m in members})
+        # Splittable again once its requests are gone (a restore under load is checked when it is asked).
+        back = simulate_restore(infos, trial, chunk_pages, {m: 0 for m in members})
         return all(back[m] <= infos[m].budget for m in members)
 
     if not fits(need):
@@ -344,31 +356,35 @@ def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages:
     """Peak bytes per device of each member through a restore of `plan`'s group, starting from the
     grouped steady state; `used_after` are the pages each member's share of the requests takes.
 
-    Layer by layer (kunjax.memory.restore): the owner gathers the layer's pages that hold data,
-    deletes its group pool, and every member allocates its instance pool of the layer (and receives
-    the layer's weights when it lacks them); the chunks are scattered in. Embedding and head last.
-    The group steps between two pieces (whole rounds, `layer_rounds`): there the activation
-    reserve is counted in, so the returned peak is what must fit the budget."""
+    One round of `restore_rounds` a piece, as kunjax.memory.restore runs it: the owners gather the
+    round's layers' pages that hold data and delete their group pools, then every member allocates
+    its instance pools of those layers (and receives the weights it lacks) and the chunks are
+    scattered in; embedding and head last. The group steps between two pieces: there the
+    activation reserve is counted in, so the returned peak is what must fit the budget."""
     cur = dict(plan.steady_bytes)
     peak = {m: cur[m] + infos[m].reserve for m in cur}
-    used = sum(used_after.values())
-    round_ends = {r[-1] for r in layer_rounds(plan.layer_order, plan.stages)}
-    for l in plan.layer_order:
-        s = plan.owner(l).instance
-        held = _chunked(used, chunk_pages) * infos[s].page_layer_bytes
-        peak[s] = max(peak[s], cur[s] + held)
-        cur[s] -= plan.num_pages * infos[s].page_layer_bytes
+    part = {m: _chunked(used_after.get(m, 0), chunk_pages) * infos[m].page_layer_bytes for m in cur}
+    for rnd in restore_rounds(plan):
+        held = {m: 0 for m in cur}
+        for l in rnd:  # phase 1: the owners gather the pages that hold data, then free the group pools
+            s = plan.owner(l).instance
+            held[s] += sum(part.values())
+            peak[s] = max(peak[s], cur[s] + held[s])
+            cur[s] -= plan.num_pages * infos[s].page_layer_bytes
+        for l in rnd:  # phase 2: every member (the owner last) gets its pool, weights, pages
+            s = plan.owner(l).instance
+            for m in sorted(cur, key=lambda k: k == s):
+                i = infos[m]
+                cur[m] += plan.pages_before[m] * i.page_layer_bytes + (0 if m == s else i.layer_bytes[l])
+                chunk = min(chunk_pages, used_after.get(m, 0)) * i.page_layer_bytes
+                peak[m] = max(peak[m], cur[m] + held[m] + (chunk if m != s else 0))
+                held[s] -= part[m]
         for m in cur:
-            i = infos[m]
-            cur[m] += plan.pages_before[m] * i.page_layer_bytes + (0 if m == s else i.layer_bytes[l])
-            chunk = min(chunk_pages, used_after.get(m, 0)) * i.page_layer_bytes
-            peak[m] = max(peak[m], cur[m] + (held if m == s else chunk))
-            if l in round_ends:
-                peak[m] = max(peak[m], cur[m] + i.reserve)
+            peak[m] = max(peak[m], cur[m] + infos[m].reserve)
     for st in plan.stages:  # embedding and head back where they are missing
         i = infos[st.instance]
         cur[st.instance] += (0 if st.embed else i.embed_bytes) + (0 if st.head else i.head_bytes)
-        peak[st.instance] = max(peak[st.instance], cur[st.instance])
+        peak[st.instance] = max(peak[st.instance], cur[st.instance] + i.reserve)
     return peak
 
 

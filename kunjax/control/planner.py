@@ -142,10 +142,13 @@ def exchange_bytes(group: GroupPlan, infos: Mapping[int, MemberInfo]) -> int:
 
 class GroupPlanner:
     def __init__(self, config: PlannerConfig, tied: bool, member_infos: Callable[[], Mapping[int, MemberInfo]],
-                 cost_model: Optional[CostModel] = None, ready: Callable[[DropPlan], bool] = lambda plan: True):
+                 cost_model: Optional[CostModel] = None, ready: Callable[[DropPlan], bool] = lambda plan: True,
+                 ladder: Optional[Sequence[int]] = None):
         """`member_infos()`: every instance's MemberInfo now (read only when a plan is made: it reads
-        the ledger); `ready(plan)`: whether the plan's executables are compiled."""
+        the ledger); `ready(plan)`: whether the plan's executables are compiled; `ladder`: the group
+        pool sizes compiled ahead (kunjax.control.plan.pool_ladder), None: any size."""
         config.validate()
+        self.ladder = ladder
         self.config = config
         self.tied = tied
         self.member_infos = member_infos
@@ -203,10 +206,15 @@ class GroupPlanner:
             tried += 1
             # the estimate bounds the exact count: searching no higher gives the same answer sooner
             cap = min(c.max_pages_per_instance, -(-(cand.estimate_pages + 1) // g))
-            try:
-                plan = plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
-                                 chunk_pages=c.chunk_pages, ranges=cand.ranges)
-            except PlanError:
+            plan = None
+            for ranges in (cand.ranges, None):  # balanced ranges, else even ones (a longer stage may not fit)
+                try:
+                    plan = plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
+                                     chunk_pages=c.chunk_pages, ranges=ranges, ladder=self.ladder)
+                    break
+                except PlanError:
+                    continue
+            if plan is None:
                 continue
             if plan.groups[0].num_pages - 1 < cand.need_pages:
                 continue

@@ -10,19 +10,21 @@ table is a pure function of its instance page table: nothing is renumbered while
 a member allocates between two pieces already has its place in the group.
 
 Pieces, each a logged device operation (every process of a multi-host cluster runs it):
-1. `drop_begin`: the members get a route (kunjax.runtime.runner.Segment): each layer of a step runs
+1. `drop_begin`: the embedding and head copies the plan does not keep are deleted (the first
+   room), and the members get a route (kunjax.runtime.runner.Segment): each layer of a step runs
    where that layer's KV is: on the member itself until the layer has moved, then on the stage that
-   owns it, at the member's page offset.
-2. `drop_layers` (repeated): for each layer of the piece (bounded by `ServingCluster.piece_bytes` of
-   KV), every member gathers the pages that hold data (chunks, the transient), deletes its pool of
-   that layer, a member that does not keep the layer deletes its weights, the owner allocates the
-   layer's group pool, and the chunks are scattered in at their offset ids (device to device for the
-   members that are not the owner: (g-1)/g of the KV crosses; the owner's own pages are copied
-   locally, reported apart). The routes move the layer to its owner.
-   A failure inside a piece (an allocation, a copy) puts that layer back from its chunks; the drop
-   then rolls back the layers already moved (`drop_rollback`) and the members serve on, as before.
-3. `drop_finish`: embedding and head left only where the plan keeps them; a PipelineGroup replaces
-   the members; on the controller their requests move into it with their offset page ids.
+   owns it, at the member's page offset; embedding and head on the stages that keep them.
+2. `drop_layers` (repeated; one round of the plan's layer order a piece, one layer per stage): for
+   the round's layers every member gathers the pages that
+   hold data (chunks, the transient) and deletes its pools of them; then each layer's owner
+   allocates its group pool and the chunks are scattered in at their offset ids (device to device
+   for the members that are not the owner: (g-1)/g of the KV crosses; the owner's own pages are
+   copied locally, reported apart); the members that give a layer up delete its weights. The
+   routes move the layers to their owners.
+   A failure inside a piece (an allocation, a copy) puts the piece's layers back from their chunks;
+   the drop then rolls back the layers already moved (`drop_rollback`) and the members serve on.
+3. `drop_finish`: a PipelineGroup replaces the members; on the controller their requests move into
+   it with their offset page ids.
 The memory of each piece and of the steady state between pieces (where the members step, so the
 activation reserve stays free) is simulated by kunjax.control.plan before a plan is offered.
 """
@@ -149,17 +151,13 @@ class DropTask:
         return False  # the members step between pieces
 
     def _piece_layers(self, gi: int) -> list[int]:
-        """The next layers of group gi: whole rounds (kunjax.control.plan.layer_rounds), as many as
-        fit `piece_bytes` of KV that holds data (one round at least)."""
+        """The next round of group gi (kunjax.control.plan.layer_rounds: one layer per stage), the
+        owners with the fewest pages that hold data first (their chunks wait least for their pool)."""
         members = self.groups[gi]
-        used = sum(len(r.pages) for m in members for r in m.scheduler.running)
-        per_layer = max(1, used * members[0].page_layer_bytes)
-        out: list[int] = []
-        for rnd in layer_rounds(self._todo[gi], self.plan.groups[gi].stages):
-            if out and (len(out) + len(rnd)) * per_layer > self.cluster.piece_bytes:
-                break
-            out += rnd
-        return out
+        gp = self.plan.groups[gi]
+        rnd = layer_rounds(self._todo[gi], gp.stages)[0]
+        used = [sum(len(r.pages) for r in m.scheduler.running) for m in members]
+        return sorted(rnd, key=lambda l: (used[gp.owner_index(l)], l))
 
     def _pages(self, gi: int) -> dict[str, np.ndarray]:
         arrays = {}
@@ -180,7 +178,7 @@ class DropTask:
                     layers = self._piece_layers(gi)
                     cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers,
                                                                "chunk": cluster.chunk_pages}, self._pages(gi)))
-                    del self._todo[gi][:len(layers)]
+                    self._todo[gi] = [l for l in self._todo[gi] if l not in layers]
                     self._moved[gi] += layers
                     return False
             report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
@@ -225,55 +223,107 @@ def execute_drop_begin(cluster, op: DeviceOp) -> TransitionReport:
     cluster.drop_state = DropState(plan, groups, [set() for _ in groups], report, devices,
                                    compile_stats.compile_count())
     for gp, members in zip(plan.groups, groups):
-        for j, m in enumerate(members):
-            m.set_route(member_route(members, gp, j, set()))
+        for st_plan, m in zip(gp.stages, members):  # first room: the embedding and head copies
+            freed = _drop_embed_head(m.stage, st_plan)
+            for d in m.devices:
+                report.freed_weight_bytes[str(d)] = report.freed_weight_bytes.get(str(d), 0) + freed
+        _set_routes(members, gp, set())
+    _sample_peak(report, devices)
     return report
 
 
-def _move_layer_in(members, gp: GroupPlan, l: int, src: list, chunk: int, report: TransitionReport) -> None:
-    """Layer l's KV of every member into its owner's group pool (see the module docstring); on a
-    failure, the layer is put back as it was and PieceFailed raised."""
+def _set_routes(members, gp: GroupPlan, moved: set) -> None:
+    """Every member's route for the layers moved so far; embedding and head where the plan keeps
+    them (a member that gave its copies up embeds and samples on the keeper)."""
+    embed = next(m.stage for m, st in zip(members, gp.stages) if st.embed)
+    head = next(m.stage for m, st in zip(members, gp.stages) if st.head)
+    for j, m in enumerate(members):
+        m.set_route(member_route(members, gp, j, moved), embed, head)
+
+
+def _move_layers_in(members, gp: GroupPlan, layers: list[int], src: list, chunk: int,
+                    report: TransitionReport) -> None:
+    """The piece's layers of every member into their owners' group pools, in phases so that room is
+    freed before it is taken: (0) the members that give a layer up delete its weights; (1) layer by
+    layer, every member gathers its pages that hold data (the chunks), then deletes its pool of the
+    layer; (2) each owner allocates the layer's group pool and the chunks are scattered at
+    their offset ids. On a failure every layer of the piece goes back (`_undo_piece`) and
+    PieceFailed is raised."""
     from kunjax.memory import exchange
 
-    o = gp.owner_index(l)
-    owner = members[o].stage
     offs = member_offsets(gp)
-    try:
-        held = [pages_out(m.stage, m.stage.pools[l], src[j], chunk, report.exchange) for j, m in enumerate(members)]
-    except Exception as e:  # nothing changed yet
-        log.exception("drop: gathering layer %d failed", l)
-        raise PieceFailed(f"layer {l}: {e}") from e
-    old_sizes = [m.stage.pools[l][0].shape[1] for m in members]
-    for m in members:
-        delete_arrays(m.stage.pools.pop(l))
-    _sample_peak(report, report_devices(members))
-    pools = None
-    try:
-        if exchange.FAULT_HOOK is not None:
-            exchange.FAULT_HOOK("allocate", {"layer": l})
-        pools = owner.exes.new_pools(gp.num_pages)
+    devices = report_devices(members)
+    # Phase 0: weights a member gives up go first (no step runs during the piece, and from the
+    # next step on those layers run on their owners): the room the gathered pages take comes from
+    # them, not from the activation reserve alone.
+    freed_w: dict[tuple, int] = {}
+    for l in layers:
+        o = gp.owner_index(l)
         for j, m in enumerate(members):
-            pools = pages_in(owner, pools, held[j], [offs[j] + p for p in src[j]], chunk, report.exchange,
-                             src_mesh=m.stage.mesh)
+            if j != o:
+                freed_w[(l, j)] = delete_arrays(m.stage.layers.pop(l))
+    held: dict[int, list] = {}
+    done: list[int] = []
+    pools = None
+    old_sizes = [m.stage.pools[layers[0]][0].shape[1] for m in members]
+    try:
+        for l in layers:  # phase 1, layer by layer: the pages that hold data out, the old pools freed
+            held[l] = [pages_out(m.stage, m.stage.pools[l], src[j], chunk, report.exchange)
+                       for j, m in enumerate(members)]
+            _sample_peak(report, devices)
+            for m in members:
+                delete_arrays(m.stage.pools.pop(l))
+        for l in layers:  # phase 2: each owner's group pool, the chunks scattered at offset ids
+            owner = members[gp.owner_index(l)].stage
+            if exchange.FAULT_HOOK is not None:
+                exchange.FAULT_HOOK("allocate", {"layer": l})
+            pools = owner.exes.new_pools(gp.num_pages)
+            for j, m in enumerate(members):
+                pools = pages_in(owner, pools, held[l][j], [offs[j] + p for p in src[j]], chunk, report.exchange,
+                                 src_mesh=m.stage.mesh)
+            owner.pools[l], pools = pools, None
+            done.append(l)
+            for c in held.pop(l):
+                delete_arrays([x[:2] for x in c])
+            _sample_peak(report, devices)
     except Exception as e:
-        log.exception("drop: moving layer %d failed; it goes back to the members", l)
-        if pools is not None:
-            delete_arrays(pools)  # a half-filled group pool (the traceback must not keep it alive)
-        for j, m in enumerate(members):  # the chunks still hold every page that had data
-            m.stage.pools[l] = pages_in(m.stage, m.stage.exes.new_pools(old_sizes[j]), held[j], src[j], chunk,
-                                        ExchangeStats())
-        for chunks in held:
-            delete_arrays([c[:2] for c in chunks])
+        log.exception("drop: moving layers %s failed; they go back to the members", layers)
+        _undo_piece(members, gp, layers, held, done, pools, old_sizes, src, chunk)
         held.clear()
-        raise PieceFailed(f"layer {l}: {e}") from None
-    owner.pools[l] = pools
-    for j, m in enumerate(members):
-        if j != o:
-            freed = delete_arrays(m.stage.layers.pop(l))
-            for d in m.devices:
-                report.freed_weight_bytes[str(d)] = report.freed_weight_bytes.get(str(d), 0) + freed
-    del held
-    _sample_peak(report, report_devices(members))
+        raise PieceFailed(f"layers {layers}: {e}") from None
+    held.clear()
+    for (l, j), freed in freed_w.items():
+        for d in members[j].devices:
+            report.freed_weight_bytes[str(d)] = report.freed_weight_bytes.get(str(d), 0) + freed
+
+
+def _undo_piece(members, gp: GroupPlan, layers, held, done, pools, old_sizes, src, chunk) -> None:
+    """Puts a failed piece's layers back on the members: weights from their owners, pages from the
+    chunks (gathered but not yet scattered) or from the owner's group pool (already scattered)."""
+    offs = member_offsets(gp)
+    if pools is not None:
+        delete_arrays(pools)  # a half-filled group pool (the traceback must not keep it alive)
+    for l in layers:
+        o = gp.owner_index(l)
+        owner = members[o].stage
+        if l in done:  # its chunks are gone: gather back from the group pool
+            held[l] = [pages_out(owner, owner.pools[l], [offs[j] + p for p in src[j]], chunk, ExchangeStats())
+                       for j in range(len(members))]
+            delete_arrays(owner.pools.pop(l))
+        for j, m in enumerate(members):
+            st = m.stage
+            if l not in st.layers:
+                lp = owner.layers[l]
+                st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
+            if l not in st.pools:
+                chunks = held.get(l, [None] * len(members))[j]
+                fresh = st.exes.new_pools(old_sizes[j])
+                st.pools[l] = (pages_in(st, fresh, chunks, src[j], chunk, ExchangeStats(), src_mesh=owner.mesh)
+                               if chunks else fresh)
+    for chunks in held.values():
+        for c in chunks:
+            if c:
+                delete_arrays([x[:2] for x in c])
 
 
 def report_devices(members) -> list:
@@ -285,11 +335,10 @@ def execute_drop_layers(cluster, op: DeviceOp) -> None:
     gi = int(op.args["group"])
     gp, members = state.plan.groups[gi], state.groups[gi]
     src = [op.arrays[f"{j}"].tolist() for j in range(len(members))]
-    for l in op.args["layers"]:
-        _move_layer_in(members, gp, int(l), src, int(op.args["chunk"]), state.report)
-        state.moved[gi].add(int(l))
-        for j, m in enumerate(members):
-            m.set_route(member_route(members, gp, j, state.moved[gi]))
+    layers = [int(l) for l in op.args["layers"]]
+    _move_layers_in(members, gp, layers, src, int(op.args["chunk"]), state.report)
+    state.moved[gi].update(layers)
+    _set_routes(members, gp, state.moved[gi])
 
 
 def execute_drop_finish(cluster, op: DeviceOp) -> TransitionReport:
@@ -341,7 +390,10 @@ def execute_drop_rollback(cluster, op: DeviceOp) -> TransitionReport:
                 st.pools[l] = pages_in(st, st.exes.new_pools(gp.pages_before[m_index(cluster, m)]), held[j], src[j],
                                        cluster.chunk_pages, report.exchange, src_mesh=owner.mesh)
             moved.discard(l)
+        embed = next(m.stage for m, st in zip(members, gp.stages) if st.embed)
+        head = next(m.stage for m, st in zip(members, gp.stages) if st.head)
         for m in members:
+            m.stage.restore_embed_head(embed, head)
             m.set_route(None)
     report.state = "rolled_back"
     report.error = op.args.get("error", "")
@@ -361,6 +413,12 @@ def _drop_weights(stage, st_plan) -> int:
     freed = 0
     for l in [l for l in stage.layers if not st_plan.holds(l)]:
         freed += delete_arrays(stage.layers.pop(l))
+    return freed + _drop_embed_head(stage, st_plan)
+
+
+def _drop_embed_head(stage, st_plan) -> int:
+    """Deletes the embedding and the head where the plan does not keep them."""
+    freed = 0
     keep = set()
     if st_plan.embed:
         keep.add(id(stage.embed))

@@ -13,12 +13,11 @@ and the group keeps decoding between them; units outside the group never notice 
   k-th group page (`RestoreRouting`, controller side). It grows with the group one, so a token the
   group writes between two pieces lands in the right place on either side.
 - `restore_begin`: the group gets its routing; nothing moves yet.
-- `restore_layers` (repeated, whole rounds of the plan's layer order, bounded by
-  `ServingCluster.piece_bytes`): for each layer, the owner gathers the layer's pages that hold data
-  (chunks), deletes its group pool (room first), every member allocates its instance pool and
-  receives the layer's weights when it lacks them (device to device, never from disk), and the
-  chunks are scattered at each request's member page ids (only the pages of requests going to
-  another member cross devices). From then on that layer of a request's step runs on its member
+- `restore_layers` (repeated, one round of the drop's a piece, the rounds in reverse order): the owners gather the round's layers' pages that hold data
+  (chunks) and delete their group pools (room first); then for each layer every member, the owner
+  last, allocates its instance pool, receives the layer's weights when it lacks them (device to
+  device, never from disk) and its chunks, scattered at its requests' member page ids (only the
+  pages of requests going to another member cross devices); each chunk is freed once scattered. From then on that layer of a request's step runs on its member
   (kunjax.memory.group: one micro-batch per target member).
 - `restore_finish`: embedding and head back where they are missing, the members replace the group,
   requests move to their members' schedulers with their member page tables.
@@ -36,12 +35,12 @@ import numpy as np
 
 from kunjax.control.ops import DeviceOp
 from kunjax.control.pages import PageAllocator, pages_for
-from kunjax.control.plan import assign_requests, layer_rounds, simulate_restore
+from kunjax.control.plan import assign_requests, layer_rounds, restore_rounds, simulate_restore
 from kunjax.control.request import FinishReason, RequestOutput
 from kunjax.memory.drop import TransitionReport, _live, _sample_peak
 from kunjax.memory.exchange import delete_arrays, pages_in, pages_out
 from kunjax.runtime import compile_stats
-from sharding.transfer import move, move_tree
+from sharding.transfer import move_tree
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class RestoreTask:
         self.routing = routing
         self.report = TransitionReport("restore", [group.id])
         self.outputs: list[RequestOutput] = []
-        self._todo = list(group.plan.layer_order)
+        self._todo = restore_rounds(group.plan)  # rounds left
         self._begun = False
         self._t0 = 0.0
         self.done = False
@@ -156,15 +155,8 @@ class RestoreTask:
                 return False
             if self._todo:
                 arrays = self.routing.moves()
-                used = sum(len(v) for k, v in arrays.items() if k.endswith("/src"))
-                per_layer = max(1, used * self.group.members[0].page_layer_bytes)
-                layers: list[int] = []
-                for rnd in layer_rounds(self._todo, self.group.plan.stages):
-                    if layers and (len(layers) + len(rnd)) * per_layer > cluster.piece_bytes:
-                        break
-                    layers += rnd
+                layers = self._todo.pop(0)
                 cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers}, arrays))
-                del self._todo[:len(layers)]
                 return False
             self.report = cluster.run_op(DeviceOp(RESTORE_FINISH, -1, {"group": self.group.id}))
             self.outputs += adopt_after_restore(cluster, self.group, self.routing, self.report)
@@ -201,14 +193,18 @@ def execute_restore_layers(cluster, op: DeviceOp) -> None:
     plan, members = group.plan, group.members
     src = {j: op.arrays[f"{j}/src"].tolist() for j in range(len(members))}
     dst = {j: op.arrays[f"{j}/dst"].tolist() for j in range(len(members))}
-    for l in op.args["layers"]:
-        l = int(l)
-        o = plan.owner_index(l)
-        owner = members[o].stage
-        held = {j: pages_out(owner, owner.pools[l], src[j], chunk, report.exchange) for j in src}
+    layers = [int(l) for l in op.args["layers"]]
+    held = {}
+    for l in layers:  # phase 1: the pages that hold data out, the group pools freed (room first)
+        owner = members[plan.owner_index(l)].stage
+        held[l] = {j: pages_out(owner, owner.pools[l], src[j], chunk, report.exchange) for j in src}
         _sample_peak(report, devices)
         delete_arrays(owner.pools.pop(l))
-        for j, m in enumerate(members):
+    for l in layers:  # phase 2: every member (the owner last) gets its pool, the weights, its pages
+        o = plan.owner_index(l)
+        owner = members[o].stage
+        for j in sorted(range(len(members)), key=lambda k: k == o):
+            m = members[j]
             st = m.stage
             if j != o:
                 lp = owner.layers[l]
@@ -217,16 +213,17 @@ def execute_restore_layers(cluster, op: DeviceOp) -> None:
             try:
                 if exchange.FAULT_HOOK is not None:
                     exchange.FAULT_HOOK("restore", {"group": group.id, "layer": l, "member": j})
-                pools = pages_in(st, st.exes.new_pools(size), held[j], dst[j], chunk, report.exchange,
+                pools = pages_in(st, st.exes.new_pools(size), held[l][j], dst[j], chunk, report.exchange,
                                  src_mesh=owner.mesh)
             except Exception:
                 log.exception("restore: layer %d into member %d failed; the requests whose pages it held fail", l, j)
                 st8["lost"][j].update(dst[j])
                 pools = st.exes.new_pools(size)
             st.pools[l] = pools
+            delete_arrays([c[:2] for c in held[l].pop(j)])
             _sample_peak(report, devices)
-        del held
         group.restored.add(l)
+    held.clear()
 
 
 def execute_restore_finish(cluster, op: DeviceOp) -> TransitionReport:
@@ -238,11 +235,7 @@ def execute_restore_finish(cluster, op: DeviceOp) -> TransitionReport:
     head_holder = next(m.stage for m, st in zip(members, plan.stages) if st.head)
     for m in members:
         st = m.stage
-        if st.embed is None:
-            st.embed = move(embed_holder.embed, st.exes.embed_sh)
-        if st.head is None:
-            st.head = {n: (st.embed if n == "embed" else move(a, st.exes.head_sh[n]))
-                       for n, a in head_holder.head.items()}
+        st.restore_embed_head(embed_holder, head_holder)
         st.num_pages = plan.pages_before[cluster.engines.index(m)]
         _sample_peak(report, devices)
     for j, pages_lost in st8["lost"].items():  # restore: keyed by instance, that instance's page ids

@@ -37,9 +37,6 @@ class ServingCluster(Cluster):
     (kunjax.memory): `plan_drop` / `drop` / `restore` drive the mechanism."""
 
     chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
-    # KV bytes (pages that hold data, per device) one piece of a transition moves at most (one layer
-    # at least): between two pieces the group's members step, so this bounds their longest gap.
-    piece_bytes = 64 << 20
 
     def __init__(self, engines: Sequence[LLMEngine], policy: Optional[DispatchPolicy] = None,
                  oplog: Optional[OpLog] = None):

@@ -296,20 +296,20 @@ class LLMEngine(UnitCore):
         return DeviceOp(STEP, 0, {"shape": [shape.rows, shape.query, shape.pages], "num_rows": len(step.rows)},
                         build_batch(step.rows, shape, self.page_size))
 
-    def set_route(self, segments) -> None:
-        """Layer by layer where this instance's steps run (a drop under way), or None."""
-        self.route = segments
+    def set_route(self, segments, embed_stage=None, head_stage=None) -> None:
+        """Layer by layer where this instance's steps run (a drop under way), and the stages that
+        embed and sample; None: everything here."""
+        self.route = None if segments is None else (segments, embed_stage or self.stage, head_stage or self.stage)
 
     def shape_ready(self, shape: StepShape) -> bool:
         if self.route is None:
             return self.stage.ready(shape)
-        return route_ready(self.route, self.stage, self.stage, shape)
+        return route_ready(*self.route, shape)
 
     def execute(self, op: DeviceOp) -> InFlight:
         shape = StepShape(*op.args["shape"])
         if self.route is not None:
-            return run_route(self.route, self.stage, self.stage, op.arrays, shape, op.args["num_rows"],
-                             self.page_size)
+            return run_route(*self.route, op.arrays, shape, op.args["num_rows"], self.page_size)
         if not self.stage.ready(shape):  # a follower process that has not compiled it yet
             self.exes.compile(self.stage.keys(shape))
         fl = self.stage.run(op.arrays, shape, op.args["num_rows"])

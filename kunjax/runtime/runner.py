@@ -105,6 +105,16 @@ class Stage:
         tokens, logits = self.run_head(h, dev, shape)
         return launched(tokens, num_rows, logits)
 
+    def restore_embed_head(self, embed_holder: "Stage", head_holder: "Stage") -> None:
+        """Copies the embedding and the head back from the stages that kept them, where missing."""
+        from sharding.transfer import move
+
+        if self.embed is None:
+            self.embed = move(embed_holder.embed, self.exes.embed_sh)
+        if self.head is None:
+            self.head = {n: (self.embed if n == "embed" else move(a, self.exes.head_sh[n]))
+                         for n, a in head_holder.head.items()}
+
     def null_step(self, shape: StepShape) -> None:
         """Runs one step of `shape` on the null page only (pools keep their contents): used to warm
         a freshly compiled shape's first execution out of the request path."""
