@@ -97,6 +97,7 @@ class Executor:
         self._thread = threading.Thread(target=self._run, name="kunjax-executor", daemon=True)
         self._last_memory = 0.0
         cluster.on_ready = self._wake.set  # a landed step wakes the loop
+        cluster.before_dispatch = self._apply_cancels  # cancelled mid-transition: in no later step
 
     # ---- called from other threads ---------------------------------------------------------
     def start(self) -> None:

@@ -134,7 +134,7 @@ def test_cancel_during_a_transition_frees_pages_before_the_next_step(server, cli
     cancelled_at = []
 
     def cancel_mid_exchange(event, info):
-        if event == when and not cancelled_at:
+        if event == {"drop": "allocate", "restore": "restore"}[when] and not cancelled_at:
             executor.cancel(victim)
             cancelled_at.append(len(steps))
 

@@ -153,6 +153,9 @@ class Cluster:
         # Called from a waiter thread when a step's result has arrived (the serving executor sets it
         # to wake its loop).
         self.on_ready: Optional[Callable[[], None]] = None
+        # Called right before units are dispatched (after tasks advanced): the serving executor applies
+        # the cancellations that arrived meanwhile, so a cancelled request is in no later step.
+        self.before_dispatch: Optional[Callable[[], None]] = None
 
     # ---- requests --------------------------------------------------------------------------
     @property
@@ -279,6 +282,8 @@ class Cluster:
         return outs
 
     def _dispatch(self) -> None:
+        if self.before_dispatch is not None:
+            self.before_dispatch()
         t0 = time.perf_counter()
         launched = 0
         for i, unit in enumerate(self.units):
