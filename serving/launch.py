@@ -415,6 +415,11 @@ def build_cluster(opts: LaunchOptions, oplog=None):
     host.params = None
     if opts.scheduler.warmup:  # the cheaper shapes compile in the background while the server answers
         cluster.compile_in_background()
+    if cluster.engines and len(cluster.engines) > 1:
+        # The group pool sizes a drop may use, compiled in the background: no drop waits a compile.
+        cluster.compile_ladder(background=True)
+    if opts.memory.overload_policy == "kunserve":
+        cluster.enable_kunserve(kunserve_config(opts.memory))
     return cluster
 
 

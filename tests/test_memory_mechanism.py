@@ -287,3 +287,40 @@ def test_restore_refused_while_the_group_is_too_full(host_model):
         cluster.step()
     cluster.restore()
     assert cluster.groups() == []
+
+
+def test_kunserve_drops_and_restores_by_itself_through_a_burst(host_model, reference):
+    """The automatic policy: a burst that overloads both instances' KV makes the cluster drop into a
+    group by itself (the plan from the pool ladder, compiled ahead), and restore once the load has
+    passed; every request ends token-exact with an unloaded run, every page free, every parameter
+    back, every device's live bytes at the start."""
+    from kunjax.control.kunserve import KunserveConfig
+    from kunjax.control.monitor import MonitorConfig
+
+    prompts = prompts_for(12, seed=8)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    want = [o.token_ids for o in reference.generate(prompts, params)]
+    cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
+    cluster.ladder_steps = 1
+    cluster.compile_ladder(background=False)
+    live0 = _live_total(cluster)
+    c0 = compile_stats.compile_count()
+    cluster.enable_kunserve(KunserveConfig(monitor=MonitorConfig(drop_dwell_s=0.0, restore_dwell_s=0.3,
+                                                                 transition_cooldown_s=0.0)))
+    ids = [cluster.add_request(p, params) for p in prompts]
+    outs, grouped_at = {}, None
+    while cluster.has_unfinished() or cluster.groups():
+        for o in cluster.step():
+            if o.finished:
+                outs[o.request_id] = o
+        if cluster.groups() and grouped_at is None:
+            grouped_at = len(outs)
+    assert grouped_at is not None, "the burst never made the cluster drop"
+    st = cluster.status(with_memory=False)
+    assert st["transition_counts"]["drops"] >= 1 and st["transition_counts"]["restores"] >= 1
+    assert st["overload_policy"]["drops"] >= 1 and st["overload_policy"]["restores"] >= 1
+    assert [outs[i].token_ids for i in ids] == want
+    assert st["pages_free"] == st["pages_total"] and cluster.groups() == []
+    assert all(sorted(e.stage.layers) == list(range(4)) and e.stage.embed is not None for e in cluster.engines)
+    assert _live_total(cluster) == live0
+    assert compile_stats.compile_count() == c0

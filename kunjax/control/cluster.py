@@ -156,6 +156,9 @@ class Cluster:
         # Called right before units are dispatched (after tasks advanced): the serving executor applies
         # the cancellations that arrived meanwhile, so a cancelled request is in no later step.
         self.before_dispatch: Optional[Callable[[], None]] = None
+        # Called once per iteration before the tasks advance: an overload policy that decides from the
+        # views (kunjax.control.kunserve) and starts cluster tasks.
+        self.policy_hook: Optional[Callable[[], None]] = None
 
     # ---- requests --------------------------------------------------------------------------
     @property
@@ -346,6 +349,11 @@ class Cluster:
         return outs
 
     def _advance_tasks(self) -> None:
+        if self.policy_hook is not None:
+            try:
+                self.policy_hook()
+            except Exception:
+                log.exception("the overload policy failed this iteration; serving goes on")
         for task in list(self.tasks):
             if any(id(u) in self._inflight for u in task.units):
                 continue

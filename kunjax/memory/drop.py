@@ -184,12 +184,13 @@ class DropTask:
             report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
             self.outputs += adopt_after_drop(cluster, self.plan, report)
             cluster.emit(self.outputs)
+            cluster.count_transition(report)
             self.done = True
             return True
         except PieceFailed as e:
             log.error("drop failed (%s); rolling back the %d layers moved", e, sum(map(len, self._moved)))
             arrays = {f"{gi}/{k}": v for gi in range(len(self.plan.groups)) for k, v in self._pages(gi).items()}
-            cluster.run_op(DeviceOp(DROP_ROLLBACK, -1, {"error": str(e)}, arrays))
+            cluster.count_transition(cluster.run_op(DeviceOp(DROP_ROLLBACK, -1, {"error": str(e)}, arrays)))
             self.done = True
             return True
         finally:

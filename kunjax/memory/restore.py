@@ -161,6 +161,7 @@ class RestoreTask:
             self.report = cluster.run_op(DeviceOp(RESTORE_FINISH, -1, {"group": self.group.id}))
             self.outputs += adopt_after_restore(cluster, self.group, self.routing, self.report)
             cluster.emit(self.outputs)
+            cluster.count_transition(self.report)
             self.done = True
             return True
         finally:

@@ -37,6 +37,7 @@ class ServingCluster(Cluster):
     (kunjax.memory): `plan_drop` / `drop` / `restore` drive the mechanism."""
 
     chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
+    ladder_steps = 4  # group pool sizes per doubling on the ladder compiled ahead (kunjax.control.plan.pool_ladder)
 
     def __init__(self, engines: Sequence[LLMEngine], policy: Optional[DispatchPolicy] = None,
                  oplog: Optional[OpLog] = None):
@@ -48,6 +49,9 @@ class ServingCluster(Cluster):
         self._group_ids = 0
         self.last_transition = None  # the report of the last drop or restore
         self.drop_state = None  # the device side of a drop under way (kunjax.memory.drop.DropState)
+        self.kunserve = None  # the automatic overload policy (enable_kunserve), None: recompute only
+        self.transition_counts = {"drops": 0, "restores": 0, "rolled_back": 0, "exchanged_bytes": 0,
+                                  "local_bytes": 0, "padding_bytes": 0}
         for kind, fn in ((drop.DROP_BEGIN, drop.execute_drop_begin), (drop.DROP_LAYERS, drop.execute_drop_layers),
                          (drop.DROP_FINISH, drop.execute_drop_finish), (drop.DROP_ROLLBACK, drop.execute_drop_rollback),
                          (restore.RESTORE_BEGIN, restore.execute_restore_begin),
@@ -188,7 +192,7 @@ class ServingCluster(Cluster):
         e0 = self.engines[0]
         useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
         pages = max(e.num_pages for e in self.engines)
-        return pool_ladder(pages, len(self.engines), len(self.engines) * useful)
+        return pool_ladder(pages, len(self.engines), len(self.engines) * useful, self.ladder_steps)
 
     def ladder_keys(self) -> list[tuple]:
         """(executables, keys) of every ladder size on every instance: the first shapes' layer
@@ -313,6 +317,71 @@ class ServingCluster(Cluster):
         self.run_until_done(tasks)
         return [t.report for t in tasks], [o for t in tasks for o in t.outputs]
 
+    # ---- the automatic policy --------------------------------------------------------------
+    def views(self):
+        """The units' views with which instances each is made of (a group: its members and the
+        pages they have once split), for dispatch and the overload policy."""
+        from kunjax.control.kunserve import group_identity
+        from kunjax.memory.group import PipelineGroup
+
+        out = []
+        for i, u in enumerate(self.units):
+            if isinstance(u, PipelineGroup):
+                out.append(u.view(i, **group_identity(u.plan, u.id), transitioning=u.routing is not None))
+            else:
+                out.append(u.view(i, instances=(self.engines.index(u),), transitioning=u.route is not None))
+        return out
+
+    def enable_kunserve(self, config, cost_model=None) -> None:
+        """Turns the kunserve policy on: at every iteration it reads the views and starts drops and
+        restores (one transition at a time; a plan is only offered once its executables, on the pool
+        ladder, are compiled). Without a plan that covers the demand the schedulers' recompute
+        preemption goes on (counted as a fallback)."""
+        import dataclasses as dc
+
+        from kunjax.control.kunserve import KunservePolicy
+
+        e0 = self.engines[0]
+        useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+        planner = dc.replace(config.planner, chunk_pages=self.chunk_pages,
+                             max_pages_per_instance=min(config.planner.max_pages_per_instance, useful))
+        config = dc.replace(config, planner=planner)
+
+        def ready(plan) -> bool:
+            done, total = self.plan_ready(plan)
+            return done == total
+
+        self.kunserve = KunservePolicy.build(config, e0.cfg.tie_word_embeddings, self.member_infos, cost_model, ready)
+        self.kunserve.planner.ladder = self.ladder()
+        self.policy_hook = self._kunserve_tick
+
+    def _kunserve_tick(self) -> None:
+        from kunjax.control.kunserve import DropDecision, RestoreDecision
+        from kunjax.control.plan import PlanError
+        from kunjax.memory.drop import DropError
+        from kunjax.memory.restore import RestoreError
+
+        if self.transitions():
+            return  # one transition at a time; the policy decides again once it is done
+        for d in self.kunserve.decide(self.views(), time.monotonic()):
+            try:
+                if isinstance(d, DropDecision) and d.plan is not None:
+                    self.start_drop(d.plan)
+                elif isinstance(d, RestoreDecision):
+                    self.start_restore([d.group_id])
+            except (DropError, RestoreError, PlanError) as e:
+                log.info("kunserve: %s not applied now: %s", type(d).__name__, e)
+            if self.transitions():
+                break
+
+    def count_transition(self, report) -> None:
+        """A finished drop or restore's figures, summed for Status and the metrics."""
+        key = "rolled_back" if report.state == "rolled_back" else ("drops" if report.kind == "drop" else "restores")
+        self.transition_counts[key] += 1
+        self.transition_counts["exchanged_bytes"] += report.exchange.bytes_between_devices
+        self.transition_counts["local_bytes"] += report.exchange.bytes_local
+        self.transition_counts["padding_bytes"] += report.exchange.bytes_padding
+
     # ---- status ----------------------------------------------------------------------------
     def devices(self) -> list[jax.Device]:
         return [d for e in self.engines for d in e.devices]
@@ -341,6 +410,8 @@ class ServingCluster(Cluster):
             "compiles": compile_stats.compile_count(), "compiling": not self.compiler.idle(),
             "transitions": [{"kind": t.report.kind, "groups": list(t.report.groups), "pieces": t.report.pieces,
                              "seconds": t.report.seconds} for t in self.transitions()],
+            "transition_counts": dict(self.transition_counts),
+            "overload_policy": self.kunserve.status() if self.kunserve is not None else {"overload_policy": "recompute"},
         }
         if with_memory:
             from kunjax.memory.ledger import device_ledgers
