@@ -221,7 +221,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     call runs on the executor thread between steps; a drop or a restore pauses the units it
     touches for its duration, the others keep their place in the loop."""
 
-    DEFAULT_GROUP_SIZE = 2  # until an overload policy chooses
+    DEFAULT_GROUP_SIZE = None  # group_size unset or 0: the group planner chooses (ServingCluster.plan_drop)
 
     def __init__(self, executor: Executor, model_name: str, options: ServerOptions, metrics: Optional[Metrics] = None):
         self.executor = executor
@@ -240,8 +240,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         return status_to_proto(st, self.model_name, self.executor, self.options)
 
     async def _group_size(self, request, context) -> int:
-        """The request's group size; 0 or unset: the default. Negative values are refused here
-        (the planner names the bounds of positive ones)."""
+        """The request's group size; 0 or unset: None, the group planner's choice. Negative values are
+        refused here (the planner names the bounds of positive ones)."""
         if not request.HasField("group_size") or request.group_size == 0:
             return self.DEFAULT_GROUP_SIZE
         if request.group_size < 0:

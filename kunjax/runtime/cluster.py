@@ -163,11 +163,18 @@ class ServingCluster(Cluster):
                 num_pages=e.stage.num_pages, used_pages=e.allocator.num_used)
         return infos
 
-    def plan_drop(self, group_size: int = 2):
+    def plan_drop(self, group_size: Optional[int] = 2):
         """A dry run: which instances merge, each stage's layer range, the group page count and the
-        predicted peak per device. Changes nothing."""
+        predicted peak per device. Changes nothing. `group_size` None: the group planner's choice
+        (kunjax.control.planner: the smallest group around the most loaded instance whose pages cover
+        its demand, stage ranges balanced by the cost model), groups of 2 when no plan covers it."""
         from kunjax.control.plan import PlanError, plan_drop
 
+        if group_size is None:
+            chosen = self._planner_choice()
+            if chosen is not None:
+                return chosen
+            group_size = 2
         if not 2 <= group_size <= len(self.engines):
             raise PlanError(f"group_size must be between 2 and the number of instances ({len(self.engines)}), "
                             f"got {group_size}")
@@ -183,6 +190,28 @@ class ServingCluster(Cluster):
                 raise PlanError(f"instance {i} is missing layers; restore first", "FAILED_PRECONDITION")
         return plan_drop([infos[i] for i in alone], group_size, e0.cfg.tie_word_embeddings, useful,
                          chunk_pages=self.chunk_pages, ladder=self.ladder())
+
+    def _planner_choice(self):
+        """The group planner's plan around the most loaded single instance, or None."""
+        from kunjax.control.kunserve import KunserveConfig
+        from kunjax.control.planner import GroupPlanner
+
+        planner = self.kunserve.planner if self.kunserve is not None else None
+        if planner is None:
+            e0 = self.engines[0]
+            useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+            cfg = KunserveConfig().planner
+            import dataclasses as dc
+
+            planner = GroupPlanner(dc.replace(cfg, chunk_pages=self.chunk_pages, max_pages_per_instance=useful),
+                                   e0.cfg.tie_word_embeddings, self.member_infos, ladder=self.ladder())
+        views = self.views()
+        singles = [v for v in views if not v.is_group]
+        if len(singles) < 2:
+            return None
+        seed = max(singles, key=lambda v: (v.demand_pages - v.pages_total, -v.index))
+        choice, _ = planner.plan(views, seed)
+        return choice.plan if choice is not None else None
 
     def ladder(self) -> list[int]:
         """The group pool sizes a plan may use: compiled ahead (`compile_ladder`), so no drop ever
