@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 from absl import app, flags
@@ -419,7 +420,10 @@ def build_cluster(opts: LaunchOptions, oplog=None):
         # The group pool sizes a drop may use, compiled in the background: no drop waits a compile.
         cluster.compile_ladder(background=True)
     if opts.memory.overload_policy == "kunserve":
-        cluster.enable_kunserve(kunserve_config(opts.memory))
+        t = time.monotonic()
+        cost_model = cluster.calibrate()
+        logging.info("kunserve: cost model calibrated in %.1fs on %s", time.monotonic() - t, cluster.engines[0].device)
+        cluster.enable_kunserve(kunserve_config(opts.memory), cost_model)
     return cluster
 
 

@@ -324,3 +324,28 @@ def test_kunserve_drops_and_restores_by_itself_through_a_burst(host_model, refer
     assert all(sorted(e.stage.layers) == list(range(4)) and e.stage.embed is not None for e in cluster.engines)
     assert _live_total(cluster) == live0
     assert compile_stats.compile_count() == c0
+
+
+def test_lookahead_micro_batches_keep_a_group_token_exact(host_model, reference):
+    """A group with a cost model splits its steps into lookahead micro-batches (equal predicted work,
+    prefill beyond the TPOT bound deferred to later steps); outputs stay token-exact."""
+    from kunjax.control.cost_model import CostModel
+
+    prompts = prompts_for(8, seed=31)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = [o.token_ids for o in reference.generate(prompts, params)]
+    cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
+    plan = cluster.plan_drop(2)
+    cluster.compile_plan(plan, background=False)
+    cluster.drop(plan)
+    (group,) = cluster.groups()
+    group.pipeline_depth = 2  # as on accelerators, where stages overlap
+    group.cost_model = CostModel([0.5e-3, 1e-3, 20e-6, 50e-6, 2e-6, 3e-3, 30e-6], {"d2d": 10e9})
+    group.tpot_slo_ms = 5.0  # tight: long prefills are cut and deferred
+    splits = []
+    real = group.micro_batches
+    group.micro_batches = lambda step: splits.append(len(real(step))) or real(step)
+    outs = cluster.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert max(splits) == 2
+    cluster.restore()

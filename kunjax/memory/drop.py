@@ -359,6 +359,8 @@ def execute_drop_finish(cluster, op: DeviceOp) -> TransitionReport:
             members[0].page_size, members[0].max_model_len, members[0].scheduler.policy), members[0].eos_ids)
         if all(d.platform == "cpu" for m in members for d in m.devices):
             group.pipeline_depth = 1  # virtual CPU devices share the cores: stages never overlap there
+        group.cost_model = getattr(cluster, "cost_model", None)  # lookahead micro-batches when there is one
+        group.tpot_slo_ms = getattr(cluster, "tpot_slo_ms", None)
         cluster.replace_units(members, [group])
     _sample_peak(report, state.devices)
     report.live_after = _live(state.devices)

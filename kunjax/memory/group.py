@@ -73,11 +73,25 @@ class PipelineGroup(UnitCore):
     # every layer's weights once per micro-batch.
     pipeline_depth: Optional[int] = None
 
+    # Lookahead micro-batches (kunjax.control.lookahead): with a cost model, a step's rows are split so
+    # every stage gets equal predicted work and the time between tokens stays within `tpot_slo_ms`
+    # (prefill beyond it is deferred to a later step); without one, rows are split evenly by count.
+    cost_model = None
+    tpot_slo_ms: Optional[float] = None
+
     def micro_batches(self, step: ScheduledStep) -> list[list[Row]]:
         rows = step.rows
         cap = self.buckets.max_prefill_rows if step.prefill else self.buckets.max_rows
         depth = self.pipeline_depth or len(self.members)
         k = min(len(rows), max(-(-len(rows) // cap), depth))
+        if self.cost_model is not None and k > 1:
+            from kunjax.control.lookahead import form_micro_batches
+
+            plan = form_micro_batches(rows, len(self.members), self.cost_model, self.page_size,
+                                      max(st.num_layers for st in self.plan.stages), self.tpot_slo_ms,
+                                      num_batches=k, max_rows=cap)
+            if plan.batches and all(len(b) <= cap for b in plan.batches):
+                return [list(b) for b in plan.batches]
         size = -(-len(rows) // k)
         return [rows[i:i + size] for i in range(0, len(rows), size)]
 

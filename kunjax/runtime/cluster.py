@@ -50,6 +50,8 @@ class ServingCluster(Cluster):
         self.last_transition = None  # the report of the last drop or restore
         self.drop_state = None  # the device side of a drop under way (kunjax.memory.drop.DropState)
         self.kunserve = None  # the automatic overload policy (enable_kunserve), None: recompute only
+        self.cost_model = None  # kunjax.control.cost_model.CostModel of these devices (calibrated), if any
+        self.tpot_slo_ms = None  # the lookahead micro-batches' bound on the time between tokens
         self.transition_counts = {"drops": 0, "restores": 0, "rolled_back": 0, "exchanged_bytes": 0,
                                   "local_bytes": 0, "padding_bytes": 0}
         for kind, fn in ((drop.DROP_BEGIN, drop.execute_drop_begin), (drop.DROP_LAYERS, drop.execute_drop_layers),
@@ -361,6 +363,14 @@ class ServingCluster(Cluster):
                 out.append(u.view(i, instances=(self.engines.index(u),), transitioning=u.route is not None))
         return out
 
+    def calibrate(self):
+        """The cost model of these devices, fitted from timed null steps of instance 0 (and the
+        bandwidth to instance 1): kunjax.runtime.calibrate."""
+        from kunjax.runtime.calibrate import calibrate
+
+        peer = self.engines[1].stage.exes.rep if len(self.engines) > 1 else None
+        return calibrate(self.engines[0], peer=peer)
+
     def enable_kunserve(self, config, cost_model=None) -> None:
         """Turns the kunserve policy on: at every iteration it reads the views and starts drops and
         restores (one transition at a time; a plan is only offered once its executables, on the pool
@@ -380,6 +390,8 @@ class ServingCluster(Cluster):
             done, total = self.plan_ready(plan)
             return done == total
 
+        self.cost_model = cost_model
+        self.tpot_slo_ms = config.tpot_slo_ms
         self.kunserve = KunservePolicy.build(config, e0.cfg.tie_word_embeddings, self.member_infos, cost_model, ready)
         self.kunserve.planner.ladder = self.ladder()
         self.policy_hook = self._kunserve_tick
