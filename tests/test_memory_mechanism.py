@@ -303,6 +303,8 @@ def test_kunserve_drops_and_restores_by_itself_through_a_burst(host_model, refer
     cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
     cluster.ladder_steps = 1
     cluster.compile_ladder(background=False)
+    ready, total = cluster.plan_ready(cluster.plan_drop(2))
+    assert ready == total, "after the ladder compiled, every plan the planner can return is ready"
     live0 = _live_total(cluster)
     c0 = compile_stats.compile_count()
     cluster.enable_kunserve(KunserveConfig(monitor=MonitorConfig(drop_dwell_s=0.0, restore_dwell_s=0.3,
