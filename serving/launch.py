@@ -65,7 +65,11 @@ flags.DEFINE_bool("warmup", True, "compile every shape bucket: the shapes that c
 flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache directory "
                     "(default ~/.cache/kunjax/jax or $KUNJAX_COMPILE_CACHE)")
 # memory policy
-flags.DEFINE_enum("overload_policy", "none", ["none"], "what to do when KV runs out (more policies to come)")
+flags.DEFINE_enum("overload_policy", "none", ["none", "recompute", "swap", "migrate"],
+                  "what to do when KV runs out (none = recompute: the latest arrival's KV is recomputed later; "
+                  "swap: its KV goes to host memory; migrate: running requests move to the instance with the "
+                  "most free pages)")
+flags.DEFINE_integer("swap_space_bytes", 1 << 30, "host memory per instance for swapped-out KV (--overload_policy=swap)")
 # server
 flags.DEFINE_integer("port", 50051, "gRPC port")
 flags.DEFINE_string("host", "[::]", "gRPC bind address")
@@ -119,6 +123,7 @@ class SchedulerOptions:
 @dataclasses.dataclass(frozen=True)
 class MemoryPolicyOptions:
     overload_policy: str
+    swap_space_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +220,8 @@ def engine_config(opts: LaunchOptions):
     c = opts.cache
     return EngineConfig(page_size=c.page_size, num_pages=c.num_pages, hbm_bytes=c.hbm_bytes,
                         hbm_fraction=c.hbm_fraction, max_model_len=c.max_model_len, scheduler=sched, warmup=False,
-                        compile_small_first=True)
+                        compile_small_first=True, overload_policy=opts.memory.overload_policy,
+                        swap_space_bytes=opts.memory.swap_space_bytes)
 
 
 class LaunchError(Exception):
