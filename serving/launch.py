@@ -374,6 +374,10 @@ def build_cluster(opts: LaunchOptions, oplog=None):
     # Every instance placed its own replica; the host copy of the weights is no longer needed (a
     # restore brings dropped layers back from the peers that kept them, never from the host).
     host.params = None
+    if opts.memory.overload_policy == "migrate":  # live KV migration between instances (every process)
+        from kunjax.runtime import migrate
+
+        migrate.install(cluster)
     if opts.scheduler.warmup:  # the cheaper shapes compile in the background while the server answers
         cluster.compile_in_background()
     return cluster

@@ -106,3 +106,65 @@ def test_cancel_while_swapped_out_frees_everything(tiny):
     assert eng.allocator.num_free == eng.allocator.num_usable and eng.swap.host_bytes() == 0
     assert eng.scheduler.host_pages == 0
     assert live(eng) == start
+
+
+# ---- live migration (two instances) ---------------------------------------------------------------
+class FirstUnit:
+    """Dispatch that sends everything to instance 0: the overload the migration has to relieve."""
+
+    def choose(self, views, num_tokens):
+        return 0
+
+
+def migrating_cluster(tiny, num_pages=30):
+    from kunjax.runtime import migrate
+    from kunjax.runtime.cluster import ServingCluster
+
+    sched = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_rows=2)
+    cfg = EngineConfig(page_size=8, num_pages=num_pages, max_model_len=256, scheduler=sched)
+    cluster = ServingCluster.build(tiny, cfg, num_instances=2, policy=FirstUnit())
+    return cluster, migrate.install(cluster)
+
+
+def cluster_live(cluster) -> list:
+    gc.collect()
+    return [measure.device_live_bytes(e.device) for e in cluster.engines]
+
+
+def test_migrate_is_token_exact_and_frees_everything(tiny, reference):
+    cluster, _ = migrating_cluster(tiny)
+    start = cluster_live(cluster)
+    compiles = compile_stats.compile_count()
+    outs = cluster.generate(prompts(), PARAMS)
+    assert [o.token_ids for o in outs] == reference
+    s0, s1 = (e.scheduler for e in cluster.engines)
+    assert s0.num_migrations_out > 0 and s1.num_migrations_in == s0.num_migrations_out and s0.migrated_bytes > 0
+    kinds = [e["kind"] for e in s0.events.after(0)]
+    assert kinds.count("migrate") == s0.num_migrations_out and "redispatch" in kinds
+    for e in cluster.engines:
+        assert e.allocator.num_free == e.allocator.num_usable and not e.has_unfinished()
+    assert not cluster.tasks and cluster_live(cluster) == start  # no copy left on either device
+    assert compile_stats.compile_count() == compiles
+    st = cluster.status(with_memory=False)["instances"]
+    assert st[0]["migrations_out"] == s0.num_migrations_out and st[1]["migrations_in"] == s1.num_migrations_in
+
+
+def test_cancel_mid_migration_frees_everything(tiny):
+    from kunjax.control.migration import MigrationTask
+
+    cluster, controller = migrating_cluster(tiny)
+    start = cluster_live(cluster)
+    ids = [cluster.add_request(p, PARAMS) for p in prompts()]
+    while not any(isinstance(t, MigrationTask) and t.copied for t in cluster.tasks):
+        cluster.step()
+    task = next(t for t in cluster.tasks if isinstance(t, MigrationTask))
+    assert task.dst_pages and not task.done
+    out = cluster.abort(task.req.request_id)
+    assert out.finished and out.finish_reason == "abort"
+    while cluster.has_unfinished():
+        cluster.step()
+    assert task.done and task.dst_pages == []
+    assert cluster.engines[1].scheduler.num_migrations_in == controller.cluster.engines[0].scheduler.num_migrations_out
+    for e in cluster.engines:
+        assert e.allocator.num_free == e.allocator.num_usable
+    assert len(ids) == 8 and cluster_live(cluster) == start

@@ -157,7 +157,7 @@ class Cluster:
             self._where[rid] = unit
 
     def has_unfinished(self) -> bool:
-        return any(u.has_unfinished() for u in self.units)
+        return bool(self.tasks) or any(u.has_unfinished() for u in self.units)
 
     def num_waiting(self) -> int:
         return sum(v.waiting for v in self.views())
@@ -184,9 +184,12 @@ class Cluster:
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule and execute every unit's step, then finish them in order."""
+        self._advance_tasks()
         t0 = time.perf_counter()
         pending = []
         for i, unit in enumerate(self.units):
+            if any(t.holds(unit) for t in self.tasks):
+                continue
             step = unit.schedule()
             if step is not None:
                 pending.append((unit, step, unit.prepare(step)))
@@ -212,6 +215,31 @@ class Cluster:
         self.timing.wait_device_s += wait
         self.timing.postprocess_s += (t2 - t1) - wait
         return outs
+
+    # ---- tasks: a minimal stand-in for the lead's Task protocol (the lead's version wins at merge) --
+    # A task has `units`, `advance(cluster) -> bool` (one bounded piece; True when done) and
+    # `holds(unit)`; here every step of every unit has landed when `step()` begins, so the tasks
+    # advance there, between the units' steps.
+    @property
+    def tasks(self) -> list:
+        if "_tasks" not in self.__dict__:
+            self._tasks = []
+        return self._tasks
+
+    def start_task(self, task) -> None:
+        self.tasks.append(task)
+
+    def _advance_tasks(self) -> None:
+        for task in list(self.tasks):
+            try:
+                done = task.advance(self)
+            except Exception:
+                import logging
+
+                logging.getLogger(__name__).exception("task %s failed; it is dropped", type(task).__name__)
+                done = True
+            if done:
+                self.tasks.remove(task)
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
                  params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams()) -> list[RequestOutput]:

@@ -64,6 +64,9 @@ class Scheduler:
         self.host_pages = 0  # pages held in host memory now (by the requests in `swapped`)
         self.num_swap_outs = 0
         self.num_swap_ins = 0
+        self.num_migrations_out = 0  # live migrations off / onto this unit (kunjax.control.migration)
+        self.num_migrations_in = 0
+        self.migrated_bytes = 0
         self.events = EventLog()  # one entry per overload decision (Admin.Status returns them)
 
     # ---- admission -------------------------------------------------------------------------

@@ -156,4 +156,5 @@ class UnitCore:
                 "pages_free": s.allocator.num_free, "pages_used": s.allocator.num_used, "page_size": s.page_size,
                 "steps": self.num_steps, "preemptions": s.num_preemptions,
                 "recomputed_tokens": s.num_recomputed_tokens, "swap_outs": s.num_swap_outs, "swap_ins": s.num_swap_ins,
-                "swapped": len(s.swapped), "events": s.events}
+                "swapped": len(s.swapped), "migrations_out": s.num_migrations_out,
+                "migrations_in": s.num_migrations_in, "migrated_bytes": s.migrated_bytes, "events": s.events}
