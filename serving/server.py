@@ -411,7 +411,7 @@ def status_to_proto(st: dict, model_name: str, executor: Executor, options: Serv
         add_group(msg.groups, g)
     from kunjax.control.events import merge
 
-    for ev in merge(((s["id"], s["events"]) for s in st["instances"] if "events" in s), events_after, limit=5000):
+    for ev in merge(((s["id"], s["events"]) for s in st["instances"] if "events" in s), events_after, limit=1000):
         msg.events.add(**ev)
     for m in st.get("memory", []):
         d = msg.memory.add(device=m["device"], live_bytes=m["live"], instance=m["instance"], budget=m["budget"] or 0,

@@ -60,3 +60,37 @@ def test_ratios_against_kunserve():
     assert r["policy"] == "recompute" and r["p99_ttft_over_kunserve"] == pytest.approx(10.0)
     assert r["kunserve_p99_tpot_over_policy"] == pytest.approx(1.25)
     assert bench.ratios(table[:1]) == []
+
+
+def test_replay_keeps_failed_requests(tmp_path):
+    """load_gen.replay loses no request: two refused (INVALID_ARGUMENT: longer than the context;
+    max_tokens 0), one served; each keeps its send and finish times and the tokens it got, and the
+    CSV has a row for each."""
+    import asyncio
+
+    from kunjax.control.scheduler import SchedulerConfig
+    from kunjax.io.loader import load_model
+    from kunjax.runtime.cluster import ServingCluster
+    from kunjax.runtime.engine import EngineConfig
+    from serving.server import ServerThread
+    from tools import load_gen
+
+    cfg = EngineConfig(page_size=8, num_pages=30, max_model_len=256,
+                       scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_rows=2))
+    srv = ServerThread(ServingCluster.build(load_model("tiny", "float32"), cfg)).start()
+    try:
+        arrivals = [load_gen.Arrival(0.0, 300, 4), load_gen.Arrival(0.0, 8, 0), load_gen.Arrival(0.0, 8, 6)]
+        run = asyncio.run(load_gen.replay(f"localhost:{srv.port}", arrivals, fit=False, timeout=None))
+    finally:
+        srv.stop()
+    too_long, zero, served = run["results"]
+    assert too_long.error == zero.error == "INVALID_ARGUMENT" and not too_long.ok and too_long.token_times == []
+    assert "max_tokens" in zero.error_message
+    assert served.ok and served.finish_reason == "length" and len(served.token_times) == 6
+    assert served.send_t <= served.token_times[0] <= served.finish_t and served.server_queue_ms is not None
+    assert all(r.send_t is not None and r.finish_t >= r.send_t for r in run["results"])
+    path = tmp_path / "r.csv"
+    load_gen.write_requests_csv(str(path), run["results"], {"policy": "x"})
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["error"] for r in rows] == ["INVALID_ARGUMENT", "INVALID_ARGUMENT", ""] and rows[2]["tokens"] == "6"

@@ -33,7 +33,8 @@ def ttft_cdf(path: str, runs) -> str:
     ax.set_ylabel("fraction of requests")
     ax.set_title("TTFT CDF per policy")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
