@@ -71,8 +71,10 @@ class Client:
     def complete(self, prompt: Optional[str] = None, *, timeout: Optional[float] = None, **kw) -> pb.CompleteResponse:
         return self.generation.Complete(make_request(prompt, **kw), timeout=timeout)
 
-    def status(self, skip_memory: bool = False, timeout: Optional[float] = None) -> pb.StatusResponse:
-        return self.admin.Status(pb.StatusRequest(skip_memory=skip_memory), timeout=timeout)
+    def status(self, skip_memory: bool = False, timeout: Optional[float] = None,
+               events_after: int = 0) -> pb.StatusResponse:
+        """`events_after`: only the overload events with a larger seq (a poller passes the last one it saw)."""
+        return self.admin.Status(pb.StatusRequest(skip_memory=skip_memory, events_after=events_after), timeout=timeout)
 
     def plan_drop(self, group_size: Optional[int] = None, timeout: Optional[float] = None) -> pb.PlanDropResponse:
         """A dry run of a parameter drop (nothing changes)."""
@@ -110,8 +112,10 @@ class AsyncClient:
     async def complete(self, prompt: Optional[str] = None, *, timeout: Optional[float] = None, **kw) -> pb.CompleteResponse:
         return await self.generation.Complete(make_request(prompt, **kw), timeout=timeout)
 
-    async def status(self, skip_memory: bool = False, timeout: Optional[float] = None) -> pb.StatusResponse:
-        return await self.admin.Status(pb.StatusRequest(skip_memory=skip_memory), timeout=timeout)
+    async def status(self, skip_memory: bool = False, timeout: Optional[float] = None,
+                     events_after: int = 0) -> pb.StatusResponse:
+        return await self.admin.Status(pb.StatusRequest(skip_memory=skip_memory, events_after=events_after),
+                                       timeout=timeout)
 
     async def plan_drop(self, group_size: Optional[int] = None, timeout: Optional[float] = None) -> pb.PlanDropResponse:
         return await self.admin.PlanDrop(_drop_request(pb.PlanDropRequest, group_size), timeout=timeout)

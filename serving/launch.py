@@ -66,10 +66,13 @@ flags.DEFINE_bool("warmup", True, "compile every shape bucket: the shapes that c
 flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache directory "
                     "(default ~/.cache/kunjax/jax or $KUNJAX_COMPILE_CACHE)")
 # memory policy (kunjax.control.kunserve.KunserveConfig; the monitor's thresholds: kunjax.control.monitor)
-flags.DEFINE_enum("overload_policy", "recompute", ["recompute", "kunserve"],
-                  "when KV runs out: recompute (preempt the latest arrival and recompute it later, vLLM-style) or "
-                  "kunserve (drop parameters into pipeline groups where the overload is, restore when it passes; "
-                  "recompute where no plan covers the demand)")
+flags.DEFINE_enum("overload_policy", "recompute", ["recompute", "swap", "migrate", "kunserve"],
+                  "when KV runs out: recompute (preempt the latest arrival and recompute it later, vLLM-style), "
+                  "swap (its KV goes to host memory and comes back when room returns), migrate (running requests "
+                  "move to the instance with the most free pages, Llumnix-style) or kunserve (drop parameters into "
+                  "pipeline groups where the overload is, restore when it passes; recompute where no plan covers "
+                  "the demand)")
+flags.DEFINE_integer("swap_space_bytes", 1 << 30, "host memory per instance for swapped-out KV (--overload_policy=swap)")
 flags.DEFINE_float("drop_demand", 1.0, "kunserve: committed KV demand (held + queued + expected growth) / an "
                    "instance's pages at which it is overloaded")
 flags.DEFINE_float("drop_dwell_s", 0.5, "kunserve: ... continuously for this long before a drop")
@@ -144,6 +147,7 @@ class MemoryPolicyOptions:
     transition_cooldown_s: float
     max_group_size: int
     tpot_slo_ms: float
+    swap_space_bytes: int
 
 
 def kunserve_config(memory: MemoryPolicyOptions):
@@ -261,7 +265,8 @@ def engine_config(opts: LaunchOptions):
     c = opts.cache
     return EngineConfig(page_size=c.page_size, num_pages=c.num_pages, hbm_bytes=c.hbm_bytes,
                         hbm_fraction=c.hbm_fraction, max_model_len=c.max_model_len, scheduler=sched, warmup=False,
-                        compile_small_first=True)
+                        compile_small_first=True, overload_policy=opts.memory.overload_policy,
+                        swap_space_bytes=opts.memory.swap_space_bytes)
 
 
 class LaunchError(Exception):
@@ -414,6 +419,10 @@ def build_cluster(opts: LaunchOptions, oplog=None):
     # Every instance placed its own replica; the host copy of the weights is no longer needed (a
     # restore brings dropped layers back from the peers that kept them, never from the host).
     host.params = None
+    if opts.memory.overload_policy == "migrate":  # live KV migration between instances (every process)
+        from kunjax.runtime import migrate
+
+        migrate.install(cluster)
     if opts.scheduler.warmup:  # the cheaper shapes compile in the background while the server answers
         cluster.compile_in_background()
     if cluster.engines and len(cluster.engines) > 1:

@@ -10,6 +10,8 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+OVERLOAD_COUNTERS = ("preemptions", "recomputed_tokens", "swap_outs", "swap_ins", "swapped_out_bytes",
+                     "swapped_in_bytes", "migrations_out", "migrations_in", "migrated_bytes")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -53,6 +55,15 @@ class Metrics:
         self.freed_weight_bytes = Counter("kunjax_dropped_weight_bytes", "Weight bytes deleted by drops",
                                           registry=r)
 
+        # the KV-centric overload policies' counters per instance (cumulative since start; gauges
+        # because they are read from the instances' schedulers, which own them)
+        self.overload = Gauge("kunjax_overload_total", "Overload decisions and their traffic per instance since "
+                              "start (preemptions, recomputed_tokens, swap_outs, swap_ins, swapped_out_bytes, "
+                              "swapped_in_bytes, migrations_out, migrations_in, migrated_bytes)",
+                              ["instance", "kind"], registry=r)
+        self.swapped = Gauge("kunjax_swapped_requests", "Requests whose KV is in host memory now", ["instance"],
+                             registry=r)
+
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
 
@@ -63,6 +74,10 @@ class Metrics:
             used = s["pages_total"] - s["pages_free"]
             self.kv_util.labels(str(s["id"])).set(used / max(1, s["pages_total"]))
             self.pages_free.labels(str(s["id"])).set(s["pages_free"])
+            for kind in OVERLOAD_COUNTERS:
+                if kind in s:
+                    self.overload.labels(str(s["id"]), kind).set(s[kind])
+            self.swapped.labels(str(s["id"])).set(s.get("swapped", 0))
         self.groups.set(len(status.get("groups", [])))
         self.grouped.set(sum(len(g["instances"]) for g in status.get("groups", [])))
         for m in status.get("memory", []):

@@ -189,7 +189,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if first is not None and n > 1:
             self.metrics.tpot.observe((ev.time - first) / (n - 1))
         return pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids),
-                        ttft_ms=1e3 * ttft if ttft is not None else 0.0, e2e_ms=1e3 * e2e, instance=sub.instance)
+                        ttft_ms=1e3 * ttft if ttft is not None else 0.0, e2e_ms=1e3 * e2e, instance=sub.instance,
+                        queue_ms=1e3 * out.queue_s if out.queue_s is not None else 0.0)
 
     async def Generate(self, request, context):
         first = None
@@ -237,7 +238,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     async def Status(self, request, context):
         st = await self._call(lambda c: c.status(with_memory=not request.skip_memory), context)
-        return status_to_proto(st, self.model_name, self.executor, self.options)
+        return status_to_proto(st, self.model_name, self.executor, self.options, request.events_after)
 
     async def _group_size(self, request, context) -> int:
         """The request's group size; 0 or unset: None, the group planner's choice. Negative values are
@@ -400,7 +401,8 @@ def add_group(container, gs: dict) -> None:
                      head=st["head"])
 
 
-def status_to_proto(st: dict, model_name: str, executor: Executor, options: ServerOptions) -> pb.StatusResponse:
+def status_to_proto(st: dict, model_name: str, executor: Executor, options: ServerOptions,
+                    events_after: int = 0) -> pb.StatusResponse:
     msg = pb.StatusResponse(model=model_name, running=st["running"], waiting=st["waiting"],
                             queued=executor.inbox_size(),
                             pages_total=st["pages_total"], pages_free=st["pages_free"], compiles=st["compiles"],
@@ -416,6 +418,10 @@ def status_to_proto(st: dict, model_name: str, executor: Executor, options: Serv
         i.layer_start, i.layer_stop = s.get("layers", (0, 0))
     for g in st["groups"]:
         add_group(msg.groups, g)
+    from kunjax.control.events import merge
+
+    for ev in merge(((s["id"], s["events"]) for s in st["instances"] if "events" in s), events_after, limit=1000):
+        msg.events.add(**ev)
     for m in st.get("memory", []):
         d = msg.memory.add(device=m["device"], live_bytes=m["live"], instance=m["instance"], budget=m["budget"] or 0,
                            weights=m["weights"], embed=m["embed"], head=m["head"], kv=m["kv"], reserve=m["reserve"],

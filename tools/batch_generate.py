@@ -58,6 +58,10 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
     flags.DEFINE_integer("max_model_len", 2048, "longest prompt + generation", flag_values=fv)
     flags.DEFINE_integer("max_num_seqs", 32, "requests decoded together", flag_values=fv)
     flags.DEFINE_integer("max_num_batched_tokens", 512, "prefill token budget per step", flag_values=fv)
+    flags.DEFINE_enum("overload_policy", "recompute", ["recompute", "swap"], "when KV pages run out: recompute "
+                      "the latest arrival later, or swap its KV to host memory and back", flag_values=fv)
+    flags.DEFINE_integer("swap_space_bytes", 1 << 30, "host memory for swapped-out KV (--overload_policy=swap)",
+                         flag_values=fv)
     flags.DEFINE_bool("progress", True, "progress bar on stderr", flag_values=fv)
 
 
@@ -119,6 +123,8 @@ def run(model: str, input_path: str, output_path: str, defaults: Any, engine_con
         hbm = defaults.hbm_bytes or (CPU_DEFAULT_BUDGET if jax.default_backend() == "cpu" else None)
         engine_config = EngineConfig(page_size=defaults.page_size, num_pages=defaults.num_pages, hbm_bytes=hbm,
                                      max_model_len=defaults.max_model_len, compile_on_demand=True,
+                                     overload_policy=getattr(defaults, "overload_policy", "recompute"),
+                                     swap_space_bytes=getattr(defaults, "swap_space_bytes", 1 << 30),
                                      scheduler=SchedulerConfig(max_num_seqs=defaults.max_num_seqs,
                                                                max_num_batched_tokens=defaults.max_num_batched_tokens))
     engine = LLMEngine(lm, engine_config)

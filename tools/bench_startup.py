@@ -16,63 +16,30 @@ compiler was still busy, and the launcher's peak RSS (VmHWM). The launcher is st
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Optional, Sequence
 
 
-def _peak_rss_mib(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return None
-
-
 def run_once(launch_args: Sequence[str], cache_dir: str, label: str, timeout_s: float = 900.0) -> dict:
-    import portpicker
-
     from serving.client import Client
+    from tools import launcher
 
-    port = portpicker.pick_unused_port()
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "serving.launch", f"--port={port}", f"--compilation_cache_dir={cache_dir}",
-           *launch_args]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    tail: list[str] = []
-    try:
-        for line in proc.stdout:
-            tail = (tail + [line])[-20:]
-            if "kunjax serving" in line:
-                break
-            if time.monotonic() - t0 > timeout_s:
-                raise TimeoutError(f"{label}: not serving after {timeout_s:.0f} s")
-        serving_s = time.monotonic() - t0
-        if proc.poll() is not None:
-            raise RuntimeError(f"{label}: the launcher exited with {proc.returncode}:\n{''.join(tail)}")
-        with Client(f"localhost:{port}") as c:
-            t1 = time.monotonic()
-            c.complete("Hello", max_tokens=8, timeout=300)
-            first_ms = (time.monotonic() - t1) * 1e3
-            st = c.status(skip_memory=True)
-        out = {"label": label, "serving_s": serving_s, "first_request_ms": first_ms, "compiles": int(st.compiles),
-               "compiling_in_background": bool(st.compiling), "peak_rss_mib": _peak_rss_mib(proc.pid)}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-    return out
+    with tempfile.TemporaryDirectory(prefix="kunjax-startup-log-") as logs:
+        srv = launcher.start([f"--compilation_cache_dir={cache_dir}", *launch_args],
+                             os.path.join(logs, "launch.log"), label, timeout_s)
+        try:
+            with Client(srv.target) as c:
+                t1 = time.monotonic()
+                c.complete("Hello", max_tokens=8, timeout=300)
+                first_ms = (time.monotonic() - t1) * 1e3
+                st = c.status(skip_memory=True)
+            return {"label": label, "serving_s": srv.serving_s, "first_request_ms": first_ms,
+                    "compiles": int(st.compiles), "compiling_in_background": bool(st.compiling),
+                    "peak_rss_mib": srv.peak_rss_mib()}
+        finally:
+            srv.stop()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -42,15 +42,41 @@ class Arrival:
 
 @dataclasses.dataclass
 class Result:
+    """One request as the client saw it. Times are seconds from the start of the run (the same
+    clock for every request; `run_wall_start` in the summary is that moment as Unix time), so a
+    request's whole life can be plotted: sent, every token's arrival, finished. A failed request
+    keeps everything it got before it failed (its tokens, its error)."""
+
     ok: bool
     input_len: int
-    output_len: int = 0
+    output_len: int = 0  # tokens received
     ttft: Optional[float] = None
     tpot: Optional[float] = None
     e2e: Optional[float] = None
     itl: list = dataclasses.field(default_factory=list)
     server_ttft_ms: Optional[float] = None
     error: str = ""
+    index: int = -1  # position in the arrival list
+    request_id: str = ""
+    max_tokens: int = 0  # asked for
+    send_t: Optional[float] = None  # the call was made
+    token_times: list = dataclasses.field(default_factory=list)  # arrival of each token (one per token)
+    finish_t: Optional[float] = None  # the stream ended (finished, failed or cancelled)
+    finish_reason: str = ""
+    server_queue_ms: Optional[float] = None  # receipt to first scheduled, as the server measured it
+    instance: int = -1
+    error_message: str = ""
+
+    def set_derived(self) -> None:
+        """ttft / tpot / e2e / itl from the timestamps."""
+        ts = self.token_times
+        self.output_len = len(ts)
+        if ts and self.send_t is not None:
+            self.ttft = ts[0] - self.send_t
+            self.e2e = ts[-1] - self.send_t
+            self.itl = [b - a for a, b in zip(ts, ts[1:])]
+            if len(ts) > 1:
+                self.tpot = (ts[-1] - ts[0]) / (len(ts) - 1)
 
 
 def synthetic_arrivals(n: int, rate: float, burstiness: float, input_len: int, output_len: int,
@@ -144,70 +170,87 @@ def fit_context(arrivals: list[Arrival], max_model_len: int) -> int:
     return n
 
 
-async def run_load(target: str, arrivals: list[Arrival], *, max_concurrency: Optional[int] = None,
-                   min_token_id: int = 10, max_token_id: int = 250, seed: int = 0, timeout: float = 600.0,
-                   fit: bool = True) -> dict:
+async def replay(target: str, arrivals: list[Arrival], *, prompts: Optional[Sequence] = None,
+                 max_concurrency: Optional[int] = None, min_token_id: int = 10, max_token_id: int = 250,
+                 seed: int = 0, timeout: float = 600.0, fit: bool = True, during=None) -> dict:
+    """Sends every arrival at its time through the client library and records each request's
+    timestamps (`Result`). `prompts`: one per arrival, text or token ids (default: random token ids
+    of the arrival's input length). `during(client, start)`: a coroutine run alongside the replay
+    (e.g. sampling Admin.Status); it is cancelled when the last request ends. Returns
+    {"results", "duration", "before", "after", "clipped", "wall_start"}."""
     import grpc
 
     from serving.client import AsyncClient
 
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    results: list[Result] = []
+    results: list[Result] = [Result(ok=False, input_len=a.input_len, index=i) for i, a in enumerate(arrivals)]
 
     async with AsyncClient(target) as client:
         before = await client.status(skip_memory=True)
         clipped = fit_context(arrivals, before.max_model_len) if fit else 0
-        rng = np.random.default_rng(seed)
-        prompts = [rng.integers(min_token_id, max_token_id, size=a.input_len).tolist() for a in arrivals]
+        if prompts is None:
+            rng = np.random.default_rng(seed)
+            prompts = [rng.integers(min_token_id, max_token_id, size=a.input_len).tolist() for a in arrivals]
+        start = time.perf_counter()
+        wall_start = time.time()
 
-        async def one(a: Arrival, ids):
+        async def one(a: Arrival, prompt, r: Result):
             if sem is not None:
                 await sem.acquire()
-            r = Result(ok=False, input_len=a.input_len)
-            t_send = time.perf_counter()
-            last_t = None
-            first_t = None
-            n = 0
+            r.input_len, r.max_tokens = a.input_len, a.output_len
+            kw = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+            r.send_t = time.perf_counter() - start
             try:
-                async for chunk in client.generate(prompt_token_ids=ids, max_tokens=a.output_len, ignore_eos=True,
-                                                   timeout=timeout):
-                    now = time.perf_counter()
-                    if chunk.token_ids:
-                        if first_t is None:
-                            first_t = now
-                        elif last_t is not None:
-                            r.itl.append(now - last_t)
-                        last_t = now
-                        n += len(chunk.token_ids)
+                async for chunk in client.generate(max_tokens=a.output_len, ignore_eos=True, timeout=timeout, **kw):
+                    now = time.perf_counter() - start
+                    r.request_id = r.request_id or chunk.request_id
+                    r.token_times.extend([now] * len(chunk.token_ids))
                     if chunk.finish_reason:
+                        r.finish_reason = FINISH_NAMES.get(chunk.finish_reason) or ""
                         r.server_ttft_ms = chunk.usage.ttft_ms
-                r.ok = True
+                        r.server_queue_ms = getattr(chunk.usage, "queue_ms", None)
+                        r.instance = chunk.usage.instance
+                r.ok = bool(r.finish_reason) and r.finish_reason not in ("abort", "error")
+                if not r.ok:
+                    r.error = r.finish_reason.upper() or "NO_FINISH_REASON"
             except grpc.aio.AioRpcError as e:
-                r.error = e.code().name
+                r.error, r.error_message = e.code().name, e.details() or ""
+            except Exception as e:  # never lose a request: record what went wrong
+                r.error, r.error_message = type(e).__name__, str(e)
             finally:
+                r.finish_t = time.perf_counter() - start
+                r.set_derived()
                 if sem is not None:
                     sem.release()
-            r.output_len = n
-            if first_t is not None:
-                r.ttft = first_t - t_send
-                r.e2e = last_t - t_send
-                if n > 1:
-                    r.tpot = (last_t - first_t) / (n - 1)
-            results.append(r)
 
-        start = time.perf_counter()
+        side = asyncio.create_task(during(client, start)) if during is not None else None
         tasks = []
-        for a, ids in zip(arrivals, prompts):
+        for a, prompt, r in zip(arrivals, prompts, results):
             delay = a.t - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(a, ids)))
-        await asyncio.gather(*tasks)
+            tasks.append(asyncio.create_task(one(a, prompt, r)))
+        await asyncio.gather(*tasks, return_exceptions=True)
         duration = time.perf_counter() - start
+        if side is not None:
+            side.cancel()
+            await asyncio.gather(side, return_exceptions=True)
         after = await client.status(skip_memory=True)
-    s = summarize(results, duration, before, after)
-    s["clipped_to_context"] = clipped
+    return {"results": results, "duration": duration, "before": before, "after": after, "clipped": clipped,
+            "wall_start": wall_start}
+
+
+async def run_load(target: str, arrivals: list[Arrival], **kw) -> dict:
+    """`replay`, summarized (`summarize`); the per-request results are under "results"."""
+    run = await replay(target, arrivals, **kw)
+    s = summarize(run["results"], run["duration"], run["before"], run["after"])
+    s["clipped_to_context"] = run["clipped"]
+    s["run_wall_start"] = run["wall_start"]
+    s["results"] = run["results"]
     return s
+
+
+FINISH_NAMES = {1: "length", 2: "stop", 3: "abort", 4: "error"}  # kunjax.v1.FinishReason
 
 
 def summarize(results: list[Result], duration: float, before=None, after=None) -> dict:
@@ -251,6 +294,36 @@ def summarize(results: list[Result], duration: float, before=None, after=None) -
     return s
 
 
+REQUEST_COLUMNS = ["index", "request_id", "ok", "error", "finish_reason", "input_len", "max_tokens", "tokens",
+                   "send_s", "first_token_s", "last_token_s", "finish_s", "ttft_ms", "tpot_ms", "server_ttft_ms",
+                   "server_queue_ms", "instance", "token_times_s"]
+
+
+def request_row(r: Result) -> dict:
+    """One CSV row: times in seconds from the run's start, every token's arrival ;-joined."""
+    ms = lambda x: "" if x is None else f"{1e3 * x:.3f}"  # noqa: E731
+    sec = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731
+    return {"index": r.index, "request_id": r.request_id, "ok": int(r.ok), "error": r.error,
+            "finish_reason": r.finish_reason, "input_len": r.input_len, "max_tokens": r.max_tokens,
+            "tokens": r.output_len, "send_s": sec(r.send_t),
+            "first_token_s": sec(r.token_times[0] if r.token_times else None),
+            "last_token_s": sec(r.token_times[-1] if r.token_times else None), "finish_s": sec(r.finish_t),
+            "ttft_ms": ms(r.ttft), "tpot_ms": ms(r.tpot),
+            "server_ttft_ms": "" if r.server_ttft_ms is None else f"{r.server_ttft_ms:.3f}",
+            "server_queue_ms": "" if r.server_queue_ms is None else f"{r.server_queue_ms:.3f}",
+            "instance": r.instance, "token_times_s": ";".join(f"{t:.6f}" for t in r.token_times)}
+
+
+def write_requests_csv(path: str, results: Sequence[Result], extra: Optional[dict] = None) -> None:
+    """One row per request (`request_row`), plus constant `extra` columns (e.g. the policy)."""
+    extra = extra or {}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(extra) + REQUEST_COLUMNS)
+        w.writeheader()
+        for r in results:
+            w.writerow({**extra, **request_row(r)})
+
+
 def print_summary(s: dict) -> None:
     print(f"requests {s['completed']}/{s['requests']} in {s['duration_s']:.2f}s  errors {s['errors'] or 'none'}"
           + (f"  ({s['clipped_to_context']} shortened to the server's context)" if s.get("clipped_to_context") else ""))
@@ -291,6 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--requests_csv", help="write one row per request here (send, tokens' times, finish)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     if args.trace:
@@ -310,9 +384,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              min_token_id=args.min_token_id, max_token_id=args.max_token_id, seed=args.seed,
                              timeout=args.timeout, fit=args.fit_context))
     print_summary(s)
+    results = s.pop("results")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(s, f, indent=1)
+    if args.requests_csv:
+        write_requests_csv(args.requests_csv, results)
     return 0 if s["completed"] == s["requests"] else 1
 
 

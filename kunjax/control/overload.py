@@ -45,6 +45,10 @@ class OverloadPolicy(Protocol):
         ...
 
 
+def latest_arrival(running: Sequence[Request]) -> Request:
+    return max(running, key=lambda r: r.arrival_time)
+
+
 class RecomputePolicy:
     """vLLM's recompute preemption: the latest arrival loses its KV and goes back to the head of the
     queue with its generated tokens, which are recomputed as part of its prompt."""
@@ -52,4 +56,30 @@ class RecomputePolicy:
     name = "recompute"
 
     def on_out_of_pages(self, running: Sequence[Request], needing: Request) -> Action:
-        return Preempt(max(running, key=lambda r: r.arrival_time), "recompute")
+        return Preempt(latest_arrival(running), "recompute")
+
+
+class SwapPolicy:
+    """vLLM's swap preemption / InferCept's swap: the latest arrival's KV pages are copied to host
+    memory and its device pages freed; it comes back (same KV, new page ids) as soon as pages are
+    free again, before any new request is admitted. When the host pool is full the scheduler falls
+    back to recompute for that victim."""
+
+    name = "swap"
+
+    def on_out_of_pages(self, running: Sequence[Request], needing: Request) -> Action:
+        return Preempt(latest_arrival(running), "swap")
+
+
+# The per-unit policy each --overload_policy value runs on every instance. Cluster-wide policies
+# (migrate: live KV migration between instances; kunserve: the parameter drop) act from the cluster
+# loop and leave recompute as the instance's last resort.
+UNIT_POLICIES = {"recompute": RecomputePolicy, "swap": SwapPolicy,
+                 "migrate": RecomputePolicy, "kunserve": RecomputePolicy}
+
+
+def unit_policy(name: str) -> OverloadPolicy:
+    """The per-unit policy of an --overload_policy value; ValueError naming the field otherwise."""
+    if name not in UNIT_POLICIES:
+        raise ValueError(f"overload_policy: {name!r} is not one of {', '.join(UNIT_POLICIES)}")
+    return UNIT_POLICIES[name]()

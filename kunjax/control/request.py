@@ -42,6 +42,7 @@ class Status(enum.Enum):
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
+    SWAPPED = 3  # preempted by a swap: its KV is in host memory, it waits for pages to come back
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,6 +60,8 @@ class Request:
     finish_time: Optional[float] = None
     num_preemptions: int = 0
     seed: int = 0
+    scheduled_time: Optional[float] = None  # first admitted into a step (arrival -> this = queue time)
+    host_pages: int = 0  # pages of KV held in host memory while SWAPPED
 
     def __post_init__(self):
         if self.params.seed is not None:
@@ -97,6 +100,7 @@ class RequestOutput:
     text_delta: str = ""
     prompt_tokens: int = 0
     ttft_s: Optional[float] = None
+    queue_s: Optional[float] = None  # arrival -> first admitted into a step
 
 
 def validate_prompt(token_ids: Sequence[int], vocab_size: int) -> None:

@@ -3,9 +3,13 @@
 Each call of `schedule()` returns the rows of exactly one step, either a prefill step (chunks of
 prompts under a token budget) or a decode step (one token for every running request). Prefill and
 decode alternate while both have work, so a burst of prompts cannot stall running streams for more
-than one step. When pages run out during decode, the most recently arrived request is preempted by
-recompute: its pages are freed and it goes back to the head of the queue with its generated tokens,
-which are recomputed as part of its prompt (the vLLM baseline policy).
+than one step. When pages run out during decode, the unit's overload policy (kunjax.control.overload) picks a victim and how to free its
+pages: by recompute (its pages are freed and it goes back to the head of the queue with its
+generated tokens, which are recomputed as part of its prompt: the vLLM baseline) or by a swap (its
+KV is copied to host memory; it waits in `swapped` and comes back, before any new admission, once
+its pages fit again). A swap is device work: the scheduler queues it in `moves` (page ids, in
+order), and the unit carries the moves out at the start of its next step, before that step writes
+into the freed pages (`take_moves`).
 
 The scheduler knows nothing about JAX; the same object drives the real runner and a simulator.
 """
@@ -19,6 +23,7 @@ import time
 from typing import Optional
 
 from kunjax.control.batch import Row, ScheduledStep
+from kunjax.control.events import EventLog
 from kunjax.control.overload import OverloadPolicy, Preempt, RecomputePolicy, Stall
 from kunjax.control.pages import OutOfPages, PageAllocator, pages_for
 from kunjax.control.request import FinishReason, Request, Status
@@ -53,6 +58,16 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0
         self.out_of_pages_events = 0  # times a running request found no free page
+        self.swapped: collections.deque[Request] = collections.deque()  # KV in host memory, oldest first
+        self.moves: list[dict] = []  # device work the next step carries out first (swap out / in / discard)
+        self.swap_capacity_pages = 0  # host pool bound, in pages (0: no swapping, recompute instead)
+        self.host_pages = 0  # pages held in host memory now (by the requests in `swapped`)
+        self.num_swap_outs = 0
+        self.num_swap_ins = 0
+        self.num_migrations_out = 0  # live migrations off / onto this unit (kunjax.control.migration)
+        self.num_migrations_in = 0
+        self.migrated_bytes = 0
+        self.events = EventLog()  # one entry per overload decision (Admin.Status returns them)
 
     # ---- admission -------------------------------------------------------------------------
     def max_tokens_fit(self, req: Request) -> bool:
@@ -67,14 +82,28 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def abort(self, req: Request, reason: FinishReason = FinishReason.ABORT) -> None:
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
+        if req in self.swapped:
+            self.swapped.remove(req)
+            self._release_host(req)
         self.finish(req, reason)
+
+    def _release_host(self, req: Request) -> None:
+        """Its host copy is no longer needed: a swap out not carried out yet is dropped, else the
+        copy is discarded (the unit frees it)."""
+        self.host_pages -= req.host_pages
+        req.host_pages = 0
+        pending = [m for m in self.moves if m["kind"] == "swap_out" and m["request_id"] == req.request_id]
+        if pending:
+            self.moves.remove(pending[0])
+        else:
+            self.moves.append({"kind": "discard", "request_id": req.request_id})
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         if req.pages:
@@ -106,11 +135,61 @@ class Scheduler:
         victim.status = Status.WAITING
         self.waiting.appendleft(victim)
         self.num_preemptions += 1
+        self.events.record("preempt", victim.request_id, tokens=victim.num_tokens)
         log.info("preempted %s (recompute %d tokens); free pages %d/%d", victim.request_id,
                  victim.num_tokens, self.allocator.num_free, self.allocator.num_usable)
 
+    def swap_out(self, victim: Request) -> bool:
+        """Swap preemption: the victim's pages are queued to be copied to host memory and freed now.
+        False (nothing done) when the host pool cannot hold them."""
+        n = len(victim.pages)
+        if self.host_pages + n > self.swap_capacity_pages:
+            log.info("swap of %s (%d pages) does not fit the host pool (%d of %d pages held); recompute instead",
+                     victim.request_id, n, self.host_pages, self.swap_capacity_pages)
+            return False
+        self.running.remove(victim)
+        self.moves.append({"kind": "swap_out", "request_id": victim.request_id, "pages": list(victim.pages)})
+        self.allocator.free(victim.pages)
+        victim.pages = []
+        victim.host_pages = n
+        self.host_pages += n
+        victim.num_preemptions += 1
+        victim.status = Status.SWAPPED
+        self.swapped.append(victim)
+        self.num_preemptions += 1
+        self.num_swap_outs += 1
+        log.info("swapped out %s (%d pages, %d tokens of KV); free pages %d/%d, host pool %d/%d pages",
+                 victim.request_id, n, victim.num_computed, self.allocator.num_free, self.allocator.num_usable,
+                 self.host_pages, self.swap_capacity_pages)
+        return True
+
+    def _swap_in(self) -> None:
+        """Brings swapped requests back, oldest first, while their pages fit with one spare page per
+        running request (so the next decode step does not swap them straight out again)."""
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            req = self.swapped[0]
+            if req.host_pages + len(self.running) > self.allocator.num_free:
+                return
+            self.swapped.popleft()
+            req.pages = self.allocator.allocate(req.host_pages)
+            self.moves.append({"kind": "swap_in", "request_id": req.request_id, "pages": list(req.pages)})
+            self.host_pages -= req.host_pages
+            req.host_pages = 0
+            req.status = Status.RUNNING
+            self.running.append(req)
+            self.num_swap_ins += 1
+            log.info("swapping in %s (%d pages); free pages %d/%d", req.request_id, len(req.pages),
+                     self.allocator.num_free, self.allocator.num_usable)
+
+    def take_moves(self) -> list[dict]:
+        """The queued device work, in order; the unit runs it before the step it prepares."""
+        moves, self.moves = self.moves, []
+        return moves
+
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> Optional[ScheduledStep]:
+        if self.swapped:
+            self._swap_in()
         decode_ready = [r for r in self.running if r.num_pending == 1]
         has_prefill = any(r.num_pending > 1 for r in self.running) or bool(self.waiting)
         if has_prefill and not (decode_ready and self._last_was_prefill):
@@ -137,7 +216,7 @@ class Scheduler:
                     continue
             rows.append(Row(req, req.num_computed, n))
             budget -= n
-        while (self.waiting and budget > 0 and len(rows) < self.config.max_prefill_rows
+        while (self.waiting and not self.swapped and budget > 0 and len(rows) < self.config.max_prefill_rows
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             # Admit only when the whole (re)prompt fits, so an admitted prompt never stalls half-way.
@@ -147,6 +226,8 @@ class Scheduler:
             n = min(req.num_pending, budget, cap)
             self._grow(req, req.num_computed + n)
             req.status = Status.RUNNING
+            if req.scheduled_time is None:
+                req.scheduled_time = time.monotonic()
             self.running.append(req)
             rows.append(Row(req, req.num_computed, n))
             budget -= n
@@ -168,10 +249,11 @@ class Scheduler:
                                          f"not the request that needs a page ({req.request_id})")
                     stalled = True
                     break
-                if not isinstance(action, Preempt) or action.how != "recompute":
+                if not isinstance(action, Preempt) or action.how not in ("recompute", "swap"):
                     raise ValueError(f"overload policy {self.policy.name!r} returned {action!r}, which this "
                                      f"scheduler cannot carry out")
-                self.preempt(action.victim)
+                if action.how != "swap" or not self.swap_out(action.victim):
+                    self.preempt(action.victim)
                 rows = [r for r in rows if r.request is not action.victim]
                 if action.victim is req:
                     break

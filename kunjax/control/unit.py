@@ -151,7 +151,8 @@ class UnitCore:
             request_id=req.request_id, new_token_ids=list(new_ids), token_ids=list(req.output_token_ids),
             finished=req.is_finished, finish_reason=req.finish_reason.value if req.finish_reason else None,
             text=detok.text if detok else "", text_delta=delta, prompt_tokens=len(req.prompt_token_ids),
-            ttft_s=(req.first_token_time - req.arrival_time) if req.first_token_time else None)
+            ttft_s=(req.first_token_time - req.arrival_time) if req.first_token_time else None,
+            queue_s=(req.scheduled_time - req.arrival_time) if req.scheduled_time else None)
         if req.is_finished:
             self._detok.pop(req.request_id, None)
             self.requests.pop(req.request_id, None)
@@ -206,4 +207,7 @@ class UnitCore:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "pages_total": s.allocator.num_usable,
                 "pages_free": s.allocator.num_free, "pages_used": s.allocator.num_used, "page_size": s.page_size,
-                "steps": self.num_steps, "preemptions": s.num_preemptions}
+                "steps": self.num_steps, "preemptions": s.num_preemptions,
+                "recomputed_tokens": s.num_recomputed_tokens, "swap_outs": s.num_swap_outs, "swap_ins": s.num_swap_ins,
+                "swapped": len(s.swapped), "migrations_out": s.num_migrations_out,
+                "migrations_in": s.num_migrations_in, "migrated_bytes": s.migrated_bytes, "events": s.events}

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from kunjax.control.batch import Buckets, ScheduledStep, StepShape, build_batch
 from kunjax.control.cluster import run_to_completion
 from kunjax.control.ops import STEP, DeviceOp
-from kunjax.control.overload import OverloadPolicy
+from kunjax.control.overload import OverloadPolicy, unit_policy
 from kunjax.control.pages import PageAllocator, pages_for
 from kunjax.control.request import Request, RequestOutput, SamplingParams, validate_prompt
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
@@ -66,6 +66,8 @@ class EngineConfig:
     # compiled one: for offline batch runs, where a short compile beats many oversized steps. A
     # server leaves this off (nothing compiles on its request path).
     compile_on_demand: bool = False
+    overload_policy: str = "recompute"  # the per-unit policy (kunjax.control.overload.unit_policy)
+    swap_space_bytes: int = 1 << 30  # host memory bound of the swap policy, per instance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +151,9 @@ class LLMEngine(UnitCore):
                            embed=params["embed"], head=head_params(params))
         self.num_pages = num_pages
         eos = tuple(self.cfg.eos_token_ids) or tuple(getattr(self.tokenizer, "eos_token_ids", ()))
+        policy = policy or unit_policy(config.overload_policy)
         super().__init__(Scheduler(sc, PageAllocator(num_pages), self.page_size, self.max_model_len, policy), eos)
+        self.swap = self._swap_space() if policy.name == "swap" else None
         self._ids = itertools.count()
         # While a drop forms this instance's group, each layer of a step runs where its KV is
         # (kunjax.memory.drop sets it; None: everything on this instance's own stage).
@@ -161,6 +165,14 @@ class LLMEngine(UnitCore):
         n = self.compile(self.buckets.all_shapes() if config.warmup else self.first_shapes())
         if n:
             log.info("compiled %d executables in %.1fs on %s", n, time.perf_counter() - t, self.device)
+
+    def _swap_space(self):
+        from kunjax.runtime import swap
+
+        per_page = swap.host_page_bytes(page_bytes(self.cfg, self.page_size, self.dtype), self.tp,
+                                        len(self.mesh.local_devices))
+        self.scheduler.swap_capacity_pages = swap.capacity_pages(self.config.swap_space_bytes, per_page)
+        return swap.SwapSpace(self.stage, self.scheduler.events, self.device)
 
     def first_shapes(self) -> list:
         """The shapes this instance needs before it serves (a pipeline group it joins needs the same
@@ -293,8 +305,11 @@ class LLMEngine(UnitCore):
         if shape is None:
             raise RuntimeError(f"no compiled step shape covers {needed}; the covering shapes are compiled at "
                                f"start-up, so this is a bug")
-        return DeviceOp(STEP, 0, {"shape": [shape.rows, shape.query, shape.pages], "num_rows": len(step.rows)},
-                        build_batch(step.rows, shape, self.page_size))
+        args = {"shape": [shape.rows, shape.query, shape.pages], "num_rows": len(step.rows)}
+        moves = self.scheduler.take_moves()
+        if moves:  # swaps the scheduler decided: carried out before the step, on every process
+            args["moves"] = moves
+        return DeviceOp(STEP, 0, args, build_batch(step.rows, shape, self.page_size))
 
     def set_route(self, segments, embed_stage=None, head_stage=None) -> None:
         """Layer by layer where this instance's steps run (a drop under way), and the stages that
@@ -312,6 +327,8 @@ class LLMEngine(UnitCore):
             return run_route(*self.route, op.arrays, shape, op.args["num_rows"], self.page_size)
         if not self.stage.ready(shape):  # a follower process that has not compiled it yet
             self.exes.compile(self.stage.keys(shape))
+        if op.args.get("moves"):
+            self.swap.apply(op.args["moves"])
         fl = self.stage.run(op.arrays, shape, op.args["num_rows"])
         if self.keep_logits:
             self.last_logits = fl.logits
@@ -340,6 +357,17 @@ class LLMEngine(UnitCore):
         """Runs prompts to completion (offline use); outputs in input order."""
         return run_to_completion(lambda p, sp: self.add_request(p, sp).request_id, self.step, self.has_unfinished,
                                  prompts, params)
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        out = super().abort(request_id)
+        if self.swap is not None:  # a host copy of a cancelled request is freed now (again, idempotently,
+            for m in self.scheduler.moves:  # when the next step's moves replay on every process)
+                if m["kind"] == "discard":
+                    self.swap.discard(m["request_id"])
+        return out
+
+    def host_status(self) -> dict:
+        return {**super().host_status(), **(self.swap.status() if self.swap is not None else {})}
 
     # ---- status ----------------------------------------------------------------------------
     @property

@@ -57,18 +57,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "e2e_ms", "instance")
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "e2e_ms", "instance", "queue_ms")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     ttft_ms: float
     e2e_ms: float
     instance: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., instance: _Optional[int] = ...) -> None: ...
+    queue_ms: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., instance: _Optional[int] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "usage")
@@ -99,13 +101,37 @@ class CompleteResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("skip_memory",)
+    __slots__ = ("skip_memory", "events_after")
     SKIP_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_AFTER_FIELD_NUMBER: _ClassVar[int]
     skip_memory: bool
-    def __init__(self, skip_memory: _Optional[bool] = ...) -> None: ...
+    events_after: int
+    def __init__(self, skip_memory: _Optional[bool] = ..., events_after: _Optional[int] = ...) -> None: ...
+
+class OverloadEvent(_message.Message):
+    __slots__ = ("seq", "time", "kind", "instance", "request_id", "bytes", "tokens", "seconds", "target")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    time: float
+    kind: str
+    instance: int
+    request_id: str
+    bytes: int
+    tokens: int
+    seconds: float
+    target: int
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., instance: _Optional[int] = ..., request_id: _Optional[str] = ..., bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., target: _Optional[int] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("id", "devices", "tp", "running", "waiting", "pages_total", "pages_free", "pages_used", "page_size", "steps", "preemptions", "group", "layer_start", "layer_stop")
+    __slots__ = ("id", "devices", "tp", "running", "waiting", "pages_total", "pages_free", "pages_used", "page_size", "steps", "preemptions", "group", "layer_start", "layer_stop", "recomputed_tokens", "swap_outs", "swap_ins", "swapped_out_bytes", "swapped_in_bytes", "swapped", "host_swap_bytes", "swap_seconds", "migrations_out", "migrations_in", "migrated_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +146,17 @@ class InstanceStatus(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_STOP_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_OUTS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_INS_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_OUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_IN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    HOST_SWAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_OUT_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_IN_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: int
     devices: _containers.RepeatedScalarFieldContainer[str]
     tp: int
@@ -134,7 +171,18 @@ class InstanceStatus(_message.Message):
     group: int
     layer_start: int
     layer_stop: int
-    def __init__(self, id: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., group: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ...) -> None: ...
+    recomputed_tokens: int
+    swap_outs: int
+    swap_ins: int
+    swapped_out_bytes: int
+    swapped_in_bytes: int
+    swapped: int
+    host_swap_bytes: int
+    swap_seconds: float
+    migrations_out: int
+    migrations_in: int
+    migrated_bytes: int
+    def __init__(self, id: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., page_size: _Optional[int] = ..., steps: _Optional[int] = ..., preemptions: _Optional[int] = ..., group: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., swap_outs: _Optional[int] = ..., swap_ins: _Optional[int] = ..., swapped_out_bytes: _Optional[int] = ..., swapped_in_bytes: _Optional[int] = ..., swapped: _Optional[int] = ..., host_swap_bytes: _Optional[int] = ..., swap_seconds: _Optional[float] = ..., migrations_out: _Optional[int] = ..., migrations_in: _Optional[int] = ..., migrated_bytes: _Optional[int] = ...) -> None: ...
 
 class StagePlan(_message.Message):
     __slots__ = ("instance", "layer_start", "layer_stop", "embed", "head")
@@ -210,7 +258,7 @@ class DeviceMemory(_message.Message):
     def __init__(self, device: _Optional[str] = ..., live_bytes: _Optional[int] = ..., bytes_in_use: _Optional[int] = ..., instance: _Optional[int] = ..., budget: _Optional[int] = ..., weights: _Optional[int] = ..., layers: _Optional[_Mapping[int, int]] = ..., embed: _Optional[int] = ..., head: _Optional[int] = ..., kv: _Optional[int] = ..., reserve: _Optional[int] = ..., other: _Optional[int] = ..., free: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "instances", "groups", "memory", "running", "waiting", "queued", "pages_total", "pages_free", "compiles", "overload_policy", "max_model_len", "timing", "compiling")
+    __slots__ = ("model", "instances", "groups", "memory", "running", "waiting", "queued", "pages_total", "pages_free", "compiles", "overload_policy", "max_model_len", "timing", "compiling", "events")
     class TimingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +280,7 @@ class StatusResponse(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     COMPILING_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
@@ -246,7 +295,8 @@ class StatusResponse(_message.Message):
     max_model_len: int
     timing: _containers.ScalarMap[str, float]
     compiling: bool
-    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[DeviceMemory, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., compiles: _Optional[int] = ..., overload_policy: _Optional[str] = ..., max_model_len: _Optional[int] = ..., timing: _Optional[_Mapping[str, float]] = ..., compiling: _Optional[bool] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[OverloadEvent]
+    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[DeviceMemory, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., compiles: _Optional[int] = ..., overload_policy: _Optional[str] = ..., max_model_len: _Optional[int] = ..., timing: _Optional[_Mapping[str, float]] = ..., compiling: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[OverloadEvent, _Mapping]]] = ...) -> None: ...
 
 class PlanDropRequest(_message.Message):
     __slots__ = ("group_size",)
