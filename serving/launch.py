@@ -147,7 +147,7 @@ class MemoryPolicyOptions:
     transition_cooldown_s: float
     max_group_size: int
     tpot_slo_ms: float
-    swap_space_bytes: int
+    swap_space_bytes: int = 1 << 30
 
 
 def kunserve_config(memory: MemoryPolicyOptions):
