@@ -300,6 +300,14 @@ class ServingCluster(Cluster):
                             f"compile_plan() first, or retry once the background compiler has them")
         if self.transitions():
             raise DropError("a drop or a restore is under way; one transition at a time")
+        members = {id(self.engines[st.instance]) for gp in plan.groups for st in gp.stages}
+        if any(id(u) in members for t in self.tasks for u in t.units):
+            raise DropError("an instance of this plan is in a migration; retry when it has finished")
+        for gp in plan.groups:
+            for st in gp.stages:
+                if getattr(self.engines[st.instance].scheduler, "swapped", None):
+                    raise DropError(f"instance {st.instance} has requests swapped out to host memory; retry when "
+                                    f"they are back")
         task = DropTask(self, plan)
         self.start_task(task)
         return task
