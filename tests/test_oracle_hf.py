@@ -40,6 +40,9 @@ def test_config_read(family_model):
         assert cfg.qk_norm and cfg.head_dim == 32
     if family == "mistral":
         assert cfg.sliding_window == 40
+    if family == "qwen3_moe":
+        assert cfg.qk_norm and cfg.norm_topk_prob
+        assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (4, 2, 48)
 
 
 def test_greedy_token_identical(family_model):

@@ -146,7 +146,9 @@ class ModelConfig:
                 raise ValueError(f"qwen3_moe with dense layers (mlp_only_layers={dense}, decoder_sparse_step="
                                  f"{hf.get('decoder_sparse_step')}) is not supported: every layer must be a "
                                  f"mixture-of-experts layer (decoder_sparse_step 1, mlp_only_layers empty)")
-            moe = dict(num_experts=int(hf["num_experts"]), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+            # published checkpoints say num_experts; transformers 5 writes num_local_experts
+            experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+            moe = dict(num_experts=int(experts), num_experts_per_tok=int(hf["num_experts_per_tok"]),
                        moe_intermediate_size=int(hf["moe_intermediate_size"]),
                        norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
         return cls(
