@@ -316,6 +316,15 @@ def abstract_params(cfg: ModelConfig, dtype=np.float32, sharding=None) -> Params
     return model_spec(cfg).build(lambda _k, shape, _a: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
 
 
+def take_expert(layer_state: LayerParams, e: int) -> LayerParams:
+    """Removes routed expert `e`'s parameters from a layer's state and returns them (to delete, or
+    to move to the device that will serve that expert); the rest of the layer stays as it is."""
+    keys = [k for k in layer_state if k.startswith(f"experts.{e}.")]
+    if not keys:
+        raise KeyError(f"this layer state holds no expert {e}")
+    return {k: layer_state.pop(k) for k in keys}
+
+
 def head_params(params: Params) -> Params:
     """The weights the LM head reads: the final norm and lm_head, or the tied embedding."""
     w = "lm_head" if "lm_head" in params else "embed"
