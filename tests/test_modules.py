@@ -108,3 +108,19 @@ def test_deleting_module_state_frees_exactly_its_bytes():
     h = eng.stage.run_embed(dev, shape)
     eng.stage.layers = {2: eng.stage.layers[2]}
     assert np.isfinite(np.asarray(eng.stage.run_layers(h, dev, shape))).all()
+
+
+def test_moe_config_errors_name_the_field():
+    """What one compiled layer cannot serve is refused with the field named, before any weight loads."""
+    from hf_models import make_config
+    from sharding.rules import validate_tp
+
+    hf = make_config("qwen3_moe").to_dict()
+    for bad in ({"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ModelConfig.from_hf_config({**hf, **bad})
+    with pytest.raises(ValueError, match="num_experts_per_tok 5"):
+        ModelConfig.from_hf_config({**hf, "num_experts_per_tok": 5})
+    cfg = ModelConfig.from_hf_config(hf)
+    with pytest.raises(ValueError, match="moe_intermediate_size=48"):
+        validate_tp(cfg, 32)  # each expert's hidden (48) does not split 32 ways
