@@ -17,8 +17,10 @@ logical axes to the instance's mesh axes. Megatron-style tensor parallelism fall
 Splitting the flattened H*hd columns into tp contiguous blocks keeps whole heads together, and with
 GQA the q heads of one kv head land on the same device as that kv head (q head h uses kv head
 h // (H / KV)), so attention needs no communication. KV pools `(kv_heads, pages, page_size, head_dim)`
-are split on kv heads the same way. Expert parallelism is one rule away: the experts are separate
-states per layer, so placing expert e on a device (mapping `expert`) needs no new table.
+are split on kv heads the same way. Each routed expert is a state of its own per layer (its own
+arrays, `experts.<e>.*`), split over tp by `expert_mlp`; the router's expert dimension is named
+`expert`, so expert parallelism (whole experts placed per device, replicated experts dropped) is a
+rule and a placement of those per-expert states, not a new table.
 """
 
 from __future__ import annotations
