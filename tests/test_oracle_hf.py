@@ -32,6 +32,7 @@ def test_config_read(family_model):
     cfg = lm.config
     assert cfg.num_layers == hf.config.num_hidden_layers
     assert cfg.tie_word_embeddings == bool(hf.config.tie_word_embeddings)
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters())  # every expert counted once
     if family == "llama3":
         assert cfg.rope_scaling is not None and cfg.rope_scaling.factor == 8.0
     if family == "qwen2":
