@@ -124,3 +124,22 @@ def test_moe_config_errors_name_the_field():
     cfg = ModelConfig.from_hf_config(hf)
     with pytest.raises(ValueError, match="moe_intermediate_size=48"):
         validate_tp(cfg, 32)  # each expert's hidden (48) does not split 32 ways
+
+
+@pytest.mark.slow
+def test_moe_drop_and_restore_are_token_exact():
+    """The parameter drop moves and deletes MoE layers (every expert's state with its layer) as it
+    does dense ones: a tp=2 pair drops into a pipeline group and restores mid-generation, token-exact
+    with an engine that never drops, nothing compiled during either."""
+    from test_memory_mechanism import CONFIG as MECH, prompts_for, run_with_transitions
+
+    from kunjax.runtime.cluster import ServingCluster
+
+    model = _moe_model()
+    prompts = prompts_for(6, seed=11)
+    params = [SamplingParams(max_tokens=16 + i % 5, ignore_eos=True) for i in range(6)]
+    want = [o.token_ids for o in LLMEngine(model, MECH).generate(prompts, params)]
+    cluster = ServingCluster.build(model, MECH, num_instances=2, tp=2)
+    got, rep = run_with_transitions(cluster, prompts, params, drop_at=3, restore_at=5, group_size=2)
+    assert got == want
+    assert rep["drop"].compiles == 0 and rep["restore"].compiles == 0 and rep["compiles_grouped"] == 0
