@@ -143,3 +143,30 @@ def test_moe_drop_and_restore_are_token_exact():
     got, rep = run_with_transitions(cluster, prompts, params, drop_at=3, restore_at=5, group_size=2)
     assert got == want
     assert rep["drop"].compiles == 0 and rep["restore"].compiles == 0 and rep["compiles_grouped"] == 0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_moe_mlp_routes_like_the_definition(normalize):
+    """The MoE layer's MLP, merged from its flat state (12 experts: keys sort as strings, experts by
+    index), equals a per-token loop over the chosen experts in numpy, with and without renormalising
+    the top-k probabilities."""
+    cfg = ModelConfig(model_type="qwen3_moe", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8, qk_norm=True, num_experts=12, num_experts_per_tok=3,
+                      moe_intermediate_size=8, norm_topk_prob=normalize)
+    spec = model_spec(cfg).layer
+    lp = init_params(cfg, seed=0, scale=0.3)["layers"][0]
+    merged = spec.merge(lp)
+    assert all(np.array_equal(merged.experts[e].w_up[...], lp[f"experts.{e}.w_up"]) for e in range(12))
+    x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda state, x: spec.merge(state).mlp(x))(lp, x))
+    logits = x.astype(np.float64) @ lp["router"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.zeros_like(got, dtype=np.float64)
+    for t in range(len(x)):
+        chosen = np.argsort(-probs[t])[:3]
+        weights = probs[t, chosen] / (probs[t, chosen].sum() if normalize else 1.0)
+        for e, w in zip(chosen, weights):
+            gate, up = x[t] @ lp[f"experts.{e}.w_gate"], x[t] @ lp[f"experts.{e}.w_up"]
+            want[t] += w * ((gate / (1 + np.exp(-gate)) * up) @ lp[f"experts.{e}.w_down"])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -230,6 +230,11 @@ def key_of(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def expert_prefix(e: int) -> str:
+    """The key prefix of routed expert `e`'s parameters in a layer's state."""
+    return f"experts.{e}."
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StateSpec:
     """What one module's state is: its graph definition (static) and, per flat key, the shape and
@@ -270,7 +275,7 @@ class StateSpec:
 
     def expert_keys(self, e: int) -> list[str]:
         """The keys of routed expert `e` in a layer's state (empty for a dense layer)."""
-        return [k for k in self.keys if k.startswith(f"experts.{e}.")]
+        return [k for k in self.keys if k.startswith(expert_prefix(e))]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -319,7 +324,7 @@ def abstract_params(cfg: ModelConfig, dtype=np.float32, sharding=None) -> Params
 def take_expert(layer_state: LayerParams, e: int) -> LayerParams:
     """Removes routed expert `e`'s parameters from a layer's state and returns them (to delete, or
     to move to the device that will serve that expert); the rest of the layer stays as it is."""
-    keys = [k for k in layer_state if k.startswith(f"experts.{e}.")]
+    keys = [k for k in layer_state if k.startswith(expert_prefix(e))]
     if not keys:
         raise KeyError(f"this layer state holds no expert {e}")
     return {k: layer_state.pop(k) for k in keys}
