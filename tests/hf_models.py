@@ -24,10 +24,14 @@ def make_config(family: str):
         return transformers.Qwen3Config(**COMMON, head_dim=32, rope_theta=1e6, tie_word_embeddings=False)
     if family == "mistral":
         return transformers.MistralConfig(**COMMON, rope_theta=1e4, sliding_window=40, tie_word_embeddings=False)
+    if family == "qwen3_moe":  # every layer routes each token to 2 of 4 experts (Qwen3-30B-A3B: 8 of 128)
+        return transformers.Qwen3MoeConfig(**COMMON, head_dim=32, rope_theta=1e6, tie_word_embeddings=False,
+                                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                           norm_topk_prob=True)
     raise ValueError(family)
 
 
-FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
+FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral", "qwen3_moe")
 
 
 def make_model(family: str, seed: int = 0):

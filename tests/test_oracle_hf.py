@@ -32,6 +32,7 @@ def test_config_read(family_model):
     cfg = lm.config
     assert cfg.num_layers == hf.config.num_hidden_layers
     assert cfg.tie_word_embeddings == bool(hf.config.tie_word_embeddings)
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters())  # every expert counted once
     if family == "llama3":
         assert cfg.rope_scaling is not None and cfg.rope_scaling.factor == 8.0
     if family == "qwen2":
@@ -40,6 +41,9 @@ def test_config_read(family_model):
         assert cfg.qk_norm and cfg.head_dim == 32
     if family == "mistral":
         assert cfg.sliding_window == 40
+    if family == "qwen3_moe":
+        assert cfg.qk_norm and cfg.norm_topk_prob
+        assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (4, 2, 48)
 
 
 def test_greedy_token_identical(family_model):

@@ -11,7 +11,8 @@ from kunjax.io.loader import load_model
 from kunjax.control.request import SamplingParams
 from kunjax.control.scheduler import SchedulerConfig
 from sharding.mesh import instance_meshes, split_devices
-from sharding.rules import spec_for, validate_tp
+from kunjax.model.transformer import model_spec
+from sharding.rules import KV_POOL_AXES, spec_for, validate_tp
 
 # Shared by the serving tests so their compiled executables are reused within one pytest run.
 CONFIG = EngineConfig(page_size=16, num_pages=128, max_model_len=128,
@@ -25,11 +26,17 @@ def reference():
 
 
 def test_rule_table():
-    assert spec_for("wq") == P(None, "tp") and spec_for("wk") == P(None, "tp")
-    assert spec_for("wo") == P("tp", None) and spec_for("w_down") == P("tp", None)
-    assert spec_for("w_gate") == P(None, "tp") and spec_for("w_up") == P(None, "tp")
-    assert spec_for("attn_norm") == P(None) and spec_for("embed") == P(None, None)
-    assert spec_for("kv_pool") == P("tp", None, None, None)
+    """Each parameter's logical axes live in its module; the one rule table turns them into specs."""
+    spec = model_spec(tiny_config())
+    layer = lambda n: spec_for(spec.layer.axes[n])  # noqa: E731
+    assert layer("wq") == P(None, "tp") and layer("wk") == P(None, "tp")
+    assert layer("wo") == P("tp", None) and layer("w_down") == P("tp", None)
+    assert layer("w_gate") == P(None, "tp") and layer("w_up") == P(None, "tp")
+    assert layer("attn_norm") == P(None) and spec_for(spec.embed.axes["embed"]) == P(None, None)
+    assert spec_for(spec.head.axes["lm_head"]) == P(None, "tp")
+    assert spec_for(KV_POOL_AXES) == P("tp", None, None, None)
+    with pytest.raises(KeyError, match="no rule for logical axes"):
+        spec_for(("embed", "no_such_axis"))
 
 
 def test_validate_tp_errors():

@@ -2,7 +2,8 @@
 
 Llama 2/3/3.1, Qwen2/2.5, Qwen3 and Mistral differ only in a handful of switches (QKV bias, q/k
 RMSNorm, tied embeddings, RoPE scaling, sliding window), so one config and one forward pass serve
-them all. `from_hf_config` reads a Hugging Face `config.json` dict.
+them all. Qwen3-MoE is Qwen3's attention with a routed mixture of experts in place of the dense MLP
+(`num_experts` > 0). `from_hf_config` reads a Hugging Face `config.json` dict.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,12 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # Mistral v0.1
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (Qwen3-MoE): every layer routes each token to num_experts_per_tok of
+    # num_experts SwiGLU experts of width moe_intermediate_size; 0 experts = a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the chosen experts' router probabilities to sum to 1
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -53,6 +60,20 @@ class ModelConfig:
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts "
+                             f"({self.num_experts})")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ValueError("moe_intermediate_size must be positive for a mixture-of-experts model")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def mlp_size(self) -> int:
+        """The hidden width tensor parallelism splits: the dense MLP's, or each expert's."""
+        return self.moe_intermediate_size if self.is_moe else self.intermediate_size
 
     @property
     def q_size(self) -> int:
@@ -64,7 +85,8 @@ class ModelConfig:
 
     def num_params(self) -> int:
         d, f = self.hidden_size, self.intermediate_size
-        per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * f + 2 * d
+        mlp = self.num_experts * 3 * d * self.moe_intermediate_size + d * self.num_experts if self.is_moe else 3 * d * f
+        per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + mlp + 2 * d
         if self.attention_bias:
             per_layer += self.q_size + 2 * self.kv_size
         if self.qk_norm:
@@ -113,8 +135,22 @@ class ModelConfig:
         sliding = hf.get("sliding_window")
         if model_type == "qwen2" and not hf.get("use_sliding_window", False):
             sliding = None
-        if model_type == "qwen3" and not hf.get("use_sliding_window", False):
+        if model_type in ("qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
             sliding = None
+        moe = {}
+        if model_type == "qwen3_moe":
+            # One compiled layer serves every layer, so all layers must be alike: the checkpoints
+            # published (Qwen3-30B-A3B, 235B-A22B) route in every layer.
+            dense = hf.get("mlp_only_layers") or []
+            if dense or int(hf.get("decoder_sparse_step", 1)) != 1:
+                raise ValueError(f"qwen3_moe with dense layers (mlp_only_layers={dense}, decoder_sparse_step="
+                                 f"{hf.get('decoder_sparse_step')}) is not supported: every layer must be a "
+                                 f"mixture-of-experts layer (decoder_sparse_step 1, mlp_only_layers empty)")
+            # published checkpoints say num_experts; transformers 5 writes num_local_experts
+            experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+            moe = dict(num_experts=int(experts), num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                       moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                       norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
         return cls(
             model_type=model_type,
             vocab_size=hf["vocab_size"],
@@ -130,10 +166,11 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **moe,
         )
 
     @classmethod

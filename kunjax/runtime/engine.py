@@ -39,6 +39,7 @@ from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 from kunjax.io.loader import LoadedModel
 from kunjax.memory import measure as memory
+from kunjax.model.config import ModelConfig
 from kunjax.model.transformer import head_params
 from kunjax.runtime.executables import StepExecutables, executables_for, keys_for
 from kunjax.runtime.kv_pools import allocate_pools, page_bytes
@@ -90,11 +91,11 @@ def single_device_mesh(device: jax.Device) -> Mesh:
     return Mesh(np.array([device]), (TP,))
 
 
-def place_params(params, mesh: Mesh):
-    """This instance's own copy of the weights on its mesh, by the sharding rules. Never aliases the
-    caller's arrays: the instance deletes layers it drops, and the loaded model's copy (if it is on
-    a device) must stay intact."""
-    shardings = param_shardings(params, mesh)
+def place_params(params, mesh: Mesh, cfg: ModelConfig):
+    """This instance's own copy of the weights on its mesh, each placed by its module's logical axes
+    and the sharding rules. Never aliases the caller's arrays: the instance deletes layers it drops,
+    and the loaded model's copy (if it is on a device) must stay intact."""
+    shardings = param_shardings(cfg, mesh)
     if all(isinstance(a, np.ndarray) for a in jax.tree.leaves(params)):
         return put_tree(params, shardings)  # host weights: each process places its own shards
     return jax.device_put(params, shardings, may_alias=False)
@@ -140,7 +141,7 @@ class LLMEngine(UnitCore):
                                max_pages_per_seq=pages_for(self.max_model_len, self.page_size),
                                page_size=self.page_size)
         self.exes = executables or executables_for(self.cfg, mesh, self.dtype, self.page_size)
-        params = place_params(model.params, mesh)
+        params = place_params(model.params, mesh, self.cfg)
         self.memory_split: Optional[MemorySplit] = None
         self.reserve_bytes = reserve_bytes
         self.budget = memory.device_budget(self.device, config.hbm_bytes, config.hbm_fraction,

@@ -2,7 +2,10 @@
 
 A step of an instance, or of one pipeline stage, is a short sequence of compiled calls: embed (on
 the stage that holds the embedding), one call per held layer, head (on the stage that holds the LM
-head). The layer executable takes the layer's weights and KV pools as arguments, so ONE executable
+head). Each piece is a Flax NNX module (kunjax.model.transformer): the executable takes the
+module's state as leaves (a flat dict of arrays) and rebuilds the module inside the trace from its
+static graph definition, so the compiled code is the plain math over the arrays. The layer
+executable takes the layer's weights and KV pools as arguments, so ONE executable
 per (shape bucket, pool size) serves every layer and any contiguous layer range: a pipeline stage
 made of layers [a, b) runs on the executables its devices already have. Compared with one executable
 holding all L layers unrolled per bucket, this compiles ~L times less code per instance (and keeps
@@ -30,9 +33,9 @@ from jax.sharding import Mesh
 from kunjax.control.batch import StepShape
 from kunjax.model.config import ModelConfig
 from kunjax.model.sampling import sample
-from kunjax.model.transformer import layer_forward, layer_shapes, lm_logits
+from kunjax.model.transformer import StateSpec, model_spec
 from kunjax.runtime.kv_pools import K, V, pool_shape, storage_dtype
-from sharding.rules import kv_sharding, replicated, spec_for
+from sharding.rules import kv_sharding, replicated, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +69,19 @@ def keys_for(shape: StepShape, pool_pages: int, embed: bool = True, head: bool =
     return keys
 
 
-# ---- the pure functions that get compiled ---------------------------------------------------------
-def _embed(embed_w, tokens):
-    return jnp.take(embed_w, tokens, axis=0)
+# ---- the functions that get compiled: modules merged from their state (graph definition static) ----
+def _embed(embed_w, tokens, *, spec: StateSpec):
+    return spec.merge({"embed": embed_w})(tokens)
 
 
-def _layer(lp, k_pool, v_pool, h, positions, slots, block_tables, ctx_lens, *, cfg: ModelConfig):
-    h, (k_pool, v_pool) = layer_forward(lp, (k_pool, v_pool), h, positions, slots, block_tables, ctx_lens, cfg)
+def _layer(lp, k_pool, v_pool, h, positions, slots, block_tables, ctx_lens, *, spec: StateSpec):
+    h, (k_pool, v_pool) = spec.merge(lp)((k_pool, v_pool), h, positions, slots, block_tables, ctx_lens)
     return h, k_pool, v_pool
 
 
-def _head(hp, h, last_idx, temperature, top_k, top_p, seeds, counters, *, cfg: ModelConfig):
+def _head(hp, h, last_idx, temperature, top_k, top_p, seeds, counters, *, spec: StateSpec):
     rows = jnp.arange(h.shape[0])
-    logits = lm_logits(hp, h[rows, last_idx], cfg)
+    logits = spec.merge(hp)(h[rows, last_idx])
     return sample(logits, temperature, top_k, top_p, seeds, counters), logits
 
 
@@ -123,17 +126,18 @@ class StepExecutables:
         rep = replicated(mesh)
         self.rep = rep
         self.kv_sh = kv_sharding(mesh)
-        self.layer_sh = {n: jax.sharding.NamedSharding(mesh, spec_for(n)) for n in layer_shapes(cfg)}
-        head_w = "embed" if self.tied else "lm_head"
-        self.head_sh = {"final_norm": jax.sharding.NamedSharding(mesh, spec_for("final_norm")),
-                        head_w: jax.sharding.NamedSharding(mesh, spec_for(head_w))}
-        self.embed_sh = jax.sharding.NamedSharding(mesh, spec_for("embed"))
+        self.spec = model_spec(cfg)  # the modules' graph definitions and state layouts
+        # every weight's placement, from its module's logical axes through sharding.rules
+        self.layer_sh = state_shardings(self.spec.layer, mesh)
+        self.head_sh = state_shardings(self.spec.head, mesh)
+        self.embed_sh = state_shardings(self.spec.embed, mesh)["embed"]
         self._jit = {
-            EMBED: jax.jit(_embed, in_shardings=(self.embed_sh, rep), out_shardings=rep),
-            LAYER: jax.jit(functools.partial(_layer, cfg=cfg), donate_argnums=(1, 2),
+            EMBED: jax.jit(functools.partial(_embed, spec=self.spec.embed), in_shardings=(self.embed_sh, rep),
+                           out_shardings=rep),
+            LAYER: jax.jit(functools.partial(_layer, spec=self.spec.layer), donate_argnums=(1, 2),
                            in_shardings=(self.layer_sh, self.kv_sh, self.kv_sh) + (rep,) * 5,
                            out_shardings=(rep, self.kv_sh, self.kv_sh)),
-            HEAD: jax.jit(functools.partial(_head, cfg=cfg), in_shardings=(self.head_sh,) + (rep,) * 7,
+            HEAD: jax.jit(functools.partial(_head, spec=self.spec.head), in_shardings=(self.head_sh,) + (rep,) * 7,
                           out_shardings=(rep, rep)),
             GATHER: jax.jit(_gather_pages, in_shardings=(self.kv_sh, rep), out_shardings=self.kv_sh),
             SCATTER: jax.jit(_scatter_pages, donate_argnums=(0,), in_shardings=(self.kv_sh, rep, self.kv_sh),
@@ -164,13 +168,11 @@ class StepExecutables:
         if key.kind == EMBED:
             return (self._sds((cfg.vocab_size, cfg.hidden_size), self.dtype, self.embed_sh), self._sds((R, Q), i32))
         if key.kind == LAYER:
-            lp = {n: self._sds(s, self.dtype, self.layer_sh[n]) for n, s in layer_shapes(cfg).items()}
+            lp = self.spec.layer.build(lambda n, shape, _axes: self._sds(shape, self.dtype, self.layer_sh[n]))
             return (lp, self._pool_sds(key.pool_pages, K), self._pool_sds(key.pool_pages, V), h,
                     self._sds((R, Q), i32), self._sds((R, Q), i32),
                     self._sds((R, key.pages), i32), self._sds((R,), i32))
-        w_shape = (cfg.vocab_size, cfg.hidden_size) if self.tied else (cfg.hidden_size, cfg.vocab_size)
-        hp = {n: self._sds(w_shape if n != "final_norm" else (cfg.hidden_size,), self.dtype, sh)
-              for n, sh in self.head_sh.items()}
+        hp = self.spec.head.build(lambda n, shape, _axes: self._sds(shape, self.dtype, self.head_sh[n]))
         rows = lambda dt: self._sds((R,), dt)  # noqa: E731
         return (hp, h, rows(i32), rows(jnp.float32), rows(i32), rows(jnp.float32), rows(jnp.uint32), rows(i32))
 

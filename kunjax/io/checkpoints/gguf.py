@@ -29,7 +29,7 @@ import numpy as np
 
 from kunjax.io.model_spec import SMOLLM2_FILE, smollm2_path  # noqa: F401  (re-exported: jax-free home)
 from kunjax.model.config import ModelConfig, RopeScaling
-from kunjax.model.transformer import Params, layer_shapes
+from kunjax.model.transformer import Params, model_spec
 
 Place = Callable[[np.ndarray], Any]
 
@@ -268,12 +268,11 @@ def load_gguf_params(tensors: _Tensors, cfg: ModelConfig, place: Place, dtype=np
                              f"expected {tuple(shape)} from the GGUF metadata")
         return place(np.ascontiguousarray(arr.astype(dtype)))
 
-    params: Params = {"embed": put("token_embd.weight", tensors.read("token_embd.weight"),
-                                   (cfg.vocab_size, cfg.hidden_size))}
-    layers = []
-    for i in range(cfg.num_layers):
-        lp = {}
-        for key, shape in layer_shapes(cfg).items():
+    top = {"embed": ("token_embd.weight", False), "final_norm": ("output_norm.weight", False),
+           "lm_head": ("output.weight", True)}
+
+    def layer(i: int):
+        def leaf(key, shape, _axes):
             name = f"blk.{i}.{_LAYER_TENSORS[key]}"
             arr = tensors.read(name)
             if permute and key in ("wq", "bq"):
@@ -282,13 +281,16 @@ def load_gguf_params(tensors: _Tensors, cfg: ModelConfig, place: Place, dtype=np
                 arr = unpermute_qk(arr, cfg.num_kv_heads)
             if arr.ndim == 2:
                 arr = arr.T
-            lp[key] = put(name, arr, shape)
-        layers.append(lp)
-    params["layers"] = layers
-    params["final_norm"] = put("output_norm.weight", tensors.read("output_norm.weight"), (cfg.hidden_size,))
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = put("output.weight", tensors.read("output.weight").T, (cfg.hidden_size, cfg.vocab_size))
-    return params
+            return put(name, arr, shape)
+        return leaf
+
+    def other(key, shape, _axes):
+        name, transpose = top[key]
+        arr = tensors.read(name)
+        return put(name, arr.T if transpose else arr, shape)
+
+    # the modules' state (kunjax.model.transformer.model_spec), at the shapes the modules declare
+    return model_spec(cfg).build(other, layer)
 
 
 def load_gguf(path: str, dtype=np.float32, place: Optional[Place] = None, name: Optional[str] = None):

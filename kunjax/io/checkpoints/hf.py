@@ -1,7 +1,9 @@
 """Hugging Face checkpoint directories: config.json + (sharded) *.safetensors + tokenizer.json.
 
 Tensors are read one at a time from memory-mapped safetensors files and handed to `place` (which
-casts and puts them on devices), layer by layer, so host memory never holds two full copies.
+casts and puts them on devices), layer by layer, so host memory never holds two full copies. What
+is read is the modules' state (kunjax.model.transformer.model_spec): every parameter key of each
+module, at the shape the module declares; Qwen3-MoE experts are read one expert at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from kunjax.model.config import ModelConfig
-from kunjax.model.transformer import Params, layer_shapes
+from kunjax.model.transformer import Params, model_spec
 
 Place = Callable[[np.ndarray], Any]
 
@@ -34,7 +36,19 @@ _LAYER_NAMES = {
     "w_gate": ("mlp.gate_proj.weight", True),
     "w_up": ("mlp.up_proj.weight", True),
     "w_down": ("mlp.down_proj.weight", True),
+    "router": ("mlp.gate.weight", True),
 }
+# a routed expert's parameter -> its tensor under mlp.experts.<e>. (the per-expert layout that
+# transformers writes for Qwen3-MoE)
+_EXPERT_NAMES = {"w_gate": "gate_proj.weight", "w_up": "up_proj.weight", "w_down": "down_proj.weight"}
+
+
+def layer_tensor(key: str) -> tuple[str, bool]:
+    """A layer-state key -> (checkpoint tensor name under layers.<i>., transposed?)."""
+    if key.startswith("experts."):
+        _, e, leaf = key.split(".")
+        return f"mlp.experts.{e}.{_EXPERT_NAMES[leaf]}", True
+    return _LAYER_NAMES[key]
 
 
 def is_hf_dir(path: str) -> bool:
@@ -87,18 +101,15 @@ def load_hf_params(path: str, cfg: ModelConfig, place: Place, dtype=np.float32) 
             raise ValueError(f"tensor {name!r} has shape {arr.shape}, expected {shape} from config.json")
         return place(np.ascontiguousarray(arr.astype(dtype)))
 
-    params: Params = {"embed": read(f"{prefix}embed_tokens.weight", False, (cfg.vocab_size, cfg.hidden_size))}
-    shapes = layer_shapes(cfg)
-    layers = []
-    for i in range(cfg.num_layers):
-        lp = {}
-        for key, shape in shapes.items():
-            name, transpose = _LAYER_NAMES[key]
-            lp[key] = read(f"{prefix}layers.{i}.{name}", transpose, shape)
-        layers.append(lp)
-    params["layers"] = layers
-    params["final_norm"] = read(f"{prefix}norm.weight", False, (cfg.hidden_size,))
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = read("lm_head.weight", True, (cfg.hidden_size, cfg.vocab_size))
+    top = {"embed": (f"{prefix}embed_tokens.weight", False), "final_norm": (f"{prefix}norm.weight", False),
+           "lm_head": ("lm_head.weight", True)}
+
+    def layer(i: int):
+        def leaf(key, shape, _axes):
+            name, transpose = layer_tensor(key)
+            return read(f"{prefix}layers.{i}.{name}", transpose, shape)
+        return leaf
+
+    params = model_spec(cfg).build(lambda key, shape, _axes: read(*top[key], shape), layer)
     idx.close()
     return params

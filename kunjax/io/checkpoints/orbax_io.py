@@ -1,5 +1,6 @@
 """Orbax checkpoints: a directory with config.json (kunjax's ModelConfig), the tokenizer files and
-an orbax PyTree checkpoint of the parameters under `params/`."""
+an orbax PyTree checkpoint of the modules' state under `params/` (the params tree of
+kunjax.model.transformer: the embedding's, each decoder layer's and the head's flat state)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kunjax.model.config import ModelConfig
-from kunjax.model.transformer import Params
+from kunjax.model.transformer import Params, abstract_params
 
 MARKER = "kunjax_config.json"
 
@@ -48,25 +49,9 @@ def load_orbax_config(path: str) -> ModelConfig:
 def load_orbax_params(path: str, cfg: ModelConfig, dtype=np.float32, sharding=None) -> Params:
     """Restores straight into the target dtype and placement (no intermediate host copy of the tree)."""
     path = os.path.abspath(path)
-    shapes = init_params_abstract(cfg)
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding), shapes)
+    target = abstract_params(cfg, dtype, sharding)
     with ocp.StandardCheckpointer() as ckpt:
         return ckpt.restore(os.path.join(path, "params"), target)
 
-
-def init_params_abstract(cfg: ModelConfig):
-    """Shape-only parameter tree (no random numbers drawn)."""
-    from kunjax.model.transformer import layer_shapes
-
-    d, v = cfg.hidden_size, cfg.vocab_size
-    tree = {
-        "embed": jax.ShapeDtypeStruct((v, d), np.float32),
-        "layers": [{k: jax.ShapeDtypeStruct(s, np.float32) for k, s in layer_shapes(cfg).items()}
-                   for _ in range(cfg.num_layers)],
-        "final_norm": jax.ShapeDtypeStruct((d,), np.float32),
-    }
-    if not cfg.tie_word_embeddings:
-        tree["lm_head"] = jax.ShapeDtypeStruct((d, v), np.float32)
-    return tree
