@@ -255,3 +255,47 @@ class RoundRobinPolicy:
     def choose(self, views, num_tokens):
         self.n += 1
         return views[(self.n - 1) % len(views)].index
+
+
+def test_a_task_over_two_units_is_not_starved_by_their_steps():
+    """Two units whose steps land at different times: a task over both still advances (its idle unit
+    waits for the busy one instead of being dispatched again in turn)."""
+    import threading
+
+    class Lagging(FakeUnit):
+        def __init__(self, delay):
+            super().__init__(64)
+            self.delay = delay
+
+        def wait(self, handle):
+            threading.Event().wait(self.delay)
+
+    a, b = Lagging(0.002), Lagging(0.011)
+    cluster = Cluster([a, b], FakeFrontend(), policy=RoundRobinPolicy())
+
+    class Pieces:
+        units = [a, b]
+        done = 0
+
+        def holds(self, unit):
+            return False
+
+        def advance(self, cluster):
+            assert not cluster.busy(a) and not cluster.busy(b)
+            self.done += 1
+            return self.done == 5
+
+    for _ in range(2):
+        cluster.add_request([1, 2], SamplingParams(max_tokens=60))
+    task = Pieces()
+    cluster.start_task(task)
+    ids = list(cluster._where)
+    for _ in range(100):
+        cluster.poll(timeout=0.05)
+        if task not in cluster.tasks:
+            break
+    assert task.done == 5 and task not in cluster.tasks
+    assert all(cluster.is_known(i) for i in ids), "the task finished while both units still had work"
+    while cluster.has_unfinished():
+        cluster.poll(timeout=0.05)
+    cluster.close_waiters()

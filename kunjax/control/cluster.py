@@ -82,7 +82,8 @@ class Task(Protocol):
     """Work the cluster loop interleaves with steps: a transition, a migration.
 
     `units`: the units it touches; `advance(cluster)` runs only while none of them has a step in
-    flight, does one bounded piece (device operations go through `cluster.run_op`) and returns True
+    flight (while one has, the others are not dispatched again, so the piece is never starved), does
+    one bounded piece (device operations go through `cluster.run_op`) and returns True
     when the task is done. Between two pieces the named units step as usual; `holds(unit)` says a
     unit must not step at all for now (its state is mid-change)."""
 
@@ -145,6 +146,7 @@ class Cluster:
         self._op_handlers: dict[str, Callable[["Cluster", DeviceOp], Any]] = {}
         self.timing = StepTiming()
         self.tasks: list[Task] = []
+        self._claimed: set[int] = set()  # ids of units a waiting task keeps from being dispatched
         self._inflight: dict[int, _InFlight] = {}  # id(unit) -> its step in flight
         self._deferred_aborts: dict[int, list[str]] = {}  # id(unit) -> requests to abort after its step
         self._ready_outputs: list[RequestOutput] = []  # produced outside a poll (a deferred abort, a task)
@@ -290,7 +292,7 @@ class Cluster:
         t0 = time.perf_counter()
         launched = 0
         for i, unit in enumerate(self.units):
-            if id(unit) in self._inflight or any(t.holds(unit) for t in self.tasks):
+            if id(unit) in self._inflight or id(unit) in self._claimed or any(t.holds(unit) for t in self.tasks):
                 continue
             step = unit.schedule()
             if step is None:
@@ -354,8 +356,12 @@ class Cluster:
                 self.policy_hook()
             except Exception:
                 log.exception("the overload policy failed this iteration; serving goes on")
+        self._claimed = set()
         for task in list(self.tasks):
             if any(id(u) in self._inflight for u in task.units):
+                # Its idle units wait for the busy ones to land, so the next piece finds them all idle
+                # (units that kept being re-dispatched in turn would starve it).
+                self._claimed.update(id(u) for u in task.units)
                 continue
             try:
                 done = task.advance(self)
