@@ -307,8 +307,11 @@ def test_kunserve_drops_and_restores_by_itself_through_a_burst(host_model, refer
     assert ready == total, "after the ladder compiled, every plan the planner can return is ready"
     live0 = _live_total(cluster)
     c0 = compile_stats.compile_count()
+    from kunjax.control.cost_model import CostModel
+
+    cm = CostModel([0.5e-3, 1e-3, 20e-6, 50e-6, 2e-6, 3e-3, 30e-6], {"d2d": 10e9})
     cluster.enable_kunserve(KunserveConfig(monitor=MonitorConfig(drop_dwell_s=0.0, restore_dwell_s=0.3,
-                                                                 transition_cooldown_s=0.0)))
+                                                                 transition_cooldown_s=0.0)), cm)
     ids = [cluster.add_request(p, params) for p in prompts]
     outs, grouped_at = {}, None
     while cluster.has_unfinished() or cluster.groups():
@@ -321,6 +324,7 @@ def test_kunserve_drops_and_restores_by_itself_through_a_burst(host_model, refer
     st = cluster.status(with_memory=False)
     assert st["transition_counts"]["drops"] >= 1 and st["transition_counts"]["restores"] >= 1
     assert st["overload_policy"]["drops"] >= 1 and st["overload_policy"]["restores"] >= 1
+    assert st["overload_policy"]["cost_model"]["observed_steps"] > 0  # it reports its own error
     assert [outs[i].token_ids for i in ids] == want
     assert st["pages_free"] == st["pages_total"] and cluster.groups() == []
     assert all(sorted(e.stage.layers) == list(range(4)) and e.stage.embed is not None for e in cluster.engines)

@@ -78,6 +78,12 @@ class Frontend(Protocol):
     def detokenizer(self, prompt_token_ids: Sequence[int]) -> Any: ...
 
 
+def _landed(wait: Callable[[Any], None], handle: Any) -> float:
+    """A waiter thread's job: wait for the step's result; returns when it landed."""
+    wait(handle)
+    return time.perf_counter()
+
+
 class Task(Protocol):
     """Work the cluster loop interleaves with steps: a transition, a migration.
 
@@ -98,7 +104,9 @@ class _InFlight:
     unit: StepUnit
     step: Any
     handle: Any
-    ready: concurrent.futures.Future
+    ready: concurrent.futures.Future  # its result: perf_counter() when the step landed (None: unknown)
+    op: Optional[DeviceOp] = None
+    dispatched: float = 0.0
 
 
 @dataclasses.dataclass
@@ -161,6 +169,9 @@ class Cluster:
         # Called once per iteration before the tasks advance: an overload policy that decides from the
         # views (kunjax.control.kunserve) and starts cluster tasks.
         self.policy_hook: Optional[Callable[[], None]] = None
+        # Called with (unit, op, seconds from dispatch to landing) for every finished step (a cost
+        # model observes its own error there).
+        self.on_step: Optional[Callable[[StepUnit, DeviceOp, float], None]] = None
 
     # ---- requests --------------------------------------------------------------------------
     @property
@@ -301,8 +312,9 @@ class Cluster:
             op.target = i
             if self.oplog is not None:
                 self.oplog.send([op])
+            t_op = time.perf_counter()
             handle = self.execute(op)
-            self._inflight[id(unit)] = _InFlight(unit, step, handle, self._watch(unit, handle))
+            self._inflight[id(unit)] = _InFlight(unit, step, handle, self._watch(unit, handle), op, t_op)
             launched += 1
         if launched:
             self.timing.iterations += 1
@@ -320,7 +332,7 @@ class Cluster:
             if self._waiters is None:
                 self._waiters = concurrent.futures.ThreadPoolExecutor(max_workers=16,
                                                                       thread_name_prefix="kunjax-step-waiter")
-            fut = self._waiters.submit(wait, handle)
+            fut = self._waiters.submit(_landed, wait, handle)
         if self.on_ready is not None:
             fut.add_done_callback(lambda _f: self.on_ready())
         return fut
@@ -333,6 +345,12 @@ class Cluster:
             if not fl.ready.done():
                 continue
             del self._inflight[key]
+            landed = fl.ready.result() if fl.ready.exception() is None else None
+            if self.on_step is not None and landed is not None:
+                try:
+                    self.on_step(fl.unit, fl.op, landed - fl.dispatched)
+                except Exception:
+                    log.exception("the step observer failed")
             try:
                 outs.extend(fl.unit.finish(fl.step, fl.handle))
             finally:

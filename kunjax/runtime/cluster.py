@@ -400,9 +400,20 @@ class ServingCluster(Cluster):
 
         self.cost_model = cost_model
         self.tpot_slo_ms = config.tpot_slo_ms
+        if cost_model is not None:
+            self.on_step = self._observe_step
         self.kunserve = KunservePolicy.build(config, e0.cfg.tie_word_embeddings, self.member_infos, cost_model, ready)
         self.kunserve.planner.ladder = self.ladder()
         self.policy_hook = self._kunserve_tick
+
+    def _observe_step(self, unit, op, seconds: float) -> None:
+        """The cost model's prediction for an instance's step at its padded shape, against the time
+        the step took from dispatch to landing (its running error: Status and metrics)."""
+        from kunjax.control.batch import StepShape
+
+        if unit in self.engines and op is not None and "shape" in op.args:
+            self.cost_model.observe(self.cost_model.shape_time(StepShape(*op.args["shape"]), unit.cfg.num_layers),
+                                    seconds)
 
     def _kunserve_tick(self) -> None:
         from kunjax.control.kunserve import DropDecision, RestoreDecision
