@@ -84,6 +84,16 @@ class Request:
         return self.status == Status.FINISHED
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before penalties and temperature) and
+    the `top` most likely tokens there, as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclasses.dataclass
 class RequestOutput:
     """What a step (or a whole generation) produced for one request."""
@@ -97,6 +107,7 @@ class RequestOutput:
     text_delta: str = ""
     prompt_tokens: int = 0
     ttft_s: Optional[float] = None
+    new_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # of new_token_ids (logprobs asked)
 
 
 def validate_prompt(token_ids: Sequence[int], vocab_size: int) -> None:
