@@ -208,35 +208,40 @@ class HttpFront:
             api.check_model(body, self.core.model_name)
             inp = api.chat_input(body) if chat else api.completion_input(body)
             stream, include_usage = api.stream_options(body)
+            token_ids = body.get("return_token_ids", "bool", False)
             call = self.core.submit(inp, received)
         except ServingError as e:
             return error_response(e)
         shaper = api.Shaper(chat, call.request_id, self.core.model_name, self._token_text, inp.logprobs)
         if stream:
-            return _EventStream(self._stream(call, shaper, include_usage), call)
+            return _EventStream(self._stream(call, shaper, include_usage, token_ids), call)
         try:
             text, lps = [], []
             async for ev in call.events():
-                text.append(ev.output.text_delta)
-                lps.extend(ev.output.new_logprobs)
-                if ev.output.finished:
-                    return JSONResponse(shaper.whole("".join(text), lps, ev.output.finish_reason, call.usage(ev)))
+                out = ev.output
+                text.append(out.text_delta)
+                lps.extend(out.new_logprobs)
+                if out.finished:
+                    return JSONResponse(shaper.whole("".join(text), lps, out.finish_reason, call.usage(ev),
+                                                     out.token_ids if token_ids else None))
         except ServingError as e:
             return error_response(e)
         finally:
             call.close()
         return error_response(ServingError("INTERNAL", "request ended without a final output"))
 
-    async def _stream(self, call: Call, shaper: api.Shaper, include_usage: bool):
+    async def _stream(self, call: Call, shaper: api.Shaper, include_usage: bool, token_ids: bool = False):
         usage = {"usage": None} if include_usage else {}
         try:
             if shaper.chat:  # the role first, as the API does
                 yield _sse(shaper.chunk([shaper.choice("", [], None, delta=True, first=True)], **usage))
             async for ev in call.events():
                 out = ev.output
-                if out.text_delta or out.new_logprobs:
-                    yield _sse(shaper.chunk([shaper.choice(out.text_delta, out.new_logprobs, None, delta=True)],
-                                            **usage))
+                if out.text_delta or out.new_logprobs or (token_ids and out.new_token_ids):
+                    c = shaper.choice(out.text_delta, out.new_logprobs, None, delta=True)
+                    if token_ids:  # vLLM's return_token_ids
+                        c["token_ids"] = out.new_token_ids
+                    yield _sse(shaper.chunk([c], **usage))
                 if out.finished:
                     yield _sse(shaper.chunk([shaper.choice("", [], out.finish_reason, delta=True)], **usage))
                     if include_usage:

@@ -239,9 +239,12 @@ class Shaper:
         c["finish_reason"] = FINISH.get(finish, finish) if finish else None
         return c
 
-    def whole(self, text: str, lps: Sequence, finish: str, usage: Usage) -> dict:
-        return {**self._base("chat.completion" if self.chat else "text_completion"),
-                "choices": [self.choice(text, lps, finish, delta=False)], "usage": usage_dict(usage)}
+    def whole(self, text: str, lps: Sequence, finish: str, usage: Usage, token_ids: Optional[list] = None) -> dict:
+        c = self.choice(text, lps, finish, delta=False)
+        if token_ids is not None:  # vLLM's return_token_ids
+            c["token_ids"] = token_ids
+        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": [c],
+                "usage": usage_dict(usage)}
 
     def chunk(self, choices: list, usage: Any = ...) -> dict:
         d = {**self._base("chat.completion.chunk" if self.chat else "text_completion"), "choices": choices}

@@ -108,6 +108,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             async for ev in call.events():
                 out = ev.output
                 msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text_delta)
+                for lp in out.new_logprobs:
+                    m = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+                    for t, v in lp.top:
+                        m.top.add(token_id=t, logprob=v)
                 if out.finished:
                     msg.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_ERROR)
                     u = call.usage(ev)
@@ -123,18 +127,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Complete(self, request, context):
         """The whole completion in one message: the Generate stream, gathered."""
-        ids, text = [], []
+        ids, text, lps = [], [], []
         async for msg in self.Generate(request, context):
             ids.extend(msg.token_ids)
             text.append(msg.text)
+            lps.extend(msg.logprobs)
             if msg.HasField("usage"):  # the last message
                 return pb.CompleteResponse(request_id=msg.request_id, token_ids=ids, text="".join(text),
-                                           finish_reason=msg.finish_reason, usage=msg.usage)
+                                           finish_reason=msg.finish_reason, usage=msg.usage, logprobs=lps)
         await context.abort(grpc.StatusCode.INTERNAL, "request ended without a final output")
 
 
 # GenerateRequest's optional scalars, each a GenerateInput field of the same name.
-OPTIONAL_FIELDS = ("request_id", "max_tokens", "temperature", "top_p", "top_k", "seed")
+OPTIONAL_FIELDS = ("request_id", "max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "repetition_penalty",
+                   "frequency_penalty", "presence_penalty", "logprobs")
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

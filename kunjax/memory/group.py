@@ -26,7 +26,7 @@ from kunjax.control.request import RequestOutput
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 from kunjax.control.plan import GroupPlan
-from kunjax.runtime.runner import InFlight, Stage, launched, pick_shape
+from kunjax.runtime.runner import InFlight, Stage, host_logprobs, launched, pick_shape
 from sharding.transfer import move
 
 
@@ -113,14 +113,13 @@ class PipelineGroup(UnitCore):
         head = next(i for i, st in enumerate(self.stages) if st.head is not None)
         if head != len(self.stages) - 1:  # tied embedding: the head is the first stage's
             h = move(h, self.stages[head].exes.rep)
-        tokens, logits = self.stages[head].run_head(h, devs[head], shape)
-        return launched(tokens, num_rows, logits)
+        return launched(*self.stages[head].run_head(h, devs[head], shape), num_rows=num_rows)
 
     def finish(self, step: ScheduledStep, handles: list[InFlight]) -> list[RequestOutput]:
         t = time.perf_counter()
         tokens = np.concatenate([h.result() for h in handles]) if handles else np.zeros((0,), np.int32)
         self.last_wait_s = time.perf_counter() - t
-        return self.apply(step, tokens)
+        return self.apply(step, tokens, host_logprobs(handles))
 
     # ---- status ----------------------------------------------------------------------------
     @property
