@@ -133,6 +133,42 @@ def test_stop_string(oai, reference):
     assert r.choices[0].text == full[:cut] and r.choices[0].finish_reason == "stop"
 
 
+def test_logprobs(oai, server, reference):
+    want = greedy(reference, "log me", 5)
+    r = oai.completions.create(model="tiny", prompt="log me", max_tokens=5, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == want.text and len(lp.tokens) == 5
+    assert len(lp.token_logprobs) == 5 and all(len(t) <= 3 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and all(v <= 0 for v in lp.token_logprobs)
+    # greedy: the chosen token is the most likely one
+    assert all(v == pytest.approx(max(t.values())) for v, t in zip(lp.token_logprobs, lp.top_logprobs))
+    chunks = list(oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                              logprobs=True, top_logprobs=2, stream=True))
+    content = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.bytes is not None for c in content)
+    with Client(f"localhost:{server.port}", api_key=KEY) as g:
+        resp = g.complete("log me", max_tokens=5, logprobs=3)
+    assert list(resp.token_ids) == want.token_ids
+    assert [x.logprob for x in resp.logprobs] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert [len(x.top) for x in resp.logprobs] == [3] * 5
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=1.4), dict(frequency_penalty=1.2, presence_penalty=0.5),
+                                dict(temperature=0.9, seed=5, min_p=0.2, top_p=0.9)], ids=["repetition", "freq", "min_p"])
+def test_penalties_http_equal_grpc(oai, server, kw):
+    extra = {k: kw[k] for k in ("repetition_penalty", "min_p") if k in kw}
+    std = {k: v for k, v in kw.items() if k not in extra}
+    r = oai.completions.create(model="tiny", prompt="again and again", max_tokens=12, extra_body={
+        "return_token_ids": True, "ignore_eos": True, **extra}, **std)
+    with Client(f"localhost:{server.port}", api_key=KEY) as g:
+        want = g.complete("again and again", max_tokens=12, ignore_eos=True, **kw)
+        plain = g.complete("again and again", max_tokens=12, ignore_eos=True,
+                           **{k: v for k, v in kw.items() if k in ("temperature", "seed", "top_p")})
+    assert r.choices[0].model_extra["token_ids"] == list(want.token_ids)
+    if "min_p" not in kw:
+        assert list(want.token_ids) != list(plain.token_ids)  # the penalty changed the output
+
+
 def test_sse_wire_format(base, reference):
     with httpx.stream("POST", base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
