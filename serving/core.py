@@ -184,12 +184,7 @@ class ServingCore:
     def _extra_params(inp: GenerateInput) -> dict:
         """Penalties, min_p and logprobs, given only when set (SamplingParams' defaults are "off")."""
         names = ("min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "logprobs")
-        fields = {f.name for f in dataclasses.fields(SamplingParams)}
-        out = {n: getattr(inp, n) for n in names if getattr(inp, n) is not None}
-        unknown = [n for n in out if n not in fields]
-        if unknown:
-            raise ValueError(f"{unknown[0]} is not supported by this server")
-        return out
+        return {n: getattr(inp, n) for n in names if getattr(inp, n) is not None}
 
     def request_id(self, given: Optional[str]) -> str:
         if given is not None:

@@ -4,6 +4,10 @@ Flags are parsed into typed frozen dataclasses, one per concern (model, cache, s
 memory policy, distributed). JAX is imported only after the flags are read, because the number of
 virtual CPU devices (--cpu_devices) must be in XLA_FLAGS before the first `import jax`.
 
+HTTP: --http_port adds the OpenAI-compatible API (serving.http) beside gRPC in the same process;
+--api_key / --api_key_file / --admin_api_key and --tls_cert_file / --tls_key_file /
+--tls_client_ca_file apply to both fronts (serving.security).
+
 Multi-host: run the same command on every process with --coordinator_address, --num_processes and
 --process_id. Process 0 serves gRPC and runs the control plane; the others follow its steps
 (sharding.multihost).

@@ -181,7 +181,8 @@ def _content(c, i: int) -> str:
 
 
 # ---- responses --------------------------------------------------------------------------------
-FINISH = {"length": "length", "stop": "stop", "abort": "abort", "error": "error"}
+# finish_reason: the engine's "length" and "stop" are the API's; "abort" (the server shut down or
+# cancelled the request) and "error" pass through as vLLM does.
 
 
 def usage_dict(u: Usage) -> dict:
@@ -236,7 +237,7 @@ class Shaper:
         else:
             c["text"] = text
         c["logprobs"] = self.logprob_part(lps)
-        c["finish_reason"] = FINISH.get(finish, finish) if finish else None
+        c["finish_reason"] = finish or None
         return c
 
     def whole(self, text: str, lps: Sequence, finish: str, usage: Usage, token_ids: Optional[list] = None) -> dict:

@@ -3,6 +3,7 @@ official `openai` package (and raw httpx for the wire details) against one live 
 both fronts with API keys set; a second one over (mutual) TLS with a certificate made here."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -302,7 +303,7 @@ def test_cli_api_key_and_quiet_broken_pipe(server):
     r = subprocess.run(" ".join(cmd + [f"--api_key={KEY}"]) + " | head -c 1", shell=True, capture_output=True,
                        text=True, timeout=60)
     assert len(r.stdout) == 1 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
-    assert KEY not in r.stderr
+    assert KEY not in r.stderr and KEY not in repr(server.server.options)
 
 
 # ---- TLS -------------------------------------------------------------------------------------------
@@ -368,3 +369,25 @@ def test_grpc_usage_on_http_server(server):
     with Client(f"localhost:{server.port}", api_key=KEY) as c:
         r = c.complete("x", max_tokens=3)
     assert r.finish_reason == pb.FINISH_REASON_LENGTH and r.usage.e2e_ms > 0
+
+
+# ---- the launcher's flags (subprocess, before anything slow) -----------------------------------------
+@pytest.mark.parametrize("args,status,message", [
+    (["--tls_cert_file=/nonexistent/cert.pem", "--tls_key_file=/nonexistent/key.pem"], 2, "--tls_cert_file"),
+    (["--tls_cert_file=cert.pem"], 2, "go together"),
+    (["--api_key_file=/nonexistent/keys"], 2, "--api_key_file"),
+    (["--http_port={busy}", "--host=127.0.0.1"], 1, "in use"),
+], ids=["tls-missing", "tls-half", "key-file", "http-port-in-use"])
+def test_launcher_front_flags(args, status, message):
+    import socket
+
+    port = portpicker.pick_unused_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        r = subprocess.run([sys.executable, "-m", "serving.launch", "--model=tiny",
+                            f"--port={portpicker.pick_unused_port()}", *[a.format(busy=port) for a in args]],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == status and len(lines) == 1 and message in lines[0], r.stderr
+    assert "start-up: loading" not in r.stderr

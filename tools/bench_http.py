@@ -3,11 +3,13 @@ one server: TTFT and TPOT P50/P99 of each front and their ratio, and the server'
 generated token through each front.
 
     python -m tools.bench_http                                     # smollm2-135m, 1/16/64 streams
-    python -m tools.bench_http --concurrency=1,16 --max_tokens=16 -- --model=tiny
+    python -m tools.bench_http --max_tokens=32 -- --max_model_len=512 --max_num_batched_tokens=128
+    python -m tools.bench_http --mode=completion --concurrency=1,16 --max_tokens=16 -- --model=tiny
 
 Everything after `--` goes to `serving.launch` (default model smollm2-135m). The launcher runs as a
 subprocess with both fronts (--port, --http_port); at each concurrency c the tool sends c concurrent
-streaming chat requests (the same messages, ignore_eos, --max_tokens each) first over gRPC
+streaming chat requests (the same messages, ignore_eos, --max_tokens each), once the background
+compiler is done (every step at its own shape bucket), first over gRPC
 (Generation.Generate with messages), then over HTTP (/v1/chat/completions, stream: true, read as
 server-sent events with httpx), --rounds times, alternating. TTFT: from sending the request to the
 first streamed token; TPOT: (last - first token) / (tokens - 1), per request. Host CPU: the
@@ -89,6 +91,16 @@ async def _round(front: str, c: int, max_tokens: int, grpc_target: str, http_url
         return await asyncio.gather(*(_http_one(http, http_url, max_tokens) for _ in range(c)))
 
 
+def wait_compiled(target: str, timeout_s: float = 1800.0) -> None:
+    """Until the launcher's background compiler is done: every step then runs at its own bucket."""
+    from serving.client import Client
+
+    deadline = time.monotonic() + timeout_s
+    with Client(target) as c:
+        while c.status(skip_memory=True).compiling and time.monotonic() < deadline:
+            time.sleep(1.0)
+
+
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
 
@@ -165,6 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # keep reading its output, so the launcher never blocks on a full pipe
         threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
         print(f"launcher: {' '.join(cmd[1:])}", flush=True)
+        wait_compiled(f"localhost:{port}")
         rows = bench(proc.pid, f"localhost:{port}", f"http://localhost:{http_port}/v1/{'chat/completions' if CHAT else 'completions'}", conc,
                      args.max_tokens, args.rounds)
         if args.json:
