@@ -20,13 +20,22 @@ PROMPTS = ([3, 4, 5, 3, 4, 5, 3, 4, 5, 3, 4], list(range(40, 60)) + [41, 42, 43]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    # One torch thread: the reference runs a few tiny forward passes, which two threads beside the
+    # JAX runtime's own only slow down (x20 measured on a loaded 2-core host).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield from _models(tmp_path_factory)
+    torch.set_num_threads(threads)
+
+
+def _models(tmp_path_factory):
     hf = make_model("llama")
     path = save_model(hf, str(tmp_path_factory.mktemp("llama")))
     eng = LLMEngine(load_model(path, dtype="float32"),
                     EngineConfig(page_size=16, num_pages=64, max_model_len=128,
                                  scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32,
                                                            max_prefill_rows=2)))
-    return hf, eng
+    yield hf, eng
 
 
 @torch.no_grad()
