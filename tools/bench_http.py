@@ -11,7 +11,8 @@ subprocess with both fronts (--port, --http_port); at each concurrency c the too
 streaming chat requests (the same messages, ignore_eos, --max_tokens each), once the background
 compiler is done (every step at its own shape bucket), first over gRPC
 (Generation.Generate with messages), then over HTTP (/v1/chat/completions, stream: true, read as
-server-sent events with httpx), --rounds times, alternating. TTFT: from sending the request to the
+server-sent events on a bare asyncio connection, or with httpx: --http_client), --rounds times,
+alternating. TTFT: from sending the request to the
 first streamed token; TPOT: (last - first token) / (tokens - 1), per request. Host CPU: the
 launcher's user + system CPU seconds (/proc/<pid>/stat) over each front's runs, per generated token
 (the executor's work is the same for both fronts; the difference is the front's cost).
@@ -35,6 +36,7 @@ import numpy as np
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
 PROMPT = "Write a short poem about the sea."
 CHAT = True  # --mode=completion: the prompt as text (/v1/completions), for models without a chat template
+HTTP_CLIENT = "raw"  # --http_client
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -78,6 +80,36 @@ async def _http_one(http, url: str, max_tokens: int) -> tuple[float, Optional[fl
     return first - t0, (last - first) / (n - 1) if n > 1 else None, n
 
 
+async def _raw_one(url: str, max_tokens: int) -> tuple[float, Optional[float], int]:
+    """The same request over a bare asyncio connection: the server-sent events as they arrive, with no
+    HTTP library between (what the server costs, not what a client library adds)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    body = json.dumps({**({"messages": MESSAGES} if CHAT else {"prompt": PROMPT}), "max_tokens": max_tokens,
+                       "ignore_eos": True, "stream": True, "return_token_ids": True}).encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    writer.write(f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    first = last = None
+    n = 0
+    try:
+        while line := await reader.readline():
+            if line.startswith(b"data: {"):  # one event per chunk, one line per event
+                ids = (json.loads(line[6:]).get("choices") or [{}])[0].get("token_ids")
+                if ids:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    n += len(ids)
+            elif line.startswith(b"data: [DONE]"):
+                break
+    finally:
+        writer.close()
+    return first - t0, (last - first) / (n - 1) if n > 1 else None, n
+
+
 async def _round(front: str, c: int, max_tokens: int, grpc_target: str, http_url: str):
     import httpx
 
@@ -86,6 +118,8 @@ async def _round(front: str, c: int, max_tokens: int, grpc_target: str, http_url
     if front == "grpc":
         async with AsyncClient(grpc_target) as client:
             return await asyncio.gather(*(_grpc_one(client, max_tokens) for _ in range(c)))
+    if HTTP_CLIENT == "raw":
+        return await asyncio.gather(*(_raw_one(http_url, max_tokens) for _ in range(c)))
     limits = httpx.Limits(max_connections=c + 8, max_keepalive_connections=c + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         return await asyncio.gather(*(_http_one(http, http_url, max_tokens) for _ in range(c)))
@@ -159,10 +193,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="runs per front and concurrency (alternating)")
     ap.add_argument("--mode", choices=("chat", "completion"), default="chat",
                     help="chat: messages (/v1/chat/completions); completion: the prompt as text (/v1/completions)")
+    ap.add_argument("--http_client", choices=("raw", "httpx"), default="raw",
+                    help="raw: a bare asyncio connection (the server's cost; gRPC's client is C-core); httpx: "
+                    "what a Python client library adds on top")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(own)
-    global CHAT
+    global CHAT, HTTP_CLIENT
     CHAT = args.mode == "chat"
+    HTTP_CLIENT = args.http_client
     conc = [int(c) for c in args.concurrency.split(",")]
     port, http_port = portpicker.pick_unused_port(), portpicker.pick_unused_port()
     cmd = [sys.executable, "-m", "serving.launch", f"--port={port}", f"--http_port={http_port}", "--host=localhost",
