@@ -1,7 +1,7 @@
 """The one thread that owns every device array: it runs the cluster loop and nothing else touches JAX.
 
-A front (gRPC or HTTP, through serving.core) validates a request, then hands it over through a bounded inbox (full -> the caller
-answers RESOURCE_EXHAUSTED); cancellations go through an unbounded side queue so they are never
+A front (gRPC or HTTP, through serving.core) validates a request, then hands it over through a
+bounded inbox (full -> the caller answers RESOURCE_EXHAUSTED); cancellations go through an unbounded side queue so they are never
 refused. Each iteration the executor (1) admits everything in the inbox, (2) runs the calls queued
 for it (status, a drop, a restore), (3) applies cancellations, so a cancelled request's pages are
 free before the next step is scheduled, (4) runs one cluster step (every unit dispatched before any
