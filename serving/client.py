@@ -19,7 +19,9 @@ the request ended (`python -m serving.client --help`: 0 length/stop, 1 RPC error
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import sys
 from typing import AsyncIterator, Iterator, Optional, Sequence
 
@@ -37,7 +39,9 @@ def make_request(prompt: Optional[str] = None, *, prompt_token_ids: Optional[Seq
                  messages: Optional[Sequence[dict]] = None, max_tokens: Optional[int] = None,
                  temperature: Optional[float] = None, top_p: Optional[float] = None, top_k: Optional[int] = None,
                  seed: Optional[int] = None, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-                 ignore_eos: bool = False, request_id: Optional[str] = None) -> pb.GenerateRequest:
+                 ignore_eos: bool = False, request_id: Optional[str] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None, frequency_penalty: Optional[float] = None,
+                 presence_penalty: Optional[float] = None, logprobs: Optional[int] = None) -> pb.GenerateRequest:
     req = pb.GenerateRequest(stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
     if prompt is not None:
         req.prompt = prompt
@@ -46,10 +50,82 @@ def make_request(prompt: Optional[str] = None, *, prompt_token_ids: Optional[Seq
     for m in messages or ():
         req.messages.add(role=m["role"], content=m["content"])
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("seed", seed), ("request_id", request_id)):
+                        ("top_k", top_k), ("seed", seed), ("request_id", request_id), ("min_p", min_p),
+                        ("repetition_penalty", repetition_penalty), ("frequency_penalty", frequency_penalty),
+                        ("presence_penalty", presence_penalty), ("logprobs", logprobs)):
         if value is not None:
             setattr(req, name, value)
     return req
+
+
+def _read(path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def channel_credentials(tls_ca_file: Optional[str] = None, tls_cert_file: Optional[str] = None,
+                        tls_key_file: Optional[str] = None):
+    """TLS credentials: the CA that signed the server's certificate (None: the system's roots), and
+    a client certificate for a server that requires one (mutual TLS)."""
+    return grpc.ssl_channel_credentials(root_certificates=_read(tls_ca_file), private_key=_read(tls_key_file),
+                                        certificate_chain=_read(tls_cert_file))
+
+
+class _KeyMetadata:
+    """Adds `authorization: Bearer <key>` to every call of a channel (the key never printed)."""
+
+    def __init__(self, api_key: str):
+        self._md = (("authorization", f"Bearer {api_key}"),)
+
+    def _details(self, details):
+        return _Details(details, tuple(details.metadata or ()) + self._md)
+
+
+class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",
+                                                   "wait_for_ready", "compression")),
+               grpc.ClientCallDetails):
+    def __new__(cls, details, metadata):
+        return super().__new__(cls, details.method, details.timeout, metadata, details.credentials,
+                               getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+
+class _SyncKey(_KeyMetadata, grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+class _AsyncKeyUnary(_KeyMetadata, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._aio_details(details), request)
+
+    def _aio_details(self, d):
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, tuple(d.metadata or ()) + self._md, d.credentials,
+                                          d.wait_for_ready)
+
+
+class _AsyncKeyStream(_AsyncKeyUnary, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._aio_details(details), request)
+
+
+def make_channel(target: str, api_key: Optional[str] = None, tls_ca_file: Optional[str] = None,
+                 tls_cert_file: Optional[str] = None, tls_key_file: Optional[str] = None, aio: bool = False):
+    """A channel to the server: TLS when a CA (or a client certificate) is given, and the API key on
+    every call."""
+    secure = bool(tls_ca_file or tls_cert_file)
+    mod = grpc.aio if aio else grpc
+    if aio:
+        inter = [_AsyncKeyStream(api_key)] if api_key else None
+        return (mod.secure_channel(target, channel_credentials(tls_ca_file, tls_cert_file, tls_key_file),
+                                   interceptors=inter) if secure else mod.insecure_channel(target, interceptors=inter))
+    ch = (grpc.secure_channel(target, channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)) if secure
+          else grpc.insecure_channel(target))
+    return grpc.intercept_channel(ch, _SyncKey(api_key)) if api_key else ch
 
 
 def _drop_request(cls, group_size: Optional[int]):
@@ -60,8 +136,10 @@ class Client:
     """Blocking client. `generate` streams GenerateResponse chunks; breaking out of the loop (or
     `cancel()` on the returned iterator) cancels the call, which frees the request's KV pages."""
 
-    def __init__(self, target: str = "localhost:50051", channel: Optional[grpc.Channel] = None):
-        self.channel = channel or grpc.insecure_channel(target)
+    def __init__(self, target: str = "localhost:50051", channel: Optional[grpc.Channel] = None,
+                 api_key: Optional[str] = None, tls_ca_file: Optional[str] = None,
+                 tls_cert_file: Optional[str] = None, tls_key_file: Optional[str] = None):
+        self.channel = channel or make_channel(target, api_key, tls_ca_file, tls_cert_file, tls_key_file)
         self.generation = pb_grpc.GenerationStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 
@@ -101,8 +179,10 @@ class Client:
 class AsyncClient:
     """asyncio client: `async for chunk in client.generate(...)`."""
 
-    def __init__(self, target: str = "localhost:50051", channel: Optional[grpc.aio.Channel] = None):
-        self.channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(self, target: str = "localhost:50051", channel: Optional[grpc.aio.Channel] = None,
+                 api_key: Optional[str] = None, tls_ca_file: Optional[str] = None,
+                 tls_cert_file: Optional[str] = None, tls_key_file: Optional[str] = None):
+        self.channel = channel or make_channel(target, api_key, tls_ca_file, tls_cert_file, tls_key_file, aio=True)
         self.generation = pb_grpc.GenerationStub(self.channel)
         self.admin = pb_grpc.AdminStub(self.channel)
 
@@ -189,9 +269,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--top_k", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--stop", action="append", default=[])
+    ap.add_argument("--min_p", type=float)
+    ap.add_argument("--repetition_penalty", type=float, help="> 1 discourages repeating prompt and output tokens")
+    ap.add_argument("--frequency_penalty", type=float, help="OpenAI's, -2..2: minus penalty x count in the output")
+    ap.add_argument("--presence_penalty", type=float, help="OpenAI's, -2..2: minus penalty if in the output")
     ap.add_argument("--ignore_eos", action="store_true", help="generate max_tokens even past end-of-sequence")
     ap.add_argument("--show_token_ids", action="store_true", help="add the generated token ids to the summary")
     ap.add_argument("--timeout", type=float, default=None)
+    ap.add_argument("--api_key", default=os.environ.get("KUNJAX_API_KEY"),
+                    help="API key sent as 'authorization: Bearer <key>' (default $KUNJAX_API_KEY)")
+    ap.add_argument("--tls_ca_file", help="PEM CA that signed the server's certificate: connect over TLS")
+    ap.add_argument("--tls_cert_file", help="client certificate for a server that requires one (mutual TLS)")
+    ap.add_argument("--tls_key_file", help="private key of --tls_cert_file")
     args = ap.parse_args(argv)
     token_ids = None
     admin_call = args.status or args.plan_drop is not None or args.drop is not None or args.restore is not None
@@ -213,7 +302,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      "--drop, --restore)")
         if args.system and not args.chat:
             ap.error("--system goes with --chat")
-    with Client(args.target) as c:
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        ap.error("--tls_cert_file and --tls_key_file go together")
+    try:
+        return _run(args, token_ids, admin_call)
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): end quietly, as command-line tools do. Python
+        # would print a second BrokenPipeError when it flushes stdout at exit; point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _run(args, token_ids, admin_call) -> int:
+    with Client(args.target, api_key=args.api_key, tls_ca_file=args.tls_ca_file, tls_cert_file=args.tls_cert_file,
+                tls_key_file=args.tls_key_file) as c:
         try:
             if args.status:
                 print(_json(c.status(timeout=args.timeout)))
@@ -229,7 +331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(_json(admin))
                 return EXIT_OK
             kw = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, timeout=args.timeout)
+                      seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, timeout=args.timeout,
+                      min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                      frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
             prompt = None
             if args.chat:
                 msgs = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -1,7 +1,7 @@
 """The one thread that owns every device array: it runs the cluster loop and nothing else touches JAX.
 
-The gRPC front validates a request, then hands it over through a bounded inbox (full -> the caller
-answers RESOURCE_EXHAUSTED); cancellations go through an unbounded side queue so they are never
+A front (gRPC or HTTP, through serving.core) validates a request, then hands it over through a
+bounded inbox (full -> the caller answers RESOURCE_EXHAUSTED); cancellations go through an unbounded side queue so they are never
 refused. Each iteration the executor (1) admits everything in the inbox, (2) runs the calls queued
 for it (status, starting a drop or a restore), (3) applies cancellations, so a cancelled request's
 pages are free before its unit's next step is scheduled, (4) polls the cluster: every unit whose
@@ -37,7 +37,8 @@ class ShuttingDown(Exception):
 
 
 class RequestError(Exception):
-    """Delivered to a request's queue instead of an output; `code` is a grpc.StatusCode name."""
+    """Delivered to a request's queue instead of an output; `code` is a key of serving.errors.CODES
+    (which maps it to a gRPC code and an HTTP status)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -128,6 +129,11 @@ class Executor:
     def close(self) -> None:
         """Refuses new submissions from now on; what is in flight keeps running."""
         self._closed = True
+
+    @property
+    def accepting(self) -> bool:
+        """New submissions are taken (not draining, not stopped)."""
+        return not (self._stop or self._closed)
 
     def abort_all(self) -> None:
         """Aborts every in-flight request before the next step: each stream gets a last output with

@@ -4,6 +4,10 @@ Flags are parsed into typed frozen dataclasses, one per concern (model, cache, s
 memory policy, distributed). JAX is imported only after the flags are read, because the number of
 virtual CPU devices (--cpu_devices) must be in XLA_FLAGS before the first `import jax`.
 
+HTTP: --http_port adds the OpenAI-compatible API (serving.http) beside gRPC in the same process;
+--api_key / --api_key_file / --admin_api_key and --tls_cert_file / --tls_key_file /
+--tls_client_ca_file apply to both fronts (serving.security).
+
 Multi-host: run the same command on every process with --coordinator_address, --num_processes and
 --process_id. Process 0 serves gRPC and runs the control plane; the others follow its steps
 (sharding.multihost).
@@ -95,6 +99,44 @@ flags.DEFINE_float("shutdown_grace_s", 10.0, "seconds in-flight streams get to f
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "log level of the server")
 flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request sets none (capped by the context "
                      "left after the prompt)")
+# HTTP front, API keys, TLS (serving.http, serving.security)
+flags.DEFINE_integer("http_port", None, "OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, "
+                     "/v1/models, /health, /metrics) beside gRPC, same --host; off when unset")
+flags.DEFINE_string("served_model_name", None, "model name the APIs report and requests name (default: --model)")
+flags.DEFINE_multi_string("api_key", [], "API key that opens Generation on both fronts (repeatable; "
+                          "'Authorization: Bearer <key>'); none: open")
+flags.DEFINE_string("api_key_file", None, "file of API keys, one a line ('#' comments), added to --api_key")
+flags.DEFINE_multi_string("admin_api_key", [], "API key that opens Admin (and Generation); with --api_key set and "
+                          "no admin key, Admin is closed")
+flags.DEFINE_string("tls_cert_file", None, "PEM certificate chain: serve both fronts over TLS (with --tls_key_file)")
+flags.DEFINE_string("tls_key_file", None, "PEM private key of --tls_cert_file")
+flags.DEFINE_string("tls_client_ca_file", None, "PEM CA bundle: require client certificates it signed (mutual TLS)")
+
+
+def front_options() -> dict:
+    """The ServerOptions fields of the block above; a UsageError names a bad flag."""
+    from serving.security import check_tls_options, read_key_file
+
+    keys = list(FLAGS.api_key)
+    if FLAGS.api_key_file:
+        try:
+            keys += read_key_file(FLAGS.api_key_file)
+        except OSError as e:
+            raise app.UsageError(f"--api_key_file={FLAGS.api_key_file}: {e.strerror}") from None
+    if any(not k.strip() for k in keys + list(FLAGS.admin_api_key)):
+        raise app.UsageError("--api_key / --admin_api_key: an empty key")
+    if FLAGS.http_port is not None and not 0 <= FLAGS.http_port < 65536:
+        raise app.UsageError(f"--http_port={FLAGS.http_port} is not a port number")
+    kw = dict(http_port=FLAGS.http_port, served_model_name=FLAGS.served_model_name or FLAGS.model,
+              api_keys=tuple(keys), admin_api_keys=tuple(FLAGS.admin_api_key), tls_cert_file=FLAGS.tls_cert_file,
+              tls_key_file=FLAGS.tls_key_file, tls_client_ca_file=FLAGS.tls_client_ca_file)
+    try:
+        check_tls_options(ServerOptions(**kw))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    return kw
+
+
 # distributed
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
 flags.DEFINE_integer("num_processes", 1, "processes in the multi-host job")
@@ -227,7 +269,7 @@ def _check_distributed(d: DistributedOptions) -> None:
 def options_from_flags() -> LaunchOptions:
     server = ServerOptions(port=FLAGS.port, host=FLAGS.host, max_queue=FLAGS.max_queue,
                            shutdown_grace_s=FLAGS.shutdown_grace_s, default_max_tokens=FLAGS.default_max_tokens,
-                           overload_policy=FLAGS.overload_policy)
+                           overload_policy=FLAGS.overload_policy, **front_options())
     cluster = _pick(ClusterOptions, devices=_device_ids(FLAGS.devices))
     distributed = _pick(DistributedOptions)
     _check_distributed(distributed)
@@ -445,7 +487,7 @@ async def bind_server(opts: LaunchOptions, metrics):
     try:
         server.bind()
     except PortUnavailable as e:
-        raise LaunchError(f"{e} (--port, --host)") from None
+        raise LaunchError(f"{e} (--port, --http_port, --host)") from None
     return server
 
 
@@ -465,6 +507,8 @@ async def serve(opts: LaunchOptions, server, cluster, follower_channel=None, sta
         stop.set()  # the signal came between the end of start-up and the handlers above
     # From this line on a signal drains gracefully (tests and scripts wait for it).
     print(f"kunjax serving {opts.model.model} on port {port}", flush=True)
+    if server.http_port is not None:
+        print(f"kunjax OpenAI-compatible HTTP API on port {server.http_port}", flush=True)
     await stop.wait()
     logging.info("shutting down (grace %.1fs; a second SIGTERM/SIGINT aborts in-flight requests now)",
                  opts.server.shutdown_grace_s)

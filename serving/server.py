@@ -1,9 +1,11 @@
-"""gRPC front (grpc.aio): validates requests, streams tokens, and never touches a device array.
+"""gRPC front (grpc.aio), and the server that runs both fronts; never touches a device array.
 
-    client -> Generate (validate, tokenize) -> Executor inbox (bounded) -> executor thread
-           <- per-request asyncio.Queue   <- outputs of each cluster step
+    client -> Generate -> serving.core (validate, tokenize) -> Executor inbox (bounded) -> executor thread
+           <- per-request asyncio.Queue                     <- outputs of each cluster step
 
-Validation errors are INVALID_ARGUMENT with the engine's message (it names the field); a full queue
+The servicer is a thin adapter over serving.core, which the HTTP front (serving.http, on
+`http_port`) shares in the same event loop; API keys (an interceptor) and TLS as serving.security
+says. Validation errors are INVALID_ARGUMENT with the engine's message (it names the field); a full queue
 is RESOURCE_EXHAUSTED; a cancelled call or an expired deadline aborts the request on the executor,
 which frees its pages before it schedules the next step. TTFT is measured from the moment the
 handler received the call. Also served: grpc.health.v1 and server reflection.
@@ -19,25 +21,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
-import itertools
 import logging
-import math
-import os
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kunjax.runtime.cluster import ServingCluster as Cluster
-from kunjax.control.request import SamplingParams
-from kunjax.control.scheduler import QueueFull
-from serving.executor import Event, Executor, ShuttingDown, Submission
+from serving.core import GenerateInput, ServingCore
+from serving.errors import ServingError
+from serving.executor import Executor
 from serving.metrics import Metrics
 from serving.options import ServerOptions
+from serving.security import (ADMIN, GENERATION, OPEN, KeyCheck, grpc_server_credentials, tls_enabled,
+                              warn_plaintext_keys)
 from serving.proto import kunjax_pb2 as pb
 from serving.proto import kunjax_pb2_grpc as pb_grpc
 
@@ -85,136 +86,101 @@ def probe_bind(host: str, port: int) -> None:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, cluster: Cluster, executor: Executor, options: ServerOptions, metrics: Metrics):
-        self.cluster = cluster
-        self.executor = executor
-        self.options = options
-        self.metrics = metrics
-        self._ids = itertools.count()
-        self._prefix = f"{os.getpid():x}"
-        self.active = 0  # calls between receipt and their end (the event loop's thread only)
+    """The gRPC adapter over serving.core: GenerateRequest -> GenerateInput, Events -> responses."""
 
-    # ---- request parsing (front thread; reads only constants of the cluster) ------------------
-    def parse(self, req: pb.GenerateRequest) -> tuple[list[int], SamplingParams]:
-        """Raises ValueError naming the offending field."""
-        forms = [n for n, present in (("prompt", bool(req.prompt)), ("prompt_token_ids", len(req.prompt_token_ids) > 0),
-                                      ("messages", len(req.messages) > 0)) if present]
-        if not forms:
-            raise ValueError("prompt: the prompt is empty; set exactly one of prompt (non-empty text), "
-                             "prompt_token_ids or messages")
-        if len(forms) > 1:
-            raise ValueError(f"prompt: set exactly one of prompt, prompt_token_ids, messages "
-                             f"(got {' and '.join(forms)})")
-        if req.prompt:
-            ids = self.cluster.encode(req.prompt)
-        elif req.messages:
-            ids = self.cluster.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
-        else:
-            ids = list(req.prompt_token_ids)
-        for name in ("temperature", "top_p"):
-            if req.HasField(name) and not math.isfinite(getattr(req, name)):
-                raise ValueError(f"{name} must be a finite number")
-        params = SamplingParams(
-            # Unset: the server's default, shortened so that it always fits the context left after the prompt.
-            max_tokens=req.max_tokens if req.HasField("max_tokens") else max(
-                1, min(self.options.default_max_tokens, self.cluster.max_model_len - len(ids))),
-            temperature=req.temperature if req.HasField("temperature") else 0.0,
-            top_p=req.top_p if req.HasField("top_p") else 1.0,
-            top_k=req.top_k if req.HasField("top_k") else 0,
-            seed=req.seed if req.HasField("seed") else None,
-            stop_token_ids=tuple(req.stop_token_ids), stop=tuple(s for s in req.stop if s),
-            ignore_eos=req.ignore_eos)
-        self.cluster.validate(ids, params)
-        return ids, params
+    def __init__(self, core: ServingCore):
+        self.core = core
 
-    def _request_id(self, req: pb.GenerateRequest) -> str:
-        if req.HasField("request_id"):
-            if not req.request_id or len(req.request_id) > 256:
-                raise ValueError("request_id must be 1..256 characters")
-            return req.request_id
-        return f"{self._prefix}-{next(self._ids)}"
-
-    # ---- the stream ------------------------------------------------------------------------
-    async def _run(self, req: pb.GenerateRequest, context):
-        """Yields Events of one request; aborts the call with the right status on errors."""
-        received = time.monotonic()
-        try:
-            rid = self._request_id(req)
-            ids, params = self.parse(req)
-        except ValueError as e:
-            self.metrics.rejected.labels("INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        q: asyncio.Queue = asyncio.Queue()
-        sub = Submission(rid, ids, params, asyncio.get_running_loop(), q, received=received)
-        try:
-            self.executor.submit(sub)
-        except ShuttingDown as e:
-            self.metrics.rejected.labels("UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except QueueFull as e:
-            self.metrics.rejected.labels("RESOURCE_EXHAUSTED").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        done = False
-        admitted = False
-        self.active += 1
-        try:
-            while True:
-                ev: Event = await q.get()
-                if ev.error is not None:
-                    done = True
-                    if admitted or ev.error.code not in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
-                        self.metrics.requests.labels("error").inc()
-                    else:  # refused at admission on the executor (duplicate id, an instance's queue full)
-                        self.metrics.rejected.labels(ev.error.code).inc()
-                    await context.abort(getattr(grpc.StatusCode, ev.error.code), ev.error.message)
-                admitted = True
-                yield sub, ev
-                if ev.output.finished:
-                    done = True
-                    return
-        finally:
-            self.active -= 1
-            if not done:  # cancelled, deadline, or the client went away: free the pages
-                self.executor.cancel(rid)
-                self.metrics.requests.labels("abort").inc()
-
-    def _usage(self, sub: Submission, ev: Event, first: Optional[float], n: int) -> pb.Usage:
-        out = ev.output
-        ttft = (first - sub.received) if first is not None else None
-        e2e = ev.time - sub.received
-        self.metrics.requests.labels(out.finish_reason or "unknown").inc()
-        self.metrics.e2e.observe(e2e)
-        if ttft is not None:
-            self.metrics.ttft.observe(ttft)
-        if first is not None and n > 1:
-            self.metrics.tpot.observe((ev.time - first) / (n - 1))
-        return pb.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids),
-                        ttft_ms=1e3 * ttft if ttft is not None else 0.0, e2e_ms=1e3 * e2e, instance=sub.instance,
-                        queue_ms=1e3 * out.queue_s if out.queue_s is not None else 0.0)
+    @staticmethod
+    def to_input(req: pb.GenerateRequest) -> GenerateInput:
+        opt = lambda name: getattr(req, name) if req.HasField(name) else None  # noqa: E731
+        return GenerateInput(
+            prompt=req.prompt or None, prompt_token_ids=list(req.prompt_token_ids) or None,
+            messages=[{"role": m.role, "content": m.content} for m in req.messages] or None,
+            stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
+            **{n: opt(n) for n in OPTIONAL_FIELDS})
 
     async def Generate(self, request, context):
-        first = None
-        async for sub, ev in self._run(request, context):
-            out = ev.output
-            if out.new_token_ids and first is None:
-                first = ev.time
-            self.metrics.tokens.inc(len(out.new_token_ids))
-            msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text_delta)
-            if out.finished:
-                msg.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_ERROR)
-                msg.usage.CopyFrom(self._usage(sub, ev, first, len(out.token_ids)))
-            yield msg
+        received = time.monotonic()
+        call = None
+        try:
+            call = self.core.submit(self.to_input(request), received)
+            async for ev in call.events():
+                out = ev.output
+                msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text_delta)
+                for lp in out.new_logprobs:
+                    m = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+                    for t, v in lp.top:
+                        m.top.add(token_id=t, logprob=v)
+                if out.finished:
+                    msg.finish_reason = FINISH.get(out.finish_reason, pb.FINISH_REASON_ERROR)
+                    u = call.usage(ev)
+                    msg.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                                ttft_ms=1e3 * u.ttft_s if u.ttft_s is not None else 0.0,
+                                                e2e_ms=1e3 * u.e2e_s, instance=u.instance,
+                                                queue_ms=1e3 * u.queue_s if u.queue_s is not None else 0.0))
+                yield msg
+        except ServingError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        finally:  # cancelled, deadline, or the client went away: the call frees its pages
+            if call is not None:
+                call.close()
 
     async def Complete(self, request, context):
         """The whole completion in one message: the Generate stream, gathered."""
-        ids, text = [], []
+        ids, text, lps = [], [], []
         async for msg in self.Generate(request, context):
             ids.extend(msg.token_ids)
             text.append(msg.text)
+            lps.extend(msg.logprobs)
             if msg.HasField("usage"):  # the last message
                 return pb.CompleteResponse(request_id=msg.request_id, token_ids=ids, text="".join(text),
-                                           finish_reason=msg.finish_reason, usage=msg.usage)
+                                           finish_reason=msg.finish_reason, usage=msg.usage, logprobs=lps)
         await context.abort(grpc.StatusCode.INTERNAL, "request ended without a final output")
+
+
+# GenerateRequest's optional scalars, each a GenerateInput field of the same name.
+OPTIONAL_FIELDS = ("request_id", "max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "repetition_penalty",
+                   "frequency_penalty", "presence_penalty", "logprobs")
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """API keys on gRPC: Generation and Admin calls need the `authorization` metadata
+    (serving.security); health and reflection stay open. A refused call ends UNAUTHENTICATED or
+    PERMISSION_DENIED before its handler runs."""
+
+    SCOPES = {GENERATION_SERVICE: GENERATION, ADMIN_SERVICE: ADMIN}
+
+    def __init__(self, keys: KeyCheck):
+        self.keys = keys
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        service = details.method.lstrip("/").split("/", 1)[0]
+        scope = self.SCOPES.get(service, OPEN)
+        if handler is None or scope == OPEN:
+            return handler
+        auth = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        try:
+            self.keys.check(scope, auth)
+        except ServingError as e:
+            return _refusal(handler, getattr(grpc.StatusCode, e.code), e.message)
+        return handler
+
+
+def _refusal(handler, code, message):
+    """A handler of the same kind as `handler` that only aborts with (code, message)."""
+    async def unary(request, context):
+        await context.abort(code, message)
+
+    async def stream(request, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - an async generator, as a server-streaming handler is
+
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -448,8 +414,10 @@ class KunjaxServer:
         self.server: Optional[grpc.aio.Server] = None
         self.health = health.aio.HealthServicer()
         self.port: Optional[int] = None
+        self.http = None  # serving.http.HttpFront when options.http_port is set
         self._abort_now = threading.Event()
         self.cluster: Optional[Cluster] = None
+        self.core: Optional[ServingCore] = None
         if cluster is not None:
             self.attach(cluster)
 
@@ -458,25 +426,43 @@ class KunjaxServer:
         if self.cluster is not None:
             raise RuntimeError("KunjaxServer already has a cluster")
         self.cluster = cluster
-        self.executor = Executor(cluster, self.options.max_queue, self.metrics)
-        self.model_name = self.model_name or cluster.engines[0].model.name
-        self.generation = GenerationServicer(cluster, self.executor, self.options, self.metrics)
+        self.core = ServingCore(cluster, self.options, self.metrics, self.model_name)
+        self.model_name = self.core.model_name
+        self.generation = GenerationServicer(self.core)
+
+    @property
+    def executor(self) -> Executor:
+        return self.core.executor
+
+    @property
+    def http_port(self) -> Optional[int]:
+        return self.http.port if self.http is not None else None
 
     def bind(self) -> int:
-        """Creates the gRPC server and binds its port now (inside the event loop that will serve).
-        Raises PortUnavailable when the address cannot be bound (in use, or not an address of this host)."""
+        """Creates the gRPC server and binds its port now (inside the event loop that will serve),
+        and the HTTP front's port when there is one. Raises PortUnavailable when an address cannot be
+        bound (in use, or not an address of this host)."""
         if self.server is None:
             address = f"{self.options.host}:{self.options.port}"
             probe_bind(self.options.host, self.options.port)
+            keys = KeyCheck.from_options(self.options)
             # so_reuseport off: a second server on the same port must fail here, not share it.
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                                     interceptors=[AuthInterceptor(keys)] if keys.enabled else None)
             try:
-                port = server.add_insecure_port(address)
+                port = (server.add_secure_port(address, grpc_server_credentials(self.options))
+                        if tls_enabled(self.options) else server.add_insecure_port(address))
             except RuntimeError:  # grpc >= 1.60 raises "Failed to bind to address ..."
                 port = 0
             if not port:
                 raise PortUnavailable(f"cannot listen on {address}: gRPC could not bind it")
             self.server, self.port = server, port
+        if self.options.http_port is not None and self.http is None:
+            from serving.http import HttpFront
+
+            http = HttpFront(self.options, self.metrics)
+            http.bind()
+            self.http = http
         return self.port
 
     ABORT_MARGIN_S = 5.0  # after the grace period, time for aborted streams to send their last message
@@ -495,9 +481,13 @@ class KunjaxServer:
         reflection.enable_server_reflection(
             (GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start(self.core)
         for svc in ("", GENERATION_SERVICE, ADMIN_SERVICE):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on port %d", self.model_name, self.port)
+        warn_plaintext_keys(self.options)
+        log.info("serving %s on port %d%s", self.model_name, self.port,
+                 f" (gRPC), {self.http.port} (HTTP)" if self.http is not None else "")
         return self.port
 
     async def stop(self, grace: Optional[float] = None) -> None:
@@ -515,13 +505,15 @@ class KunjaxServer:
             # streams itself first, so gRPC's deadline is only a backstop.
             stopping = asyncio.ensure_future(self.server.stop(grace + self.ABORT_MARGIN_S))
         deadline = loop.time() + grace
-        while self.generation.active and loop.time() < deadline and not self._abort_now.is_set():
+        while self.core.active and loop.time() < deadline and not self._abort_now.is_set():
             await asyncio.sleep(0.02)
-        if self.generation.active:
-            log.info("shutdown: aborting %d in-flight calls", self.generation.active)
+        if self.core.active:
+            log.info("shutdown: aborting %d in-flight calls", self.core.active)
             self.executor.abort_all()
         if stopping is not None:
             await stopping
+        if self.http is not None:
+            await self.http.stop()
         await loop.run_in_executor(None, self.executor.stop)
 
     def abort_inflight(self) -> None:
@@ -571,6 +563,10 @@ class ServerThread:
     @property
     def executor(self) -> Executor:
         return self.server.executor
+
+    @property
+    def http_port(self):
+        return self.server.http_port
 
     def stop(self, grace: float = 1.0) -> None:
         fut = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)

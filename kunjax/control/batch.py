@@ -158,11 +158,38 @@ def null_batch(shape: StepShape) -> dict[str, np.ndarray]:
     }
 
 
+# What the head's penalty variant reads beyond the plain head's arrays, in its argument order: each
+# row's tokens (prompt then output, -1 padded, as wide as the shape's gathered context), the prompt
+# length, the penalties and min_p. Present in a batch only when one of its sampling rows asks for
+# penalties, min_p or logprobs, so every other step runs (and transfers) exactly what it did before.
+PENALTY_FIELDS = ("history", "prompt_lens", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p")
+
+
+def add_penalty_arrays(b: dict, rows: Sequence[Row], shape: StepShape, page_size: int) -> None:
+    R = shape.rows
+    b["history"] = np.full((R, shape.pages * page_size), -1, np.int32)
+    b["prompt_lens"] = np.zeros((R,), np.int32)
+    b["repetition_penalty"] = np.ones((R,), np.float32)
+    for f in ("frequency_penalty", "presence_penalty", "min_p"):
+        b[f] = np.zeros((R,), np.float32)
+    for i, row in enumerate(rows):
+        if not row.samples:
+            continue
+        req, p = row.request, row.request.params
+        toks = req.all_token_ids
+        b["history"][i, :len(toks)] = toks
+        b["prompt_lens"][i] = len(req.prompt_token_ids)
+        for f in PENALTY_FIELDS[2:]:
+            b[f][i] = getattr(p, f)
+
+
 def build_batch(rows: Sequence[Row], shape: StepShape, page_size: int,
                 page_tables: Optional[dict] = None) -> dict[str, np.ndarray]:
     """The padded host arrays of a step. `page_tables` overrides a request's own page list (a
     request's pages in another page space); by default `request.pages`."""
     b = null_batch(shape)
+    if any(row.samples and row.request.params.needs_penalty_head for row in rows):
+        add_penalty_arrays(b, rows, shape, page_size)
     ps = page_size
     for i, row in enumerate(rows):
         req = row.request

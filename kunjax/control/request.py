@@ -18,9 +18,31 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0  # keep tokens at least min_p x as likely as the most likely one (0: off)
+    repetition_penalty: float = 1.0  # transformers' / vLLM's: > 1 discourages prompt and output tokens
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= frequency x count in the output so far
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence if the token occurs in the output
+    logprobs: Optional[int] = None  # None: off; k: the sampled token's logprob and the k most likely (k <= 5)
+
+    MAX_LOGPROBS = 5
+
+    @property
+    def needs_penalty_head(self) -> bool:
+        """Penalties, min_p or logprobs: the step runs the head's penalty variant."""
+        return (self.min_p > 0 or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0 or self.logprobs is not None)
 
     def validate(self) -> None:
         """Raises ValueError naming the offending field."""
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{self.MAX_LOGPROBS}, got {self.logprobs}")
         if self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
         if self.temperature < 0:
@@ -87,6 +109,16 @@ class Request:
         return self.status == Status.FINISHED
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before penalties and temperature) and
+    the `top` most likely tokens there, as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclasses.dataclass
 class RequestOutput:
     """What a step (or a whole generation) produced for one request."""
@@ -101,6 +133,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     ttft_s: Optional[float] = None
     queue_s: Optional[float] = None  # arrival -> first admitted into a step
+    new_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # of new_token_ids (logprobs asked)
 
 
 def validate_prompt(token_ids: Sequence[int], vocab_size: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Optional, Protocol, Sequence
 from kunjax.control.batch import ScheduledStep
 from kunjax.control.ops import DeviceOp
 from kunjax.control.pages import pages_for
-from kunjax.control.request import FinishReason, Request, RequestOutput
+from kunjax.control.request import FinishReason, Request, RequestOutput, TokenLogprob
 from kunjax.control.scheduler import Scheduler
 
 
@@ -130,13 +130,25 @@ class UnitCore:
     def schedule(self) -> Optional[ScheduledStep]:
         return self.scheduler.schedule()
 
-    def apply(self, step: ScheduledStep, tokens: Sequence[int]) -> list[RequestOutput]:
-        """Applies a step's sampled tokens: appends, finishes, detokenizes."""
+    def apply(self, step: ScheduledStep, tokens: Sequence[int], logprobs: Optional[tuple] = None) -> list[RequestOutput]:
+        """Applies a step's sampled tokens: appends, finishes, detokenizes. `logprobs`: the penalty
+        head's (chosen, top values, top ids) per row, for the requests that asked for them."""
         self.num_steps += 1
+        row_of = {row.request.request_id: i for i, row in enumerate(step.rows)} if logprobs is not None else {}
         updated = self.scheduler.postprocess(step, tokens, self.eos_ids)
-        return [self.output(req, [req.output_token_ids[-1]]) for req in updated]
+        outs = []
+        for req in updated:
+            lps = []
+            k = req.params.logprobs
+            if k is not None and req.request_id in row_of:
+                i = row_of[req.request_id]
+                chosen, vals, ids = logprobs
+                lps = [TokenLogprob(req.output_token_ids[-1], float(chosen[i]),
+                                    tuple((int(t), float(v)) for t, v in zip(ids[i][:k], vals[i][:k])))]
+            outs.append(self.output(req, [req.output_token_ids[-1]], lps))
+        return outs
 
-    def output(self, req: Request, new_ids: list[int]) -> RequestOutput:
+    def output(self, req: Request, new_ids: list[int], new_logprobs: Sequence = ()) -> RequestOutput:
         delta = ""
         detok = self._detok.get(req.request_id)
         if detok is not None:
@@ -152,7 +164,8 @@ class UnitCore:
             finished=req.is_finished, finish_reason=req.finish_reason.value if req.finish_reason else None,
             text=detok.text if detok else "", text_delta=delta, prompt_tokens=len(req.prompt_token_ids),
             ttft_s=(req.first_token_time - req.arrival_time) if req.first_token_time else None,
-            queue_s=(req.scheduled_time - req.arrival_time) if req.scheduled_time else None)
+            queue_s=(req.scheduled_time - req.arrival_time) if req.scheduled_time else None,
+            new_logprobs=list(new_logprobs))
         if req.is_finished:
             self._detok.pop(req.request_id, None)
             self.requests.pop(req.request_id, None)

@@ -26,7 +26,7 @@ from kunjax.control.request import RequestOutput
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 from kunjax.control.plan import GroupPlan
-from kunjax.runtime.runner import InFlight, Segment, Stage, pick_shape, route_ready, run_route
+from kunjax.runtime.runner import InFlight, Segment, Stage, host_logprobs, pick_shape, route_ready, run_route
 
 
 def group_scheduler_config(base: SchedulerConfig, g: int) -> SchedulerConfig:
@@ -161,7 +161,7 @@ class PipelineGroup(UnitCore):
         t = time.perf_counter()
         tokens = np.concatenate([h.result() for h in handles]) if handles else np.zeros((0,), np.int32)
         self.last_wait_s = time.perf_counter() - t
-        return self.apply(step, tokens)
+        return self.apply(step, tokens, host_logprobs(handles))
 
     # ---- status ----------------------------------------------------------------------------
     @property

@@ -343,7 +343,7 @@ class LLMEngine(UnitCore):
         t = time.perf_counter()
         tokens = handle.result()
         self.last_wait_s = time.perf_counter() - t
-        return self.apply(step, tokens)
+        return self.apply(step, tokens, handle.host_logprobs())
 
     def step(self) -> list[RequestOutput]:
         """One scheduler iteration: one step, one host sync. Returns outputs of requests that got

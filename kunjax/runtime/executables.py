@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from kunjax.control.batch import StepShape
+from kunjax.control.batch import PENALTY_FIELDS, StepShape
 from kunjax.model.config import ModelConfig
-from kunjax.model.sampling import sample
+from kunjax.model.sampling import apply_penalties, sample, token_logprobs
 from kunjax.model.transformer import StateSpec, model_spec
 from kunjax.runtime.kv_pools import K, V, pool_shape, storage_dtype
 from sharding.rules import kv_sharding, replicated, state_shardings
@@ -40,6 +40,11 @@ from sharding.rules import kv_sharding, replicated, state_shardings
 log = logging.getLogger(__name__)
 
 EMBED, LAYER, HEAD = "embed", "layer", "head"
+# The head's penalty variant (penalties, min_p, logprobs): a separate executable, so the plain head a
+# step without them runs is exactly today's. It reads each row's token history, as wide as the
+# step's gathered context (pages x page size covers every sampling row's tokens), hence its key has pages.
+HEAD_X = "head_x"
+HEAD_X_FIELDS = PENALTY_FIELDS  # its batch arrays beyond the plain head's, in argument order
 ZEROS, GATHER, SCATTER = "zeros", "gather", "scatter"  # KV pool construction and page moves (kunjax.memory)
 
 
@@ -48,7 +53,7 @@ class ExeKey:
     kind: str
     rows: int  # step rows; pages moved per call (gather / scatter)
     query: int
-    pages: int = 0  # gathered context pages per row (layer only)
+    pages: int = 0  # gathered context pages per row (layer, head_x)
     pool_pages: int = 0  # pages of the KV pool it reads or writes (layer, zeros, gather, scatter)
     part: str = ""  # "k" or "v": which pool (zeros, gather, scatter; their shapes differ)
 
@@ -65,7 +70,7 @@ def keys_for(shape: StepShape, pool_pages: int, embed: bool = True, head: bool =
     if embed:
         keys.insert(0, ExeKey(EMBED, shape.rows, shape.query))
     if head:
-        keys.append(ExeKey(HEAD, shape.rows, shape.query))
+        keys += [ExeKey(HEAD, shape.rows, shape.query), ExeKey(HEAD_X, shape.rows, shape.query, shape.pages)]
     return keys
 
 
@@ -83,6 +88,16 @@ def _head(hp, h, last_idx, temperature, top_k, top_p, seeds, counters, *, spec: 
     rows = jnp.arange(h.shape[0])
     logits = spec.merge(hp)(h[rows, last_idx])
     return sample(logits, temperature, top_k, top_p, seeds, counters), logits
+
+
+def _head_x(hp, h, last_idx, temperature, top_k, top_p, seeds, counters, history, prompt_lens, repetition,
+            frequency, presence, min_p, *, spec: StateSpec):
+    """The head with penalties and min_p applied before sampling, and the sampled tokens' logprobs."""
+    rows = jnp.arange(h.shape[0])
+    logits = spec.merge(hp)(h[rows, last_idx])
+    penalised = apply_penalties(logits, history, prompt_lens, repetition, frequency, presence)
+    tokens = sample(penalised, temperature, top_k, top_p, seeds, counters, min_p)
+    return (tokens, logits) + token_logprobs(logits, tokens)
 
 
 def _gather_pages(pool, ids):
@@ -139,6 +154,8 @@ class StepExecutables:
                            out_shardings=(rep, self.kv_sh, self.kv_sh)),
             HEAD: jax.jit(functools.partial(_head, spec=self.spec.head), in_shardings=(self.head_sh,) + (rep,) * 7,
                           out_shardings=(rep, rep)),
+            HEAD_X: jax.jit(functools.partial(_head_x, spec=self.spec.head), in_shardings=(self.head_sh,) + (rep,) * 13,
+                            out_shardings=(rep,) * 5),
             GATHER: jax.jit(_gather_pages, in_shardings=(self.kv_sh, rep), out_shardings=self.kv_sh),
             SCATTER: jax.jit(_scatter_pages, donate_argnums=(0,), in_shardings=(self.kv_sh, rep, self.kv_sh),
                              out_shardings=self.kv_sh),
@@ -174,7 +191,11 @@ class StepExecutables:
                     self._sds((R, key.pages), i32), self._sds((R,), i32))
         hp = self.spec.head.build(lambda n, shape, _axes: self._sds(shape, self.dtype, self.head_sh[n]))
         rows = lambda dt: self._sds((R,), dt)  # noqa: E731
-        return (hp, h, rows(i32), rows(jnp.float32), rows(i32), rows(jnp.float32), rows(jnp.uint32), rows(i32))
+        f32 = jnp.float32
+        head = (hp, h, rows(i32), rows(f32), rows(i32), rows(f32), rows(jnp.uint32), rows(i32))
+        if key.kind == HEAD_X:  # + history, prompt_lens, repetition, frequency, presence, min_p
+            return head + (self._sds((R, key.pages * self.page_size), i32), rows(i32)) + (rows(f32),) * 4
+        return head
 
     # ---- compile / look up -------------------------------------------------------------------
     def is_ready(self, key: ExeKey) -> bool:

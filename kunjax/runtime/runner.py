@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from kunjax.control.batch import Buckets, StepShape
-from kunjax.runtime.executables import EMBED, HEAD, LAYER, ExeKey, StepExecutables, keys_for
+from kunjax.runtime.executables import (EMBED, HEAD, HEAD_X, HEAD_X_FIELDS, LAYER, ExeKey, StepExecutables,
+                                        keys_for)
 from sharding.transfer import put_tree
 
 LayerParams = dict[str, jax.Array]
@@ -31,6 +32,7 @@ class InFlight:
     tokens: jax.Array  # (R,) padded rows
     num_rows: int
     logits: Optional[jax.Array] = None  # (R, V) f32, kept on device (tests read it)
+    logprobs: Optional[tuple] = None  # the penalty head's (chosen (R,), top values (R, K), top ids (R, K))
 
     def wait(self) -> None:
         """Blocks until the step's tokens are computed (a waiter thread calls it; releases the GIL)."""
@@ -41,6 +43,25 @@ class InFlight:
         out = np.asarray(self.tokens)[:self.num_rows]
         self.logits = None  # nobody reads a finished step's logits on device (the engine keeps its own)
         return out
+
+    def host_logprobs(self) -> Optional[tuple]:
+        """The step's logprobs on the host, rows trimmed (None: a plain-head step)."""
+        if self.logprobs is None:
+            return None
+        return tuple(np.asarray(a)[:self.num_rows] for a in self.logprobs)
+
+
+def host_logprobs(handles) -> Optional[tuple]:
+    """The logprobs of a step run as several handles (micro-batches), concatenated in row order;
+    None when none of them ran the penalty head (rows of plain handles get NaN)."""
+    parts = [h.host_logprobs() for h in handles]
+    if all(p is None for p in parts):
+        return None
+    k = next(p for p in parts if p is not None)[1].shape[1]
+    filled = [p if p is not None else (np.full((h.num_rows,), np.nan, np.float32),
+                                       np.full((h.num_rows, k), np.nan, np.float32),
+                                       np.zeros((h.num_rows, k), np.int32)) for p, h in zip(parts, handles)]
+    return tuple(np.concatenate([f[i] for f in filled]) for i in range(3))
 
 
 class Stage:
@@ -93,17 +114,22 @@ class Stage:
             self.pools[l] = (k, v)
         return h
 
-    def run_head(self, h: jax.Array, dev: dict, shape: StepShape) -> tuple[jax.Array, jax.Array]:
-        return self.exes.get(ExeKey(HEAD, shape.rows, shape.query))(
-            self.head, h, dev["last_idx"], dev["temperature"], dev["top_k"], dev["top_p"], dev["seeds"],
-            dev["counters"])
+    def run_head(self, h: jax.Array, dev: dict, shape: StepShape) -> tuple:
+        """(tokens, logits, logprobs or None): the penalty variant when the batch carries its
+        arrays (a row asked for penalties, min_p or logprobs), else the plain head."""
+        args = (self.head, h, dev["last_idx"], dev["temperature"], dev["top_k"], dev["top_p"], dev["seeds"],
+                dev["counters"])
+        if HEAD_X_FIELDS[0] not in dev:
+            return self.exes.get(ExeKey(HEAD, shape.rows, shape.query))(*args) + (None,)
+        tokens, logits, *lp = self.exes.get(ExeKey(HEAD_X, shape.rows, shape.query, shape.pages))(
+            *args, *(dev[f] for f in HEAD_X_FIELDS))
+        return tokens, logits, tuple(lp)
 
     def run(self, batch: dict[str, np.ndarray], shape: StepShape, num_rows: int) -> InFlight:
         """A whole step on a stage that holds everything (a serving instance)."""
         dev = self.put(batch)
         h = self.run_layers(self.run_embed(dev, shape), dev, shape)
-        tokens, logits = self.run_head(h, dev, shape)
-        return launched(tokens, num_rows, logits)
+        return launched(*self.run_head(h, dev, shape), num_rows=num_rows)
 
     def restore_embed_head(self, embed_holder: "Stage", head_holder: "Stage") -> None:
         """Copies the embedding and the head back from the stages that kept them, where missing."""
@@ -170,27 +196,29 @@ def run_route(segments, embed_stage: "Stage", head_stage: "Stage", batch: dict[s
         h = seg.stage.run_layers(h, dev_for(seg.stage, seg.page_offset, seg.batch), shape, seg.layers)
     if head_stage is not at:
         h = move(h, head_stage.exes.rep)
-    tokens, logits = head_stage.run_head(h, dev_for(head_stage, 0), shape)
-    return launched(tokens, num_rows, logits)
+    return launched(*head_stage.run_head(h, dev_for(head_stage, 0), shape), num_rows=num_rows)
 
 
 def route_ready(segments, embed_stage: "Stage", head_stage: "Stage", shape: StepShape) -> bool:
     """Every executable a routed step of `shape` needs is compiled (layer executables at each
     segment's pool sizes)."""
-    keys = [(embed_stage, ExeKey(EMBED, shape.rows, shape.query)), (head_stage, ExeKey(HEAD, shape.rows, shape.query))]
+    keys = [(embed_stage, ExeKey(EMBED, shape.rows, shape.query)), (head_stage, ExeKey(HEAD, shape.rows, shape.query)),
+            (head_stage, ExeKey(HEAD_X, shape.rows, shape.query, shape.pages))]
     for seg in segments:
         for n in {seg.stage.pools[l][0].shape[1] for l in seg.layers}:
             keys.append((seg.stage, ExeKey(LAYER, shape.rows, shape.query, shape.pages, n)))
     return all(st.exes.is_ready(k) for st, k in keys)
 
 
-def launched(tokens: jax.Array, num_rows: int, logits: Optional[jax.Array] = None) -> InFlight:
-    """Starts copying the sampled tokens to the host in the background."""
-    try:
-        tokens.copy_to_host_async()
-    except Exception:  # not every array type supports it; result() syncs anyway
-        pass
-    return InFlight(tokens, num_rows, logits)
+def launched(tokens: jax.Array, logits: Optional[jax.Array] = None, logprobs: Optional[tuple] = None, *,
+             num_rows: int) -> InFlight:
+    """Starts copying the sampled tokens (and logprobs) to the host in the background."""
+    for a in (tokens,) + (logprobs or ()):
+        try:
+            a.copy_to_host_async()
+        except Exception:  # not every array type supports it; result() syncs anyway
+            pass
+    return InFlight(tokens, num_rows, logits, logprobs)
 
 
 def pick_shape(needed: StepShape, buckets: Buckets, ready) -> Optional[StepShape]:
