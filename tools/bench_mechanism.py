@@ -214,6 +214,9 @@ def main(argv):
         row(f"{name}: wall time (members step between pieces)", f"{rep.seconds * 1e3:.1f} ms", f"{rep.pieces} pieces")
         row(f"{name}: pieces alone", f"{rep.piece_seconds_total * 1e3:.1f} ms",
             f"bytes/bw {moved / bw * 1e3:.1f} ms", f"{rep.piece_seconds_total / max(moved / bw, 1e-9):.1f}x")
+        work = rep.piece_seconds_total - rep.sampling_seconds
+        row(f"{name}: pieces without peak sampling", f"{work * 1e3:.1f} ms",
+            f"bytes/bw + step {(moved / bw + one) * 1e3:.1f} ms", f"{work / max(moved / bw + one, 1e-9):.2f}x")
         row(f"{name}: longest token gap, members' requests", f"{phase['member'] * 1e3:.1f} ms",
             f"step {step_ms:.1f} ms", f"{phase['member'] / one:.1f} steps")
         if n > len(members):

@@ -199,7 +199,8 @@ def execute_restore_layers(cluster, op: DeviceOp) -> None:
     for l in layers:  # phase 1: the pages that hold data out, the group pools freed (room first)
         owner = members[plan.owner_index(l)].stage
         held[l] = {j: pages_out(owner, owner.pools[l], src[j], chunk, report.exchange) for j in src}
-        _sample_peak(report, devices)
+        if l == layers[0]:
+            _sample_peak(report, devices)
         delete_arrays(owner.pools.pop(l))
     for l in layers:  # phase 2: every member (the owner last) gets its pool, the weights, its pages
         o = plan.owner_index(l)
@@ -221,8 +222,9 @@ def execute_restore_layers(cluster, op: DeviceOp) -> None:
                 st8["lost"][j].update(dst[j])
                 pools = st.exes.new_pools(size)
             st.pools[l] = pools
+            if j == o:  # the layer's last member: every new pool of it is there
+                _sample_peak(report, devices)
             delete_arrays([c[:2] for c in held[l].pop(j)])
-            _sample_peak(report, devices)
         group.restored.add(l)
     held.clear()
 
