@@ -46,12 +46,17 @@ class Metrics:
         self.groups = Gauge("kunjax_pipeline_groups", "Pipeline groups of merged instances", registry=r)
         self.grouped = Gauge("kunjax_grouped_instances", "Instances serving as a stage of a pipeline group",
                              registry=r)
-        self.transitions = Counter("kunjax_memory_transitions", "Parameter drops and restores", ["kind"],
-                                   registry=r)
+        # cumulative since start, read from the cluster (drops and restores are started by Admin or
+        # by the kunserve policy): gauges, like the per-instance counters below
+        self.transitions = Gauge("kunjax_memory_transitions", "Parameter drops, restores and rolled-back drops "
+                                 "since start", ["kind"], registry=r)
         self.transition_s = Histogram("kunjax_memory_transition_seconds", "Duration of a drop or a restore",
                                       ["kind"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.exchange_bytes = Counter("kunjax_kv_exchange_bytes", "KV bytes moved between devices by drops and "
-                                      "restores", registry=r)
+        self.exchange_bytes = Gauge("kunjax_kv_exchange_bytes", "KV bytes moved by drops and restores since start: "
+                                    "between devices, within a device, chunk padding", ["kind"], registry=r)
+        self.policy = Gauge("kunjax_overload_policy", "The kunserve policy's decisions since start (drops, restores, "
+                            "fallbacks to recompute) and its cost model's mean absolute % error on the steps "
+                            "it observed", ["kind"], registry=r)
         self.freed_weight_bytes = Counter("kunjax_dropped_weight_bytes", "Weight bytes deleted by drops",
                                           registry=r)
 
@@ -78,6 +83,20 @@ class Metrics:
                 if kind in s:
                     self.overload.labels(str(s["id"]), kind).set(s[kind])
             self.swapped.labels(str(s["id"])).set(s.get("swapped", 0))
+        counts = status.get("transition_counts", {})
+        for kind in ("drops", "restores", "rolled_back"):
+            if kind in counts:
+                self.transitions.labels(kind).set(counts[kind])
+        for kind, key in (("between_devices", "exchanged_bytes"), ("local", "local_bytes"),
+                          ("padding", "padding_bytes")):
+            if key in counts:
+                self.exchange_bytes.labels(kind).set(counts[key])
+        pol = status.get("overload_policy", {})
+        for kind in ("drops", "restores", "fallbacks"):
+            if kind in pol:
+                self.policy.labels(kind).set(pol[kind])
+        if "cost_model" in pol:
+            self.policy.labels("cost_model_error_pct").set(pol["cost_model"]["mean_abs_pct_error"])
         self.groups.set(len(status.get("groups", [])))
         self.grouped.set(sum(len(g["instances"]) for g in status.get("groups", [])))
         for m in status.get("memory", []):
@@ -89,8 +108,6 @@ class Metrics:
                     self.ledger.labels(m["device"], kind).set(m[kind])
 
     def observe_transition(self, report) -> None:
-        self.transitions.labels(report.kind).inc()
         self.transition_s.labels(report.kind).observe(report.seconds)
-        self.exchange_bytes.inc(report.exchange.bytes_between_devices)
         if report.kind == "drop":
             self.freed_weight_bytes.inc(sum(report.freed_weight_bytes.values()))

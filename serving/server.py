@@ -384,6 +384,17 @@ def status_to_proto(st: dict, model_name: str, executor: Executor, options: Serv
         i.layer_start, i.layer_stop = s.get("layers", (0, 0))
     for g in st["groups"]:
         add_group(msg.groups, g)
+    for k, v in st.get("transition_counts", {}).items():
+        msg.transitions[k] = float(v)
+    pol = st.get("overload_policy", {})
+    for k in ("drops", "restores", "fallbacks"):
+        if k in pol:
+            msg.transitions[f"policy_{k}"] = float(pol[k])
+    if "cost_model" in pol:
+        msg.transitions["cost_model_error_pct"] = float(pol["cost_model"]["mean_abs_pct_error"])
+        msg.transitions["cost_model_observed_steps"] = float(pol["cost_model"]["observed_steps"])
+    for t in st.get("transitions", []):
+        msg.in_progress.add(kind=t["kind"], groups=t["groups"], pieces=t["pieces"], seconds=t["seconds"])
     from kunjax.control.events import merge
 
     for ev in merge(((s["id"], s["events"]) for s in st["instances"] if "events" in s), events_after, limit=1000):

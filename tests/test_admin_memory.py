@@ -122,6 +122,8 @@ def test_drop_and_restore_over_grpc_keep_streams_exact(client, reference, steps)
     assert all(results[i][1] == pb.FINISH_REASON_LENGTH for i in results)
     st = wait_idle(client)
     assert list(st.groups) == [] and all(i.group == -1 and (i.layer_start, i.layer_stop) == (0, 4) for i in st.instances)
+    assert st.transitions["drops"] >= 1 and st.transitions["restores"] >= 1 and st.transitions["exchanged_bytes"] > 0
+    assert list(st.in_progress) == []
 
 
 @pytest.mark.parametrize("when", ["drop", "restore"])

@@ -290,8 +290,15 @@ class DeviceMemory(_message.Message):
     def __init__(self, device: _Optional[str] = ..., live_bytes: _Optional[int] = ..., bytes_in_use: _Optional[int] = ..., instance: _Optional[int] = ..., budget: _Optional[int] = ..., weights: _Optional[int] = ..., layers: _Optional[_Mapping[int, int]] = ..., embed: _Optional[int] = ..., head: _Optional[int] = ..., kv: _Optional[int] = ..., reserve: _Optional[int] = ..., other: _Optional[int] = ..., free: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "instances", "groups", "memory", "running", "waiting", "queued", "pages_total", "pages_free", "compiles", "overload_policy", "max_model_len", "timing", "compiling", "events")
+    __slots__ = ("model", "instances", "groups", "memory", "running", "waiting", "queued", "pages_total", "pages_free", "compiles", "overload_policy", "max_model_len", "timing", "compiling", "events", "transitions", "in_progress")
     class TimingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TransitionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +320,8 @@ class StatusResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     COMPILING_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
+    IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     model: str
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
@@ -328,7 +337,21 @@ class StatusResponse(_message.Message):
     timing: _containers.ScalarMap[str, float]
     compiling: bool
     events: _containers.RepeatedCompositeFieldContainer[OverloadEvent]
-    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[DeviceMemory, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., compiles: _Optional[int] = ..., overload_policy: _Optional[str] = ..., max_model_len: _Optional[int] = ..., timing: _Optional[_Mapping[str, float]] = ..., compiling: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[OverloadEvent, _Mapping]]] = ...) -> None: ...
+    transitions: _containers.ScalarMap[str, float]
+    in_progress: _containers.RepeatedCompositeFieldContainer[TransitionProgress]
+    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[DeviceMemory, _Mapping]]] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., queued: _Optional[int] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., compiles: _Optional[int] = ..., overload_policy: _Optional[str] = ..., max_model_len: _Optional[int] = ..., timing: _Optional[_Mapping[str, float]] = ..., compiling: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[OverloadEvent, _Mapping]]] = ..., transitions: _Optional[_Mapping[str, float]] = ..., in_progress: _Optional[_Iterable[_Union[TransitionProgress, _Mapping]]] = ...) -> None: ...
+
+class TransitionProgress(_message.Message):
+    __slots__ = ("kind", "groups", "pieces", "seconds")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    groups: _containers.RepeatedScalarFieldContainer[int]
+    pieces: int
+    seconds: float
+    def __init__(self, kind: _Optional[str] = ..., groups: _Optional[_Iterable[int]] = ..., pieces: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class PlanDropRequest(_message.Message):
     __slots__ = ("group_size",)
