@@ -46,9 +46,11 @@ SUBDIR = "kunjax-executables"
 # jax options that change what a function lowers to (and so what the executable computes).
 _JAX_OPTIONS = ("jax_default_matmul_precision", "jax_enable_x64", "jax_default_prng_impl",
                 "jax_threefry_partitionable", "jax_numpy_dtype_promotion")
-# The kunjax code an executable is built from: if any of it changes, every entry is stale.
+# The kunjax code an executable is built from (the model's math, the step pieces, the KV pool layout,
+# the sharding rules): if any of it changes, every entry is stale. Whole packages where the code that
+# builds executables may move between modules.
 _SOURCE_PACKAGES = ("kunjax/model", "kunjax/runtime/executables.py", "kunjax/runtime/kv_pools.py",
-                    "kunjax/runtime/exe_store.py", "sharding/rules.py")
+                    "kunjax/runtime/exe_store.py", "sharding")
 
 _stats = {"hits": 0, "misses": 0, "rejected": 0, "saved": 0}
 
