@@ -43,8 +43,10 @@ def test_warm_start_compiles_and_traces_nothing(host_model, store_dir):
     assert exe_store.stats()["saved"] > 0 and os.listdir(store_dir)
     before, hits = counts(), exe_store.stats()["hits"]
     warm = LLMEngine(host_model, CONFIG, executables=fresh_exes(host_model))
+    pools = warm.stage.pools[0]
     got = [o.token_ids for o in warm.generate(prompts, SamplingParams(max_tokens=4))]
     assert counts() == before  # no compile, no trace, no lowering: start-up and the whole run
+    assert all(p.is_deleted() for p in pools)  # a loaded layer executable still donates (updates in place)
     assert exe_store.stats()["hits"] - hits == warm.exes.num_compiled > 0
     assert got == want
 
