@@ -43,7 +43,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_len", 200, "longest prompt (tokens)")
     flags.DEFINE_integer("new_tokens", 64, "greedy tokens per prompt")
     flags.DEFINE_integer("seed", 0, "prompt lengths and tokens")
-    flags.DEFINE_list("modes", ["batch", "engine"], "kunjax modes: batch (tools.batch_generate), engine (LLMEngine.generate)")
+    flags.DEFINE_list("modes", ["batch", "engine"],
+                      "kunjax modes: batch (tools.batch_generate), engine (LLMEngine.generate)")
     flags.DEFINE_integer("repeats", 1, "warm runs per mode, each paired with a transformers run just before it "
                          "(on a shared machine the pairs' median ratio is the figure to read)")
     flags.DEFINE_enum("worker", None, ["hf", "engine"], "internal: run one side in this process and print JSON")
@@ -158,8 +159,8 @@ def main(argv):
         from tools.bench_engine import PRESETS
 
         torch.manual_seed(0)
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**PRESETS[FLAGS.preset], max_position_embeddings=4096,
-                                                                    tie_word_embeddings=False))
+        hcfg = transformers.LlamaConfig(**PRESETS[FLAGS.preset], max_position_embeddings=4096, tie_word_embeddings=False)
+        hf = transformers.LlamaForCausalLM(hcfg)
         model = os.path.join(work, "model")
         hf.to(getattr(torch, FLAGS.dtype)).save_pretrained(model)
         del hf

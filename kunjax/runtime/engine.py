@@ -302,7 +302,8 @@ class LLMEngine(UnitCore):
         """The step as data: the cheapest compiled shape that covers it, and its padded batch."""
         needed = self.buckets.needed(step.rows, step.prefill)
         shape = pick_shape(needed, self.buckets, self.stage.ready)
-        if shape != needed and (self.config.compile_on_demand or self._offline) and self._worth_compiling(needed, shape):
+        offline = self.config.compile_on_demand or self._offline
+        if shape != needed and offline and self._worth_compiling(needed, shape):
             self.compile([needed])
             shape = needed
         if shape is None:
