@@ -50,9 +50,13 @@ from sharding.transfer import put_tree
 log = logging.getLogger(__name__)
 
 
-# Offline runs compile a needed step shape when the compiled shape it would run padded to costs this
-# many times as much (StepShape.cost), or when it is needed this many times.
-OFFLINE_COMPILE = (4, 2)
+# Offline runs compile a needed step shape instead of running it padded when the compiled shape it
+# would run at computes at least twice its tokens (rows x query) and it is needed the
+# OFFLINE_COMPILE[1][prefill]-th time, or (prefill) OFFLINE_COMPILE[0] times its tokens: a prefill step
+# is dear and few, a decode step recurs every iteration and costs little each (a compile pays for
+# itself over tens of them). Padded context pages are not counted: paged attention stops after the
+# longest row's context, whatever the page bucket.
+OFFLINE_COMPILE = (4, {True: 2, False: 32})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,13 +238,15 @@ class LLMEngine(UnitCore):
         return n
 
     def _worth_compiling(self, needed: StepShape, padded: Optional[StepShape]) -> bool:
-        """Offline policy: compile `needed` now when no compiled shape covers it, when the padded
-        shape costs OFFLINE_COMPILE[0] times as much, or when `needed` comes back the
-        OFFLINE_COMPILE[1]-th time (a decode shape recurs every step; a one-off tail shape does not
-        pay for its compile)."""
+        """Offline policy (OFFLINE_COMPILE): compile `needed` now when no compiled shape covers it,
+        when the padded shape computes several times its tokens, or when it keeps coming back at
+        twice its tokens (a one-off tail shape does not pay for its compile)."""
         self._padded[needed] = self._padded.get(needed, 0) + 1
-        ratio, times = OFFLINE_COMPILE
-        return padded is None or padded.cost() >= ratio * needed.cost() or self._padded[needed] >= times
+        if padded is None:
+            return True
+        at_once, again = OFFLINE_COMPILE
+        ratio = (padded.rows * padded.query) / (needed.rows * needed.query)
+        return (needed.prefill and ratio >= at_once) or (ratio >= 2 and self._padded[needed] >= again[needed.prefill])
 
     # ---- requests --------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
