@@ -67,7 +67,8 @@ flags.DEFINE_integer("max_prefill_rows", 4, "prompts per prefill step")
 flags.DEFINE_integer("max_queue", 1024, "requests waiting across the cluster before RESOURCE_EXHAUSTED")
 flags.DEFINE_bool("warmup", True, "compile every shape bucket: the shapes that cover every step before "
                   "serving, the cheaper ones in the background while serving (--nowarmup: covering shapes only)")
-flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache directory "
+flags.DEFINE_string("compilation_cache_dir", None, "compilation cache directory: compiled executables "
+                    "(kunjax-executables/; JAX's persistent cache in multi-process jobs) "
                     "(default ~/.cache/kunjax/jax or $KUNJAX_COMPILE_CACHE)")
 # memory policy (kunjax.control.kunserve.KunserveConfig; the monitor's thresholds: kunjax.control.monitor)
 flags.DEFINE_enum("overload_policy", "recompute", ["recompute", "swap", "migrate", "kunserve"],
@@ -526,8 +527,8 @@ def start_jax(opts: LaunchOptions) -> None:
 
     from kunjax.runtime.jax_setup import configure_jax
 
-    configure_jax(opts.scheduler.compilation_cache_dir)
     d = opts.distributed
+    configure_jax(opts.scheduler.compilation_cache_dir, multi_process=d.enabled)  # warm start: kunjax.runtime.exe_store
     if d.enabled:
         from sharding import multihost
 

@@ -51,6 +51,15 @@ from sharding.transfer import put_tree
 log = logging.getLogger(__name__)
 
 
+# Offline runs compile a needed step shape instead of running it padded when the compiled shape it
+# would run at computes at least twice its tokens (rows x query) and it is needed the
+# OFFLINE_COMPILE[1][prefill]-th time, or (prefill) OFFLINE_COMPILE[0] times its tokens: a prefill step
+# is dear and few, a decode step recurs every iteration and costs little each (a compile pays for
+# itself over tens of them). Padded context pages are not counted: paged attention stops after the
+# longest row's context, whatever the page bucket.
+OFFLINE_COMPILE = (4, {True: 2, False: 32})
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
@@ -63,9 +72,11 @@ class EngineConfig:
     # Also compile the smallest decode shape and the one-row prefill shapes before serving (a server
     # answering its first short requests while the other shapes compile in the background).
     compile_small_first: bool = False
-    # Compile a step's exact shape when it is first needed, instead of running it padded to a larger
-    # compiled one: for offline batch runs, where a short compile beats many oversized steps. A
-    # server leaves this off (nothing compiles on its request path).
+    # Compile a step's exact shape when it keeps being needed (OFFLINE_COMPILE), instead of running
+    # it padded to a larger compiled one for ever: for offline batch runs, where a short compile (or
+    # a load from the executable store) beats many oversized steps. A server leaves this off
+    # (nothing compiles on its request path); `generate` always does it (nothing else runs on the
+    # engine meanwhile).
     compile_on_demand: bool = False
     overload_policy: str = "recompute"  # the per-unit policy (kunjax.control.overload.unit_policy)
     swap_space_bytes: int = 1 << 30  # host memory bound of the swap policy, per instance
@@ -162,6 +173,8 @@ class LLMEngine(UnitCore):
         self.page_layer_bytes = page_bytes(self.cfg, self.page_size, self.dtype, 1) // self.tp
         self.last_logits: Optional[jax.Array] = None
         self.keep_logits = False  # keep the last step's logits on device (tests compare them)
+        self._offline = False  # inside generate(): compile the shapes steps keep needing
+        self._padded: dict[StepShape, int] = {}  # offline: steps that needed a shape not compiled
         t = time.perf_counter()
         n = self.compile(self.buckets.all_shapes() if config.warmup else self.first_shapes())
         if n:
@@ -241,6 +254,17 @@ class LLMEngine(UnitCore):
         log.info("warm-up compiled %d executables", n)
         return n
 
+    def _worth_compiling(self, needed: StepShape, padded: Optional[StepShape]) -> bool:
+        """Offline policy (OFFLINE_COMPILE): compile `needed` now when no compiled shape covers it,
+        when the padded shape computes several times its tokens, or when it keeps coming back at
+        twice its tokens (a one-off tail shape does not pay for its compile)."""
+        self._padded[needed] = self._padded.get(needed, 0) + 1
+        if padded is None:
+            return True
+        at_once, again = OFFLINE_COMPILE
+        ratio = (padded.rows * padded.query) / (needed.rows * needed.query)
+        return (needed.prefill and ratio >= at_once) or (ratio >= 2 and self._padded[needed] >= again[needed.prefill])
+
     # ---- requests --------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -300,9 +324,11 @@ class LLMEngine(UnitCore):
     def prepare(self, step: ScheduledStep) -> DeviceOp:
         """The step as data: the cheapest compiled shape that covers it, and its padded batch."""
         needed = self.buckets.needed(step.rows, step.prefill)
-        if self.config.compile_on_demand and not self.stage.ready(needed):
-            self.compile([needed])
         shape = pick_shape(needed, self.buckets, self.shape_ready)
+        offline = self.config.compile_on_demand or self._offline
+        if shape != needed and offline and self._worth_compiling(needed, shape):
+            self.compile([needed])
+            shape = needed
         if shape is None:
             raise RuntimeError(f"no compiled step shape covers {needed}; the covering shapes are compiled at "
                                f"start-up, so this is a bug")
@@ -355,9 +381,16 @@ class LLMEngine(UnitCore):
 
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
                  params: Union[SamplingParams, Sequence[SamplingParams]] = SamplingParams()) -> list[RequestOutput]:
-        """Runs prompts to completion (offline use); outputs in input order."""
-        return run_to_completion(lambda p, sp: self.add_request(p, sp).request_id, self.step, self.has_unfinished,
-                                 prompts, params)
+        """Runs prompts to completion (offline use); outputs in input order. Nothing else runs on the
+        engine meanwhile, so a step whose shape is not compiled compiles it at once (from the
+        executable store when it holds it) rather than running padded to a larger compiled shape:
+        a 4 x 128-token prefill padded to 4 x 512 costs 4x its compute at every such step."""
+        self._offline = True
+        try:
+            return run_to_completion(lambda p, sp: self.add_request(p, sp).request_id, self.step,
+                                     self.has_unfinished, prompts, params)
+        finally:
+            self._offline = False
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
         out = super().abort(request_id)

@@ -13,7 +13,9 @@ the LLVM code mapped in memory ~L times smaller); the price is one executable la
 
 Everything is compiled ahead of time (`jit(...).lower(abstract args).compile()`) and called through
 the `Compiled` object: a call with a shape or sharding that was not compiled raises instead of
-compiling on the request path. `compile()` may run on a background thread while steps run.
+compiling on the request path. `compile()` may run on a background thread while steps run. Where
+the executable store is on (kunjax.runtime.exe_store, turned on by the command-line tools),
+`compile()` loads a valid serialized executable instead: a warm start traces and compiles nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from kunjax.control.batch import PENALTY_FIELDS, StepShape
 from kunjax.model.config import ModelConfig
 from kunjax.model.sampling import apply_penalties, sample, token_logprobs
 from kunjax.model.transformer import StateSpec, model_spec
+from kunjax.runtime import exe_store
 from kunjax.runtime.kv_pools import K, V, pool_shape, storage_dtype
 from sharding.rules import kv_sharding, replicated, state_shardings
 
@@ -212,14 +215,36 @@ class StepExecutables:
             if key in self._compiled:
                 continue
             t = time.perf_counter()
-            fn = self._zeros_jit(key.pool_pages, key.part) if key.kind == ZEROS else self._jit[key.kind]
-            compiled = fn.lower(*self._abstract(key)).compile()
+            compiled = self._load_or_compile(key)
             with self._lock:
                 if key not in self._compiled:
                     self._compiled[key] = compiled
                     n += 1
             self.compile_seconds += time.perf_counter() - t
         return n
+
+    def _load_or_compile(self, key: ExeKey):
+        """From the executable store when it holds a valid entry (no tracing, lowering or
+        compiling), else traced, lowered and compiled here and saved there."""
+        store = exe_store.current()
+        what = self._identity(key) if store is not None else None
+        if store is not None:
+            compiled = store.load(what, self.mesh.devices.flat)
+            if compiled is not None:
+                return compiled
+        fn = self._zeros_jit(key.pool_pages, key.part) if key.kind == ZEROS else self._jit[key.kind]
+        compiled = fn.lower(*self._abstract(key)).compile()
+        if store is not None:
+            store.save(what, compiled)
+        return compiled
+
+    def _identity(self, key: ExeKey) -> dict:
+        """What executable `key` is on this placement (the store's key; exe_store adds what it is
+        built with: versions, platform, flags, source)."""
+        return {"exe": dataclasses.asdict(key), "model": self.cfg.to_dict(), "dtype": self.dtype.name,
+                "page_size": self.page_size, "mesh_axes": list(self.mesh.axis_names),
+                "mesh_shape": list(self.mesh.devices.shape),
+                "devices": [[d.id, d.device_kind] for d in self.mesh.devices.flat]}
 
     def _zeros_jit(self, num_pages: int, part: str):
         shape, dt = pool_shape(self.cfg, num_pages, self.page_size, part), storage_dtype(self.dtype)
