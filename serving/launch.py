@@ -470,6 +470,7 @@ def build_cluster(opts: LaunchOptions, oplog=None):
         cluster.compile_in_background()
     if cluster.engines and len(cluster.engines) > 1:
         # The group pool sizes a drop may use, compiled in the background: no drop waits a compile.
+        cluster.max_group_size = opts.memory.max_group_size
         cluster.compile_ladder(background=True)
     if opts.memory.overload_policy == "kunserve":
         t = time.monotonic()

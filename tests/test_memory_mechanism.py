@@ -301,7 +301,6 @@ def test_kunserve_drops_and_restores_by_itself_through_a_burst(host_model, refer
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     want = [o.token_ids for o in reference.generate(prompts, params)]
     cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
-    cluster.ladder_steps = 1
     cluster.compile_ladder(background=False)
     ready, total = cluster.plan_ready(cluster.plan_drop(2))
     assert ready == total, "after the ladder compiled, every plan the planner can return is ready"

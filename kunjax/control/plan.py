@@ -336,18 +336,24 @@ def member_offsets(plan: GroupPlan) -> list[int]:
     return offs
 
 
-def pool_ladder(instance_pages: int, max_group: int, useful_pages: int, steps_per_doubling: int = 4) -> list[int]:
-    """Group pool sizes compiled ahead (a pool size is part of every layer executable's key): from
-    two instances' pages up to `max_group` instances' (capped at `useful_pages`), geometric with
-    `steps_per_doubling` sizes per doubling, so the planner loses at most ~19 % of a group's room to
-    rounding while only a handful of sizes compile."""
-    lo = 2 * instance_pages
-    hi = max(lo, min(useful_pages, (max_group + 3) * instance_pages))
-    sizes, x = set(), float(lo)
-    while x < hi:
-        sizes.add(int(x))
-        x *= 2 ** (1 / steps_per_doubling)
-    sizes.add(int(hi))
+def pool_ladder(infos: Sequence[MemberInfo], tied: bool, max_group: int, max_pages_per_instance: int,
+                chunk_pages: int = 64, fractions: Sequence[float] = (1.0, 0.9, 0.8)) -> list[int]:
+    """Group pool sizes to compile ahead (a pool size is part of every layer executable's key): for
+    each group size g up to `max_group`, the largest page count a group of g of these instances can
+    hold with nothing running (`plan_group`), and `fractions` of it, for groups whose transition
+    leaves less room (pages in use, an uneven split). The memory layout of the instances is fixed at
+    start-up, so these are the sizes the planner will ask for; nothing rounds a group's room down by
+    more than the gap between two fractions."""
+    idle = {i.index: dataclasses.replace(i, used_pages=0) for i in infos}
+    members = [i.index for i in infos]
+    sizes: set[int] = set()
+    for g in range(2, min(max_group, len(members)) + 1):
+        try:
+            best = plan_group(idle, members[:g], tied, g * max_pages_per_instance, chunk_pages).num_pages
+        except PlanError:
+            continue
+        need = sum(idle[m].num_pages for m in members[:g])
+        sizes.update(p for p in (int(best * f) for f in fractions) if p >= need)
     return sorted(sizes)
 
 

@@ -37,7 +37,7 @@ class ServingCluster(Cluster):
     (kunjax.memory): `plan_drop` / `drop` / `restore` drive the mechanism."""
 
     chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
-    ladder_steps = 4  # group pool sizes per doubling on the ladder compiled ahead (kunjax.control.plan.pool_ladder)
+    max_group_size = 4  # the largest pipeline group the pool ladder is compiled for
 
     def __init__(self, engines: Sequence[LLMEngine], policy: Optional[DispatchPolicy] = None,
                  oplog: Optional[OpLog] = None):
@@ -217,13 +217,16 @@ class ServingCluster(Cluster):
 
     def ladder(self) -> list[int]:
         """The group pool sizes a plan may use: compiled ahead (`compile_ladder`), so no drop ever
-        waits for a compile."""
-        from kunjax.control.plan import pool_ladder
+        waits for a compile. Fixed on first use from the instances' memory layout (at start-up)."""
+        if getattr(self, "_ladder", None) is None:
+            from kunjax.control.plan import pool_ladder
 
-        e0 = self.engines[0]
-        useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
-        pages = max(e.num_pages for e in self.engines)
-        return pool_ladder(pages, len(self.engines), len(self.engines) * useful, self.ladder_steps)
+            e0 = self.engines[0]
+            useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+            infos = self.member_infos()
+            self._ladder = pool_ladder([infos[i] for i in sorted(infos)], e0.cfg.tie_word_embeddings,
+                                       self.max_group_size, useful, self.chunk_pages)
+        return self._ladder
 
     def ladder_keys(self) -> list[tuple]:
         """(executables, keys) of every ladder size on every instance: the first shapes' layer
