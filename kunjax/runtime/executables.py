@@ -165,6 +165,7 @@ class StepExecutables:
         }
         self._compiled: dict[ExeKey, Any] = {}
         self._lock = threading.Lock()
+        self._compile_lock = threading.Lock()
         self.compile_seconds = 0.0
 
     # ---- abstract arguments ----------------------------------------------------------------
@@ -214,13 +215,19 @@ class StepExecutables:
         for key in keys:
             if key in self._compiled:
                 continue
-            t = time.perf_counter()
-            compiled = self._load_or_compile(key)
-            with self._lock:
-                if key not in self._compiled:
+            # One compile at a time per placement: the background compiler and an offline run (or a
+            # follower) may ask for the same key at once, and tracing one jitted function on two
+            # threads at once crashed XLA (a segfault seen in the suite). Placements still compile in
+            # parallel (warm-up threads, one per instance).
+            with self._compile_lock:
+                if key in self._compiled:
+                    continue
+                t = time.perf_counter()
+                compiled = self._load_or_compile(key)
+                with self._lock:
                     self._compiled[key] = compiled
                     n += 1
-            self.compile_seconds += time.perf_counter() - t
+                self.compile_seconds += time.perf_counter() - t
         return n
 
     def _load_or_compile(self, key: ExeKey):
