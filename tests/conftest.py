@@ -42,3 +42,13 @@ def client(server):
 
     with Client(f"localhost:{server.port}") as c:
         yield c
+
+
+def stepped(engine, prompts, params):
+    """Runs prompts to the end by stepping the engine the server's way: LLMEngine.generate would
+    also compile the shapes an offline run keeps needing (engine.OFFLINE_COMPILE), which tests that
+    count compilations must not see."""
+    from kunjax.control.cluster import run_to_completion
+
+    return run_to_completion(lambda p, sp: engine.add_request(p, sp).request_id, engine.step, engine.has_unfinished,
+                             prompts, params)

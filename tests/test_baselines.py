@@ -10,6 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from conftest import stepped
 from kunjax.control.request import SamplingParams, Status
 from kunjax.control.scheduler import SchedulerConfig
 from kunjax.io.loader import load_model
@@ -41,15 +42,6 @@ def reference(tiny):
     return [o.token_ids for o in make_engine(tiny).generate(prompts(), PARAMS)]
 
 
-def served(engine, prompts_, params):
-    """The requests stepped to the end the server's way (LLMEngine.generate would also compile the
-    shapes the run keeps needing, engine.OFFLINE_COMPILE: not what these tests look at)."""
-    from kunjax.control.cluster import run_to_completion
-
-    return run_to_completion(lambda p, sp: engine.add_request(p, sp).request_id, engine.step, engine.has_unfinished,
-                             prompts_, params)
-
-
 def live(engine) -> int:
     gc.collect()
     return measure.device_live_bytes(engine.device)
@@ -62,7 +54,7 @@ def test_policy_is_token_exact_and_frees_everything(tiny, reference, policy):
     compiles = compile_stats.compile_count()
     tracemalloc.start()
     host0 = tracemalloc.get_traced_memory()[0]
-    outs = served(eng, prompts(), PARAMS)
+    outs = stepped(eng, prompts(), PARAMS)
     host_peak = tracemalloc.get_traced_memory()[1]
     gc.collect()
     host1 = tracemalloc.get_traced_memory()[0]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import stepped
 from hf_models import make_model, save_model
 from kunjax.control.request import SamplingParams
 from kunjax.control.scheduler import SchedulerConfig
@@ -58,9 +59,9 @@ def hf_penalised_greedy(hf, prompt, n, frequency=0.0, presence=0.0):
 def test_repetition_penalty_equals_transformers(models, penalty):
     hf, eng = models
     before = compile_stats.compile_count()
-    plain = eng.generate([PROMPTS[1]], SamplingParams(max_tokens=NEW, ignore_eos=True))[0].token_ids
+    plain = stepped(eng, [PROMPTS[1]], SamplingParams(max_tokens=NEW, ignore_eos=True))[0].token_ids
     # one row with the penalty and one without, in the same steps
-    outs = eng.generate(list(PROMPTS), [SamplingParams(max_tokens=NEW, ignore_eos=True, repetition_penalty=penalty),
+    outs = stepped(eng, list(PROMPTS), [SamplingParams(max_tokens=NEW, ignore_eos=True, repetition_penalty=penalty),
                                         SamplingParams(max_tokens=NEW, ignore_eos=True)])
     assert compile_stats.compile_count() == before  # the penalty head was compiled with the covering shapes
     ids = torch.tensor([PROMPTS[0]])
