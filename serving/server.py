@@ -351,7 +351,9 @@ def report_to_proto(rep, failed) -> pb.TransitionReport:
     msg = pb.TransitionReport(kind=rep.kind, groups=list(rep.groups), seconds=rep.seconds, compiles=rep.compiles,
                               exchange_bytes_between_devices=rep.exchange.bytes_between_devices,
                               exchange_bytes_local=rep.exchange.bytes_local, exchange_seconds=rep.exchange.seconds,
-                              failed_requests=len(failed))
+                              failed_requests=len(failed), pieces=rep.pieces, piece_seconds_max=rep.piece_seconds_max,
+                              piece_seconds_total=rep.piece_seconds_total,
+                              exchange_bytes_padding=rep.exchange.bytes_padding, state=rep.state)
     for name in ("freed_weight_bytes", "live_before", "peak_live", "live_after"):
         for k, v in getattr(rep, name).items():
             getattr(msg, name)[k] = int(v)

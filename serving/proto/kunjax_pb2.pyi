@@ -433,7 +433,7 @@ class DropRequest(_message.Message):
     def __init__(self, group_size: _Optional[int] = ...) -> None: ...
 
 class TransitionReport(_message.Message):
-    __slots__ = ("kind", "groups", "seconds", "freed_weight_bytes", "exchange_bytes_between_devices", "exchange_bytes_local", "exchange_seconds", "live_before", "peak_live", "live_after", "compiles", "failed_requests")
+    __slots__ = ("kind", "groups", "seconds", "freed_weight_bytes", "exchange_bytes_between_devices", "exchange_bytes_local", "exchange_seconds", "live_before", "peak_live", "live_after", "compiles", "failed_requests", "pieces", "piece_seconds_max", "piece_seconds_total", "exchange_bytes_padding", "state")
     class FreedWeightBytesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -474,6 +474,11 @@ class TransitionReport(_message.Message):
     LIVE_AFTER_FIELD_NUMBER: _ClassVar[int]
     COMPILES_FIELD_NUMBER: _ClassVar[int]
     FAILED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    PIECE_SECONDS_MAX_FIELD_NUMBER: _ClassVar[int]
+    PIECE_SECONDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_BYTES_PADDING_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     groups: _containers.RepeatedScalarFieldContainer[int]
     seconds: float
@@ -486,7 +491,12 @@ class TransitionReport(_message.Message):
     live_after: _containers.ScalarMap[str, int]
     compiles: int
     failed_requests: int
-    def __init__(self, kind: _Optional[str] = ..., groups: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., freed_weight_bytes: _Optional[_Mapping[str, int]] = ..., exchange_bytes_between_devices: _Optional[int] = ..., exchange_bytes_local: _Optional[int] = ..., exchange_seconds: _Optional[float] = ..., live_before: _Optional[_Mapping[str, int]] = ..., peak_live: _Optional[_Mapping[str, int]] = ..., live_after: _Optional[_Mapping[str, int]] = ..., compiles: _Optional[int] = ..., failed_requests: _Optional[int] = ...) -> None: ...
+    pieces: int
+    piece_seconds_max: float
+    piece_seconds_total: float
+    exchange_bytes_padding: int
+    state: str
+    def __init__(self, kind: _Optional[str] = ..., groups: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., freed_weight_bytes: _Optional[_Mapping[str, int]] = ..., exchange_bytes_between_devices: _Optional[int] = ..., exchange_bytes_local: _Optional[int] = ..., exchange_seconds: _Optional[float] = ..., live_before: _Optional[_Mapping[str, int]] = ..., peak_live: _Optional[_Mapping[str, int]] = ..., live_after: _Optional[_Mapping[str, int]] = ..., compiles: _Optional[int] = ..., failed_requests: _Optional[int] = ..., pieces: _Optional[int] = ..., piece_seconds_max: _Optional[float] = ..., piece_seconds_total: _Optional[float] = ..., exchange_bytes_padding: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class DropResponse(_message.Message):
     __slots__ = ("plan", "report", "groups")
