@@ -39,11 +39,13 @@ def reference():
 @pytest.fixture(scope="module")
 def server(host_model):
     cluster = Cluster.build(host_model, CONFIG, num_instances=1, tp=1)
-    cluster.engines[0].model.chat_template = TEMPLATE
+    model = cluster.engines[0].model  # the session's shared tiny model: its template is put back after
+    before, model.chat_template = model.chat_template, TEMPLATE
     srv = ServerThread(cluster, ServerOptions(port=portpicker.pick_unused_port(), host="localhost", http_port=0,
                                               api_keys=(KEY, "gen-key-2"), admin_api_keys=(ADMIN_KEY,))).start()
     yield srv
     srv.stop()
+    model.chat_template = before
 
 
 @pytest.fixture(scope="module")
