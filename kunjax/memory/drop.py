@@ -54,7 +54,6 @@ from sharding.transfer import move_tree
 log = logging.getLogger(__name__)
 
 DROP_BEGIN, DROP_LAYERS, DROP_FINISH, DROP_ROLLBACK = "drop_begin", "drop_layers", "drop_finish", "drop_rollback"
-DROP = DROP_BEGIN  # the kind a drop starts with (older name)
 
 
 class DropError(ValueError):
@@ -396,7 +395,7 @@ def execute_drop_rollback(cluster, op: DeviceOp) -> TransitionReport:
                 if j != o:
                     lp = owner.layers[l]
                     st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
-                st.pools[l] = pages_in(st, st.exes.new_pools(gp.pages_before[m_index(cluster, m)]), held[j], src[j],
+                st.pools[l] = pages_in(st, st.exes.new_pools(gp.pages_before[cluster.engines.index(m)]), held[j], src[j],
                                        cluster.chunk_pages, report.exchange, src_mesh=owner.mesh)
             moved.discard(l)
         embed = next(m.stage for m, st in zip(members, gp.stages) if st.embed)
@@ -411,10 +410,6 @@ def execute_drop_rollback(cluster, op: DeviceOp) -> TransitionReport:
     cluster.last_transition = report
     cluster.drop_state = None
     return report
-
-
-def m_index(cluster, m) -> int:
-    return cluster.engines.index(m)
 
 
 def _drop_weights(stage, st_plan) -> int:

@@ -45,7 +45,6 @@ from sharding.transfer import move_tree
 log = logging.getLogger(__name__)
 
 RESTORE_BEGIN, RESTORE_LAYERS, RESTORE_FINISH = "restore_begin", "restore_layers", "restore_finish"
-RESTORE = RESTORE_BEGIN
 
 
 class RestoreError(ValueError):

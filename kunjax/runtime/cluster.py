@@ -185,13 +185,19 @@ class ServingCluster(Cluster):
             raise PlanError(f"group_size {group_size}: only {len(alone)} instances serve on their own (the others are "
                             f"in pipeline groups); restore first", "FAILED_PRECONDITION")
         e0 = self.engines[0]
-        useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+        useful = self.useful_pages()
         infos = self.member_infos()
         for i in alone:
             if any(b == 0 for b in infos[i].layer_bytes):
                 raise PlanError(f"instance {i} is missing layers; restore first", "FAILED_PRECONDITION")
         return plan_drop([infos[i] for i in alone], group_size, e0.cfg.tie_word_embeddings, useful,
                          chunk_pages=self.chunk_pages, ladder=self.ladder())
+
+    def useful_pages(self) -> int:
+        """Pages an instance can ever use at once (max_num_seqs full-length sequences + the null page):
+        the cap on what a plan gives a member."""
+        e0 = self.engines[0]
+        return e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
 
     def _planner_choice(self):
         """The group planner's plan around the most loaded single instance, or None."""
@@ -201,11 +207,9 @@ class ServingCluster(Cluster):
         planner = self.kunserve.planner if self.kunserve is not None else None
         if planner is None:
             e0 = self.engines[0]
-            useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+            useful = self.useful_pages()
             cfg = KunserveConfig().planner
-            import dataclasses as dc
-
-            planner = GroupPlanner(dc.replace(cfg, chunk_pages=self.chunk_pages, max_pages_per_instance=useful),
+            planner = GroupPlanner(dataclasses.replace(cfg, chunk_pages=self.chunk_pages, max_pages_per_instance=useful),
                                    e0.cfg.tie_word_embeddings, self.member_infos, ladder=self.ladder())
         views = self.views()
         singles = [v for v in views if not v.is_group]
@@ -222,7 +226,7 @@ class ServingCluster(Cluster):
             from kunjax.control.plan import pool_ladder
 
             e0 = self.engines[0]
-            useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+            useful = self.useful_pages()
             infos = self.member_infos()
             self._ladder = pool_ladder([infos[i] for i in sorted(infos)], e0.cfg.tie_word_embeddings,
                                        self.max_group_size, useful, self.chunk_pages)
@@ -387,15 +391,13 @@ class ServingCluster(Cluster):
         restores (one transition at a time; a plan is only offered once its executables, on the pool
         ladder, are compiled). Without a plan that covers the demand the schedulers' recompute
         preemption goes on (counted as a fallback)."""
-        import dataclasses as dc
-
         from kunjax.control.kunserve import KunservePolicy
 
         e0 = self.engines[0]
-        useful = e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
-        planner = dc.replace(config.planner, chunk_pages=self.chunk_pages,
+        useful = self.useful_pages()
+        planner = dataclasses.replace(config.planner, chunk_pages=self.chunk_pages,
                              max_pages_per_instance=min(config.planner.max_pages_per_instance, useful))
-        config = dc.replace(config, planner=planner)
+        config = dataclasses.replace(config, planner=planner)
 
         def ready(plan) -> bool:
             done, total = self.plan_ready(plan)
