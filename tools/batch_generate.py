@@ -111,7 +111,7 @@ def run(model: str, input_path: str, output_path: str, defaults: Any, engine_con
         progress: bool = True, log=sys.stderr) -> dict:
     from tqdm import tqdm
 
-    from kunjax.runtime.engine import EngineConfig, LLMEngine
+    from kunjax.runtime.engine import EngineConfig, LLMEngine, offline_scheduler_config
     from kunjax.io.loader import host_place, load_model, parse_dtype
     from kunjax.control.scheduler import SchedulerConfig
 
@@ -125,8 +125,9 @@ def run(model: str, input_path: str, output_path: str, defaults: Any, engine_con
                                      max_model_len=defaults.max_model_len, compile_on_demand=True,
                                      overload_policy=getattr(defaults, "overload_policy", "recompute"),
                                      swap_space_bytes=getattr(defaults, "swap_space_bytes", 1 << 30),
-                                     scheduler=SchedulerConfig(max_num_seqs=defaults.max_num_seqs,
-                                                               max_num_batched_tokens=defaults.max_num_batched_tokens))
+                                     scheduler=offline_scheduler_config(SchedulerConfig(
+                                         max_num_seqs=defaults.max_num_seqs,
+                                         max_num_batched_tokens=defaults.max_num_batched_tokens)))
     engine = LLMEngine(lm, engine_config)
     load_s = time.perf_counter() - t_load
 

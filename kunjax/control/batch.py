@@ -47,6 +47,14 @@ class Row:
         return self.start + self.n == self.request.num_tokens
 
 
+def split_rows(rows: Sequence[Row], size: int) -> list[Row]:
+    """Each row as consecutive rows of at most `size` tokens, in order (packed prefill). A later
+    piece attends to the earlier ones of the same step: every layer writes the step's K/V into the
+    pools before attending, and the causal mask follows positions. Only a request's last piece can
+    sample, and applying the pieces in order leaves its computed count at the last one's end."""
+    return [Row(r.request, s, min(size, r.start + r.n - s)) for r in rows for s in range(r.start, r.start + r.n, size)]
+
+
 @dataclasses.dataclass
 class ScheduledStep:
     rows: list[Row]

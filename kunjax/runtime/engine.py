@@ -60,6 +60,17 @@ log = logging.getLogger(__name__)
 OFFLINE_COMPILE = (4, {True: 2, False: 32})
 
 
+# Packed prefill for offline runs (SchedulerConfig.prefill_segment): rows of this many tokens, the
+# smallest query bucket (Buckets.min_chunk), so a prompt pads at most 31 tokens.
+OFFLINE_SEGMENT = 32
+
+
+def offline_scheduler_config(sc: SchedulerConfig) -> SchedulerConfig:
+    """A scheduler config for throughput (generate, the batch tool): packed prefill, every prompt
+    prefilled before decoding; the rest as given."""
+    return dataclasses.replace(sc, prefill_segment=sc.prefill_segment or OFFLINE_SEGMENT, prefill_first=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
@@ -147,10 +158,7 @@ class LLMEngine(UnitCore):
         self.max_model_len = min(config.max_model_len or 4096, self.cfg.max_position_embeddings)
         self.page_size = config.page_size
         sc = config.scheduler
-        self.buckets = Buckets(max_rows=sc.max_num_seqs, max_prefill_rows=sc.max_prefill_rows,
-                               max_chunk=sc.max_num_batched_tokens,
-                               max_pages_per_seq=pages_for(self.max_model_len, self.page_size),
-                               page_size=self.page_size)
+        self.buckets = self.buckets_for(sc)
         self.exes = executables or executables_for(self.cfg, mesh, self.dtype, self.page_size)
         params = place_params(model.params, mesh, self.cfg)
         self.memory_split: Optional[MemorySplit] = None
@@ -179,6 +187,15 @@ class LLMEngine(UnitCore):
         n = self.compile(self.buckets.all_shapes() if config.warmup else self.first_shapes())
         if n:
             log.info("compiled %d executables in %.1fs on %s", n, time.perf_counter() - t, self.device)
+
+    def buckets_for(self, sc: SchedulerConfig) -> Buckets:
+        """The step shapes a scheduler config produces: one row per prompt (max_prefill_rows x the
+        budget), or with packed prefill (budget / prefill_segment) rows of prefill_segment tokens."""
+        seg = sc.prefill_segment
+        return Buckets(max_rows=sc.max_num_seqs,
+                       max_prefill_rows=max(1, sc.max_num_batched_tokens // seg) if seg else sc.max_prefill_rows,
+                       max_chunk=seg or sc.max_num_batched_tokens,
+                       max_pages_per_seq=pages_for(self.max_model_len, self.page_size), page_size=self.page_size)
 
     def _swap_space(self):
         from kunjax.runtime import swap
@@ -385,12 +402,18 @@ class LLMEngine(UnitCore):
         engine meanwhile, so a step whose shape is not compiled compiles it at once (from the
         executable store when it holds it) rather than running padded to a larger compiled shape:
         a 4 x 128-token prefill padded to 4 x 512 costs 4x its compute at every such step."""
+        serving, buckets = self.scheduler.config, self.buckets
+        offline = offline_scheduler_config(serving)
         self._offline = True
+        self.scheduler.reconfigure(offline)
+        self.buckets = self.buckets_for(offline)
         try:
             return run_to_completion(lambda p, sp: self.add_request(p, sp).request_id, self.step,
                                      self.has_unfinished, prompts, params)
         finally:
             self._offline = False
+            self.scheduler.reconfigure(serving)
+            self.buckets = buckets
 
     def abort(self, request_id: str) -> Optional[RequestOutput]:
         out = super().abort(request_id)
