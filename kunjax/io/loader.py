@@ -51,7 +51,7 @@ def default_place(dtype, device_or_sharding=None) -> Callable[[np.ndarray], Any]
 def host_place(dtype) -> Callable[[np.ndarray], Any]:
     """Keeps weights in host memory (numpy, in the serving dtype): what engines and clusters are
     built from, each placing its own replica on its own devices (no device copy held by the model)."""
-    return lambda a: np.asarray(a).astype(dtype)
+    return lambda a: np.asarray(a).astype(dtype, copy=False)
 
 
 def load_model(spec: str, dtype=None, place: Optional[Callable[[np.ndarray], Any]] = None) -> LoadedModel:

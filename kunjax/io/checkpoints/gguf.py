@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from kunjax.io.checkpoints.hf import as_layout
 from kunjax.io.model_spec import SMOLLM2_FILE, smollm2_path  # noqa: F401  (re-exported: jax-free home)
 from kunjax.model.config import ModelConfig, RopeScaling
 from kunjax.model.transformer import Params, model_spec
@@ -266,7 +267,7 @@ def load_gguf_params(tensors: _Tensors, cfg: ModelConfig, place: Place, dtype=np
         if tuple(arr.shape) != tuple(shape):
             raise ValueError(f"{tensors.path}: tensor {name!r} has shape {tuple(arr.shape)} (kunjax layout), "
                              f"expected {tuple(shape)} from the GGUF metadata")
-        return place(np.ascontiguousarray(arr.astype(dtype)))
+        return place(as_layout(arr, dtype))
 
     top = {"embed": ("token_embd.weight", False), "final_norm": ("output_norm.weight", False),
            "lm_head": ("output.weight", True)}

@@ -88,6 +88,13 @@ class _SafetensorsIndex:
         self._open.clear()
 
 
+def as_layout(arr: np.ndarray, dtype) -> np.ndarray:
+    """`arr` (maybe a transposed view) as a C-contiguous array of `dtype`, in one copy at most: a cast
+    writes the new layout directly; a 500 MB f32 checkpoint was copied three times on its way in
+    (astype, ascontiguousarray, the host placement's astype), a second of a batch run's start-up."""
+    return np.ascontiguousarray(arr) if arr.dtype == dtype else arr.astype(dtype, order="C")
+
+
 def load_hf_params(path: str, cfg: ModelConfig, place: Place, dtype=np.float32) -> Params:
     """Reads weights into the kunjax layout (input-major), casting to `dtype`, one tensor at a time."""
     idx = _SafetensorsIndex(path)
@@ -99,7 +106,7 @@ def load_hf_params(path: str, cfg: ModelConfig, place: Place, dtype=np.float32) 
             arr = arr.T
         if shape is not None and tuple(arr.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r} has shape {arr.shape}, expected {shape} from config.json")
-        return place(np.ascontiguousarray(arr.astype(dtype)))
+        return place(as_layout(arr, dtype))
 
     top = {"embed": (f"{prefix}embed_tokens.weight", False), "final_norm": (f"{prefix}norm.weight", False),
            "lm_head": ("lm_head.weight", True)}
