@@ -68,9 +68,12 @@ def define_flags(fv: Optional[flags.FlagValues] = None) -> None:
 CPU_DEFAULT_BUDGET = 4 << 30
 
 
-def parse_row(line_no: int, line: str, engine, defaults, index: int):
-    """Returns (id, prompt ids, SamplingParams) or raises ValueError naming the line."""
+def parse_row(line_no: int, line: str, model, defaults, index: int):
+    """Returns (id, prompt ids, SamplingParams) or raises ValueError naming the line. `model` is the
+    LoadedModel (its tokenizer and chat template): rows are tokenized before the engine exists, so
+    the KV cache is sized to what they need (`check_row` then validates against the engine)."""
     from kunjax.control.request import SamplingParams
+    from kunjax.text.chat import encode_chat, encode_prompt
 
     try:
         row = json.loads(line)
@@ -86,13 +89,13 @@ def parse_row(line_no: int, line: str, engine, defaults, index: int):
         if "prompt" in row:
             if not isinstance(row["prompt"], str) or not row["prompt"]:
                 raise ValueError("prompt must be a non-empty string")
-            ids = engine.encode(row["prompt"])
+            ids = encode_prompt(model.tokenizer, row["prompt"])
         elif "prompt_token_ids" in row:
             ids = row["prompt_token_ids"]
             if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
                 raise ValueError("prompt_token_ids must be a list of integers")
         else:
-            ids = engine.encode_chat(row["messages"])
+            ids = encode_chat(model.tokenizer, model.chat_template, row["messages"])
         params = SamplingParams(
             max_tokens=int(row.get("max_new_tokens", defaults.max_new_tokens)),
             temperature=float(row.get("temperature", defaults.temperature)),
@@ -101,27 +104,47 @@ def parse_row(line_no: int, line: str, engine, defaults, index: int):
             seed=int(row.get("seed", defaults.seed + index)),
             stop=tuple(row.get("stop", ())),
         )
-        engine.validate(ids, params)
     except (ValueError, TypeError) as e:
         raise ValueError(f"line {line_no}: {e}") from None
     return rid, ids, params
+
+
+def check_row(line_no: int, engine, ids, params) -> None:
+    """What only the engine can say about a parsed row (vocabulary, context, KV pages); raises
+    ValueError naming the line."""
+    try:
+        engine.validate(ids, params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"line {line_no}: {e}") from None
 
 
 def run(model: str, input_path: str, output_path: str, defaults: Any, engine_config=None,
         progress: bool = True, log=sys.stderr) -> dict:
     from tqdm import tqdm
 
-    from kunjax.runtime.engine import EngineConfig, LLMEngine, offline_scheduler_config
+    from kunjax.runtime.engine import EngineConfig, LLMEngine, offline_kv_pages, offline_scheduler_config
     from kunjax.io.loader import host_place, load_model, parse_dtype
     from kunjax.control.scheduler import SchedulerConfig
 
     t_load = time.perf_counter()
     lm = load_model(model, dtype=defaults.dtype, place=host_place(parse_dtype(defaults.dtype)))
+    with open(input_path) as f:
+        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+    parsed: list = []  # per line: (id, ids, params) or the ValueError naming it
+    for index, (line_no, line) in enumerate(lines):
+        try:
+            parsed.append(parse_row(line_no, line, lm, defaults, index))
+        except ValueError as e:
+            parsed.append(e)
     if engine_config is None:
         import jax
 
         hbm = defaults.hbm_bytes or (CPU_DEFAULT_BUDGET if jax.default_backend() == "cpu" else None)
+        # The KV cache holds what the rows need at once (at most max_num_seqs of them), not the
+        # whole budget: the pools are written when made.
+        need = [min(len(p[1]) + max(p[2].max_tokens, 1), defaults.max_model_len) for p in parsed if isinstance(p, tuple)]
         engine_config = EngineConfig(page_size=defaults.page_size, num_pages=defaults.num_pages, hbm_bytes=hbm,
+                                     max_pages=offline_kv_pages(need, defaults.max_num_seqs, defaults.page_size),
                                      max_model_len=defaults.max_model_len, compile_on_demand=True,
                                      overload_policy=getattr(defaults, "overload_policy", "recompute"),
                                      swap_space_bytes=getattr(defaults, "swap_space_bytes", 1 << 30),
@@ -133,12 +156,13 @@ def run(model: str, input_path: str, output_path: str, defaults: Any, engine_con
 
     results: list[Optional[dict]] = []
     by_request: dict[str, int] = {}
-    with open(input_path) as f:
-        lines = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
     errors = 0
-    for index, (line_no, line) in enumerate(lines):
+    for index, ((line_no, line), p) in enumerate(zip(lines, parsed)):
         try:
-            rid, ids, params = parse_row(line_no, line, engine, defaults, index)
+            if isinstance(p, ValueError):
+                raise p
+            rid, ids, params = p
+            check_row(line_no, engine, ids, params)
         except ValueError as e:
             errors += 1
             print(f"error: {e}", file=log)

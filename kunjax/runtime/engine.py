@@ -44,6 +44,7 @@ from kunjax.model.transformer import head_params
 from kunjax.runtime.executables import StepExecutables, executables_for, keys_for
 from kunjax.runtime.kv_pools import allocate_pools, page_bytes
 from kunjax.runtime.runner import InFlight, Stage, pick_shape, route_ready, run_route
+from kunjax.text.chat import encode_chat, encode_prompt
 from kunjax.text.tokenizer import IncrementalDetokenizer
 from sharding.rules import TP, param_shardings, validate_tp
 from sharding.transfer import put_tree
@@ -71,10 +72,21 @@ def offline_scheduler_config(sc: SchedulerConfig) -> SchedulerConfig:
     return dataclasses.replace(sc, prefill_segment=sc.prefill_segment or OFFLINE_SEGMENT, prefill_first=True)
 
 
+def offline_kv_pages(lengths: Sequence[int], max_running: int, page_size: int) -> int:
+    """KV pages (with the null page) that hold the `max_running` longest of these sequences (prompt +
+    max tokens) at once: all an offline run of them can use, so none is ever preempted."""
+    need = sorted((pages_for(n, page_size) for n in lengths), reverse=True)[:max_running]
+    return 1 + max(1, sum(need))
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     page_size: int = 16
     num_pages: Optional[int] = None  # explicit pool size (pages incl. the null page); else from memory
+    # At most this many pages when sized from memory (incl. the null page): what an offline batch
+    # can hold at once (offline_kv_pages). Every page is written when the pools are made, and on a
+    # machine where fresh memory is dear that is seconds for pages no request will use.
+    max_pages: Optional[int] = None
     hbm_bytes: Optional[int] = None  # per-device memory budget (CPU default: memory.cpu_default_budget)
     hbm_fraction: float = 0.85  # of bytes_limit, when the device reports one
     max_model_len: Optional[int] = None  # default: min(model context, 4096)
@@ -243,6 +255,7 @@ class LLMEngine(UnitCore):
         pages = (budget - live - reserve) // per_page
         # More pages than max_num_seqs full-length sequences can never be used at once.
         useful = self.config.scheduler.max_num_seqs * pages_for(self.max_model_len, self.page_size) + 1
+        useful = min(useful, self.config.max_pages or useful)
         pages = int(min(pages, useful))
         if pages < 2:
             raise ValueError(f"memory budget {budget / 2**20:.0f} MiB per device leaves no room for KV pages: "
@@ -284,30 +297,11 @@ class LLMEngine(UnitCore):
 
     # ---- requests --------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("prompt: this model has no tokenizer (no tokenizer.json); send prompt_token_ids")
-        return self.tokenizer.encode(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def encode_chat(self, messages) -> list[int]:
-        """Renders chat messages with the model's template (kunjax.text.chat) and tokenizes the result
-        without adding special tokens again, as Hugging Face's apply_chat_template does."""
-        from kunjax.text.chat import render_chat, validate_messages
-
-        validate_messages(messages)  # a malformed conversation is named as such on any model
-        if self.tokenizer is None:
-            raise ValueError("messages: this model has no tokenizer")
-        if not self.model.chat_template:
-            raise ValueError("messages: this model has no chat template; send prompt or prompt_token_ids")
-        text = render_chat(self.model.chat_template, messages, add_generation_prompt=True,
-                           bos_token=self._token_str(self.tokenizer.bos_token_id),
-                           eos_token=self._token_str((self.tokenizer.eos_token_ids or (None,))[0]))
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def _token_str(self, token_id) -> str:
-        backend = getattr(self.tokenizer, "backend", None)
-        if token_id is None or backend is None:
-            return ""
-        return backend.id_to_token(token_id) or ""
+        """Renders chat messages with the model's template (kunjax.text.chat) and tokenizes them."""
+        return encode_chat(self.tokenizer, self.model.chat_template, messages)
 
     def detokenizer(self, prompt_token_ids: Sequence[int]) -> Optional[IncrementalDetokenizer]:
         return IncrementalDetokenizer(self.tokenizer, list(prompt_token_ids)) if self.tokenizer is not None else None

@@ -108,3 +108,32 @@ def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: 
         raise
     except JinjaError as e:
         raise TemplateError(f"chat template failed to render: {e}") from e
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A plain text prompt's token ids (the model's tokenizer; None: the model has none)."""
+    if tokenizer is None:
+        raise ValueError("prompt: this model has no tokenizer (no tokenizer.json); send prompt_token_ids")
+    return tokenizer.encode(prompt)
+
+
+def encode_chat(tokenizer, template: str | None, messages) -> list[int]:
+    """Renders chat messages with the model's template and tokenizes the result without adding
+    special tokens again, as Hugging Face's apply_chat_template does. Needs only the tokenizer and
+    template (an offline tool tokenizes its rows before it sizes an engine)."""
+    validate_messages(messages)  # a malformed conversation is named as such on any model
+    if tokenizer is None:
+        raise ValueError("messages: this model has no tokenizer")
+    if not template:
+        raise ValueError("messages: this model has no chat template; send prompt or prompt_token_ids")
+    text = render_chat(template, messages, add_generation_prompt=True,
+                       bos_token=_token_str(tokenizer, tokenizer.bos_token_id),
+                       eos_token=_token_str(tokenizer, (tokenizer.eos_token_ids or (None,))[0]))
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _token_str(tokenizer, token_id) -> str:
+    backend = getattr(tokenizer, "backend", None)
+    if token_id is None or backend is None:
+        return ""
+    return backend.id_to_token(token_id) or ""
