@@ -219,40 +219,49 @@ class Scheduler:
         seg = self.config.prefill_segment
         budget = self.config.max_num_batched_tokens
         cap = self.config.max_chunk_tokens or budget
+        rows: list[Row] = []
         # With packed prefill the budget is spent in whole rows of `seg` tokens and caps the rows by
         # itself; otherwise a row is a prompt and max_prefill_rows caps them.
-        room = (lambda: budget - budget % seg) if seg else (lambda: budget)  # noqa: E731
-        full = (lambda: False) if seg else (lambda: len(rows) >= self.config.max_prefill_rows)  # noqa: E731
-        charge = (lambda n: -(-n // seg) * seg) if seg else (lambda n: n)  # noqa: E731
-        rows: list[Row] = []
+        full = lambda: not seg and len(rows) >= self.config.max_prefill_rows  # noqa: E731
         for req in [r for r in self.running if r.num_pending > 1]:
-            if room() <= 0 or full():
+            if self._room(budget) <= 0 or full():
                 break
-            n = min(req.num_pending, room(), cap)
+            n = min(req.num_pending, self._room(budget), cap)
             if not self._grow(req, req.num_computed + n):
                 n = min(n, len(req.pages) * self.page_size - req.num_computed)
                 if n <= 0:
                     continue
             rows.append(Row(req, req.num_computed, n))
-            budget -= charge(n)
-        while (self.waiting and not self.swapped and room() > 0 and not full()
+            budget -= self._cost(n)
+        while (self.waiting and not self.swapped and self._room(budget) > 0 and not full()
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             # Admit only when the whole (re)prompt fits, so an admitted prompt never stalls half-way.
             if pages_for(req.num_tokens, self.page_size) > self.allocator.num_free:
                 break
             self.waiting.popleft()
-            n = min(req.num_pending, room(), cap)
+            n = min(req.num_pending, self._room(budget), cap)
             self._grow(req, req.num_computed + n)
             req.status = Status.RUNNING
             if req.scheduled_time is None:
                 req.scheduled_time = time.monotonic()
             self.running.append(req)
             rows.append(Row(req, req.num_computed, n))
-            budget -= charge(n)
+            budget -= self._cost(n)
         if seg:
             rows = split_rows(rows, seg)
         return ScheduledStep(rows, prefill=True) if rows else None
+
+    def _room(self, budget: int) -> int:
+        """Prefill tokens one more row may take out of what is left of the budget (packed prefill:
+        whole rows of prefill_segment tokens)."""
+        seg = self.config.prefill_segment
+        return budget - budget % seg if seg else budget
+
+    def _cost(self, n: int) -> int:
+        """What n prefill tokens take from the budget: packed, their rows' padded tokens."""
+        seg = self.config.prefill_segment
+        return -(-n // seg) * seg if seg else n
 
     def _schedule_decode(self) -> Optional[ScheduledStep]:
         ready = sorted((r for r in self.running if r.num_pending == 1), key=lambda r: r.arrival_time)
