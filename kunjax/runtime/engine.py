@@ -192,7 +192,9 @@ class LLMEngine(UnitCore):
         self.route = None
         self.page_layer_bytes = page_bytes(self.cfg, self.page_size, self.dtype, 1) // self.tp
         self.last_logits: Optional[jax.Array] = None
-        self.keep_logits = False  # keep the last step's logits on device (tests compare them)
+        # Keep the last step's logits on device, one row per request that sampled, in row order (tests
+        # compare them; a packed prefill step holds a prompt in several rows, only its last samples).
+        self.keep_logits = False
         self._offline = False  # inside generate(): compile the shapes steps keep needing
         self._padded: dict[StepShape, int] = {}  # offline: steps that needed a shape not compiled
         t = time.perf_counter()
@@ -367,16 +369,15 @@ class LLMEngine(UnitCore):
             self.exes.compile(self.stage.keys(shape))
         if op.args.get("moves"):
             self.swap.apply(op.args["moves"])
-        fl = self.stage.run(op.arrays, shape, op.args["num_rows"])
-        if self.keep_logits:
-            self.last_logits = fl.logits
-        return fl
+        return self.stage.run(op.arrays, shape, op.args["num_rows"])
 
     @staticmethod
     def wait(handle: InFlight) -> None:
         handle.wait()
 
     def finish(self, step: ScheduledStep, handle: InFlight) -> list[RequestOutput]:
+        if self.keep_logits and handle.logits is not None:
+            self.last_logits = handle.logits[np.array([i for i, r in enumerate(step.rows) if r.samples])]
         t = time.perf_counter()
         tokens = handle.result()
         self.last_wait_s = time.perf_counter() - t
