@@ -59,6 +59,9 @@ def sim_parser() -> argparse.ArgumentParser:
     ap.add_argument("--markdown", default=None, help="append the run's table to this markdown file")
     ap.add_argument("--dtype_bytes", type=int, default=None, help="bytes per weight / KV element (default: 2 on "
                     "a GPU preset, the calibration's otherwise)")
+    ap.add_argument("--group_shapes", choices=("first", "all"), default="first",
+                    help="shapes a pipeline group has compiled: the launcher's (first: its ladder compiles "
+                    "first_shapes) or every shape (as compile_plan(all_shapes=True) would)")
     ap.add_argument("--calibrate_requests", type=int, default=48, help="--calibrate: requests served and timed")
     return ap
 
@@ -121,7 +124,9 @@ def setting(sim, launch: Sequence[str]) -> Setting:
     c = opts.cache
     max_len = min(c.max_model_len or 4096, cfg.max_position_embeddings)
     dtype = sim.dtype_bytes or cal.fit.get("dtype_bytes") or 2
-    return Setting(opts.model.model, cfg, cal, InstanceConfig(sched, c.page_size, max_len, opts.memory.swap_space_bytes),
+    inst = InstanceConfig(sched, c.page_size, max_len, opts.memory.swap_space_bytes, opts.scheduler.warmup,
+                          sim.group_shapes == "all")
+    return Setting(opts.model.model, cfg, cal, inst,
                    n, tp, c.num_pages, c.hbm_bytes, int(dtype), kunserve_config(opts.memory), list(launch))
 
 

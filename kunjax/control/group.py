@@ -12,6 +12,7 @@ during a restore one per target member (kunjax.control.transition.RestoreRouting
 
 from __future__ import annotations
 
+import collections
 from typing import Optional, Sequence
 
 from kunjax.control.batch import Row, ScheduledStep
@@ -71,6 +72,22 @@ class GroupCore(UnitCore):
     @property
     def num_pages(self) -> int:
         return self.plan.num_pages
+
+    def schedule(self) -> Optional[ScheduledStep]:
+        """The group's next step. While a restore runs nothing new is admitted (the paper's first
+        restore step: stop admitting into the extension pages): a request admitted then would need
+        room on a member page space the restore has already handed out, which can be too small
+        (the simulator found a restore failing that way, OutOfPages in RestoreRouting.table); queued
+        requests move to the members when the group splits. Requests preempted meanwhile go back to
+        the head of the queue, as always."""
+        if self.routing is None:
+            return super().schedule()
+        s = self.scheduler
+        held, s.waiting = s.waiting, collections.deque()
+        try:
+            return super().schedule()
+        finally:
+            s.waiting.extend(held)
 
     def micro_batches(self, step: ScheduledStep) -> list[list[Row]]:
         rows = step.rows

@@ -19,11 +19,11 @@ import time
 
 import numpy as np
 
-from kunjax.control.batch import ScheduledStep, StepShape, build_batch
+from kunjax.control.batch import ScheduledStep, StepShape, build_batch, pick_shape
 from kunjax.control.group import GroupCore, group_scheduler_config  # noqa: F401
 from kunjax.control.ops import STEP, DeviceOp
 from kunjax.control.request import RequestOutput
-from kunjax.runtime.runner import InFlight, Segment, Stage, host_logprobs, pick_shape, route_ready, run_route
+from kunjax.runtime.runner import InFlight, Segment, Stage, host_logprobs, route_ready, run_route
 
 
 class PipelineGroup(GroupCore):

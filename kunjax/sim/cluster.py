@@ -93,6 +93,8 @@ class SimCluster(MechanismCluster):
         self.reserve = self.device.reserve_bytes(sc.max_num_batched_tokens, max(sc.max_num_seqs, sc.max_prefill_rows))
         pages = instance_pages(self.device, config, self.budget, self.reserve, num_pages)
         self.controller_free_at = 0.0
+        self.shared_devices = calibration.shared_devices
+        self.shared_free_at = 0.0  # shared_devices: when the cores are next free
         instances = [SimInstance(i, cfg, self.device, config, pages, unit_policy(policy), clock, self)
                      for i in range(num_instances)]
         super().__init__(instances, SimFrontend(cfg, config.max_model_len, pages - 1, config.page_size), clock=clock)
@@ -309,20 +311,16 @@ def fitted_cost_model(cluster: SimCluster):
     """The control plane's linear cost model (kunjax.control.cost_model), fitted to the simulated
     device on every shape an instance can run, as kunjax.runtime.calibrate fits it to real steps."""
     from kunjax.control.cost_model import StepSample, fit, shape_work
-    from kunjax.sim.hardware import RowWork
 
     e0 = cluster.engines[0]
     d = cluster.device
     samples = []
     for shape in e0.buckets.all_shapes():
         work = shape_work(shape.rows, shape.query, shape.pages)
-        ctx = shape.pages * e0.page_size
-        q = shape.query
-        rows = [RowWork(ctx - q, q)] * shape.rows
         for layers, head in ((d.cfg.num_layers, True), (max(1, d.cfg.num_layers // 2), True),
                              (d.cfg.num_layers, False)):
             samples.append(StepSample(**work, layers=layers, head=head,
-                                      seconds=d.step_time(rows, layers=layers, head=head)))
+                                      seconds=d.step_time(shape, e0.page_size, layers=layers, head=head)))
     links = {k: d.link_bandwidth(k) for k in ("d2d", "local", "host", "network")}
     return fit(samples, links)
 

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kunjax.control.batch import StepShape
 from kunjax.control.cost_model import nonnegative_lstsq
 from kunjax.model.config import ModelConfig
 
@@ -52,6 +53,7 @@ class DeviceSpec:
 
 
 GB = 1e9
+KV_PASSES = 3  # a layer's KV bytes per step: the gather reads the pages and writes the context, attention reads it
 PRESETS = {
     "h100-sxm": DeviceSpec(
         "h100-sxm", flops=989.4e12, hbm_bandwidth=3.35e12, hbm_bytes=80 * 10**9, nvlink_bandwidth=450 * GB,
@@ -102,16 +104,17 @@ class Calibration:
     efficiency: Efficiency
     fit: dict = dataclasses.field(default_factory=dict)  # how well it predicts the steps it was fitted on
     overlap_stages: bool = True  # a pipeline group's stages run at the same time (False: virtual CPU devices)
+    shared_devices: bool = False  # the devices share one set of cores (virtual CPU devices): one step at a time
 
     def to_json(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "efficiency": dataclasses.asdict(self.efficiency),
-                "fit": self.fit, "overlap_stages": self.overlap_stages}
+                "fit": self.fit, "overlap_stages": self.overlap_stages, "shared_devices": self.shared_devices}
 
     @classmethod
     def from_json(cls, d: dict) -> "Calibration":
         try:
             return cls(DeviceSpec(**d["spec"]), Efficiency(**d["efficiency"]), d.get("fit", {}),
-                       bool(d.get("overlap_stages", True)))
+                       bool(d.get("overlap_stages", True)), bool(d.get("shared_devices", False)))
         except (KeyError, TypeError) as e:
             raise ValueError(f"calibration: not a calibration file ({e})") from None
 
@@ -125,14 +128,6 @@ def preset(name: str) -> Calibration:
     if name not in PRESETS:
         raise ValueError(f"gpu: {name!r} is not one of {', '.join(PRESETS)}")
     return Calibration(PRESETS[name], Efficiency())
-
-
-@dataclasses.dataclass(frozen=True)
-class RowWork:
-    """One row of a step: `n` query tokens computed after `start` tokens of context."""
-
-    start: int
-    n: int
 
 
 class DeviceModel:
@@ -191,38 +186,42 @@ class DeviceModel:
         return (2 * (self.tp - 1) / self.tp * nbytes / (self.spec.nvlink_bandwidth * self.eff.link)
                 + self.eff.allreduce_latency_s)
 
-    def layer_time(self, rows: Sequence[RowWork], tokens: Optional[int] = None) -> float:
-        """One layer of a step over `rows`; `tokens`: the tokens it computes (padded; default the
-        rows' own)."""
+    def layer_work(self, shape: StepShape, page_size: int) -> tuple[float, float]:
+        """(FLOPs, bytes) per device of one layer of a step run at the padded `shape` (what kunjax
+        computes: rows x query tokens, each attending to its `pages` gathered pages in full, the mask
+        hiding what is not context)."""
         c = self.cfg
-        t = sum(r.n for r in rows) if tokens is None else tokens
-        flops = 2 * self.active_layer_params * t
-        ctx = 0
-        for r in rows:  # attention: QK^T and PV over the context each query token sees (causal)
-            flops += 4 * r.n * (r.start + (r.n + 1) / 2) * c.q_size
-            ctx += r.start + r.n
+        tokens = shape.rows * shape.query
+        ctx = shape.pages * page_size
+        flops = 2 * self.active_layer_params * tokens + 4 * tokens * ctx * c.q_size  # + QK^T and PV
         weights = self.layer_params * self.dtype_bytes
         if c.is_moe:  # the experts the step's tokens route to, at most all of them
             per_expert = 3 * c.hidden_size * c.moe_intermediate_size * self.dtype_bytes
-            dense = weights - c.num_experts * per_expert
-            weights = dense + min(c.num_experts, t * c.num_experts_per_tok) * per_expert
-        nbytes = weights + ctx * self.kv_token_layer_bytes
-        return (self._roof(flops / self.tp, nbytes / self.tp) + self.eff.layer_overhead_s
-                + 2 * self.allreduce_time(t))
+            weights += (min(c.num_experts, tokens * c.num_experts_per_tok) - c.num_experts) * per_expert
+        # the pages gathered into a contiguous context (read + write), then read by attention
+        nbytes = weights + KV_PASSES * shape.rows * ctx * self.kv_token_layer_bytes
+        return flops / self.tp, nbytes / self.tp
+
+    def head_work(self, sampled_rows: int) -> tuple[float, float]:
+        c = self.cfg
+        return (2 * c.hidden_size * c.vocab_size * sampled_rows / self.tp,
+                c.hidden_size * c.vocab_size * self.dtype_bytes / self.tp)
+
+    def layer_time(self, shape: StepShape, page_size: int) -> float:
+        return (self._roof(*self.layer_work(shape, page_size)) + self.eff.layer_overhead_s
+                + 2 * self.allreduce_time(shape.rows * shape.query))
 
     def head_time(self, sampled_rows: int) -> float:
-        c = self.cfg
-        return self._roof(2 * c.hidden_size * c.vocab_size * sampled_rows / self.tp,
-                          c.hidden_size * c.vocab_size * self.dtype_bytes / self.tp)
+        return self._roof(*self.head_work(sampled_rows))
 
-    def step_time(self, rows: Sequence[RowWork], layers: Optional[int] = None, tokens: Optional[int] = None,
-                  sampled_rows: Optional[int] = None, head: bool = True, overhead: bool = True) -> float:
-        """A step over `rows` on `layers` layers (default all), with the head; `tokens` and
-        `sampled_rows`: what the padded shape computes (default the rows' own)."""
+    def step_time(self, shape: StepShape, page_size: int, layers: Optional[int] = None, head: bool = True,
+                  overhead: bool = True) -> float:
+        """A step at the padded `shape` on `layers` layers (default all), with the head (its rows
+        sample) and the fixed step overhead."""
         n = self.cfg.num_layers if layers is None else layers
-        t = n * self.layer_time(rows, tokens)
+        t = n * self.layer_time(shape, page_size)
         if head:
-            t += self.head_time(len(rows) if sampled_rows is None else sampled_rows)
+            t += self.head_time(shape.rows)
         return t + (self.eff.step_overhead_s if overhead else 0.0)
 
     def link_bandwidth(self, link: str) -> float:
@@ -240,15 +239,13 @@ class DeviceModel:
 # ---- fitting the efficiencies to measured steps ------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MeasuredStep:
-    """One real step: its rows, the tokens and sampled rows its padded shape computed, its seconds."""
+    """One real step: the padded shape it ran at and its seconds (scheduling to tokens on the host)."""
 
-    rows: tuple[RowWork, ...]
-    tokens: int
-    sampled_rows: int
+    shape: StepShape
     seconds: float
 
 
-def fit_efficiency(cfg: ModelConfig, spec: DeviceSpec, steps: Sequence[MeasuredStep], tp: int = 1,
+def fit_efficiency(cfg: ModelConfig, spec: DeviceSpec, steps: Sequence[MeasuredStep], page_size: int, tp: int = 1,
                    dtype_bytes: int = 4, iterations: int = 20) -> tuple[Efficiency, dict]:
     """Efficiencies and overheads that predict `steps` best (relative error, least squares).
 
@@ -257,41 +254,34 @@ def fit_efficiency(cfg: ModelConfig, spec: DeviceSpec, steps: Sequence[MeasuredS
     alternate: solve the weighted non-negative least squares for the bounds as they are, re-derive
     the bounds, until they no longer change. Returns the efficiencies and the fit's figures (mean
     and P90 absolute % error on the steps, and on every other step when fitted on the rest)."""
-    if len(steps) < 4:
-        raise ValueError(f"steps: at least 4 measured steps are needed, got {len(steps)}")
+    if len(steps) < 8:
+        raise ValueError(f"steps: at least 8 measured steps are needed, got {len(steps)}")
+    L = cfg.num_layers
 
     def design(sub, eff):
-        m = DeviceModel(cfg, Calibration(spec, eff), tp, dtype_bytes)
+        """Per step: seconds at peak of the compute-bound parts, of the memory-bound parts, 1, L."""
         x = np.zeros((len(sub), 4))
+        m = DeviceModel(cfg, Calibration(spec, eff), tp, dtype_bytes)
         for i, s in enumerate(sub):
-            c = cfg
-            flops = 2 * m.active_layer_params * s.tokens + sum(4 * r.n * (r.start + (r.n + 1) / 2) * c.q_size
-                                                               for r in s.rows)
-            nbytes = m.layer_params * dtype_bytes + sum(r.start + r.n for r in s.rows) * m.kv_token_layer_bytes
-            fc, bm = flops / tp / spec.flops, nbytes / tp / spec.hbm_bandwidth
-            hf = 2 * c.hidden_size * c.vocab_size * s.sampled_rows / tp / spec.flops
-            hb = c.hidden_size * c.vocab_size * dtype_bytes / tp / spec.hbm_bandwidth
-            L = c.num_layers
-            for f, b, k in ((fc, bm, L), (hf, hb, 1)):  # the layers, then the head: the bound that holds
+            parts = [(L, *m.layer_work(s.shape, page_size)), (1, *m.head_work(s.shape.rows))]
+            for k, f, b in parts:  # the layers, then the head: the bound that holds at these efficiencies
+                f, b = f / spec.flops, b / spec.hbm_bandwidth  # seconds at peak
                 if f / eff.compute >= b / eff.memory:
                     x[i, 0] += k * f
                 else:
                     x[i, 1] += k * b
-            x[i, 2] = 1.0
-            x[i, 3] = L
+            x[i, 2], x[i, 3] = 1.0, L
         return x
 
     def solve(sub):
-        eff = Efficiency(compute=0.5, memory=0.5, step_overhead_s=0.0, layer_overhead_s=0.0)
+        eff = Efficiency(compute=0.5, memory=0.5, link=1.0, step_overhead_s=0.0, layer_overhead_s=0.0,
+                         allreduce_latency_s=0.0)
         y = np.array([s.seconds for s in sub])
         for _ in range(iterations):
-            x = design(sub, eff)
-            w = 1.0 / y
-            coef = nonnegative_lstsq(x * w[:, None], y * w)
-            new = Efficiency(compute=1.0 / coef[0] if coef[0] > 1e-12 else 1.5,
-                             memory=1.0 / coef[1] if coef[1] > 1e-12 else 1.5, link=eff.link,
-                             step_overhead_s=float(coef[2]), layer_overhead_s=float(coef[3]), allreduce_latency_s=0.0)
-            new = dataclasses.replace(new, compute=min(new.compute, 1.5), memory=min(new.memory, 1.5))
+            coef = nonnegative_lstsq(design(sub, eff) / y[:, None], np.ones(len(sub)))
+            new = dataclasses.replace(eff, compute=min(1.5, 1.0 / coef[0]) if coef[0] > 0 else 1.5,
+                                      memory=min(1.5, 1.0 / coef[1]) if coef[1] > 0 else 1.5,
+                                      step_overhead_s=float(coef[2]), layer_overhead_s=float(coef[3]))
             if new == eff:
                 break
             eff = new
@@ -299,14 +289,12 @@ def fit_efficiency(cfg: ModelConfig, spec: DeviceSpec, steps: Sequence[MeasuredS
 
     def errors(eff, sub):
         m = DeviceModel(cfg, Calibration(spec, eff), tp, dtype_bytes)
-        return np.array([abs(m.step_time(s.rows, tokens=s.tokens, sampled_rows=s.sampled_rows) - s.seconds)
-                         / s.seconds * 100 for s in sub])
+        return np.array([abs(m.step_time(s.shape, page_size) - s.seconds) / s.seconds * 100 for s in sub])
 
     eff = solve(steps)
     err = errors(eff, steps)
-    train, held = list(steps[0::2]), list(steps[1::2])
-    held_err = errors(solve(train), held)
-    return eff, {"steps": len(steps), "mean_abs_pct_error": float(err.mean()), "p90_abs_pct_error":
-                 float(np.percentile(err, 90)), "held_out_mean_abs_pct_error": float(held_err.mean()),
+    held_err = errors(solve(list(steps[0::2])), list(steps[1::2]))
+    return eff, {"steps": len(steps), "mean_abs_pct_error": float(err.mean()),
+                 "p90_abs_pct_error": float(np.percentile(err, 90)),
+                 "held_out_mean_abs_pct_error": float(held_err.mean()),
                  "held_out_p90_abs_pct_error": float(np.percentile(held_err, 90))}
-

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from kunjax.control.batch import Buckets, ScheduledStep, StepShape
+from kunjax.control.batch import Buckets, ScheduledStep, StepShape, pick_shape
 from kunjax.control.group import GroupCore
 from kunjax.control.ops import STEP, DeviceOp
 from kunjax.control.overload import OverloadPolicy
@@ -24,7 +24,7 @@ from kunjax.control.request import RequestOutput
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
 from kunjax.control.unit import UnitCore
 from kunjax.model.config import ModelConfig
-from kunjax.sim.hardware import DeviceModel, RowWork
+from kunjax.sim.hardware import DeviceModel
 
 TOKEN = 11  # the token every simulated step samples (requests run with ignore_eos to their length)
 
@@ -37,6 +37,8 @@ class InstanceConfig:
     page_size: int
     max_model_len: int
     swap_space_bytes: int = 1 << 30
+    warmup: bool = True  # every shape compiled (the launcher's background compiler done); else only first_shapes
+    group_all_shapes: bool = False  # a group's pools get every shape (compile_plan(all_shapes=True)); else first_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +47,6 @@ class SimHandle:
 
     start: float
     end: float
-
-
-def step_rows(rows) -> list[RowWork]:
-    return [RowWork(r.start, r.n) for r in rows]
 
 
 def shape_of(op_args: dict) -> StepShape:
@@ -69,6 +67,10 @@ class SimInstance(UnitCore):
         self.buckets = Buckets(max_rows=sc.max_num_seqs, max_prefill_rows=sc.max_prefill_rows,
                                max_chunk=sc.max_num_batched_tokens,
                                max_pages_per_seq=pages_for(self.max_model_len, self.page_size), page_size=self.page_size)
+        # The shapes compiled: every one once the launcher's background compiler is done (warmup), else
+        # those the launcher compiles before serving (first_shapes; a group's pools get only these).
+        self.compiled = set(self.buckets.all_shapes() if config.warmup else self.buckets.first_shapes())
+        self.group_compiled = set(self.buckets.all_shapes() if config.group_all_shapes else self.buckets.first_shapes())
         self.num_pages = num_pages  # pages of its pools now (a group's count while it is a member)
         self.kept_layers = (0, cfg.num_layers)  # the layers it holds (a member of a group: its stage's)
         super().__init__(Scheduler(sc, PageAllocator(num_pages), self.page_size, self.max_model_len, policy,
@@ -86,7 +88,7 @@ class SimInstance(UnitCore):
 
     # ---- the step-unit interface -----------------------------------------------------------
     def prepare(self, step: ScheduledStep) -> DeviceOp:
-        shape = self.buckets.needed(step.rows, step.prefill)
+        shape = pick_shape(self.buckets.needed(step.rows, step.prefill), self.buckets, self.compiled.__contains__)
         args = {"shape": [shape.rows, shape.query, shape.pages], "num_rows": len(step.rows),
                 "rows": [(r.start, r.n) for r in step.rows]}
         moves = self.scheduler.take_moves()
@@ -95,13 +97,12 @@ class SimInstance(UnitCore):
         return DeviceOp(STEP, 0, args)
 
     def start_time(self) -> float:
-        ctl = self.cluster.controller_free_at if self.cluster is not None else 0.0
-        return max(self.clock(), self.free_at, ctl)
+        c = self.cluster
+        return max(self.clock(), self.free_at, c.controller_free_at if c is not None else 0.0,
+                   c.shared_free_at if c is not None else 0.0)
 
     def execute(self, op: DeviceOp) -> SimHandle:
-        shape = shape_of(op.args)
-        rows = [RowWork(s, n) for s, n in op.args["rows"]]
-        t = self.device.step_time(rows, tokens=shape.rows * shape.query, sampled_rows=shape.rows)
+        t = self.device.step_time(shape_of(op.args), self.page_size)
         t += self._moves_time(op.args.get("moves", ()))
         return self.occupy(t)
 
@@ -110,6 +111,8 @@ class SimInstance(UnitCore):
         start = self.start_time()
         self.free_at = start + seconds
         self.busy_s += seconds
+        if self.cluster is not None and self.cluster.shared_devices:  # one set of cores runs every device
+            self.cluster.shared_free_at = self.free_at
         return SimHandle(start, self.free_at)
 
     def _moves_time(self, moves) -> float:
@@ -165,19 +168,17 @@ class SimGroup(GroupCore):
 
     def prepare(self, step: ScheduledStep) -> DeviceOp:
         mbs = []
+        ready = self.members[0].group_compiled.__contains__
         for member, rows, _tables in self.parts(step):
-            shape = self.buckets.needed(rows, step.prefill)
+            shape = pick_shape(self.buckets.needed(rows, step.prefill), self.buckets, ready)
             mbs.append({"shape": [shape.rows, shape.query, shape.pages], "rows": [(r.start, r.n) for r in rows],
                         "member": member})
         return DeviceOp(STEP, 0, {"micro_batches": mbs})
 
     def stage_times(self, mb: dict) -> list[float]:
         """Seconds of one micro-batch on each stage (its layers; the head where the stage holds it)."""
-        shape = shape_of(mb)
-        rows = [RowWork(s, n) for s, n in mb["rows"]]
-        return [self.device.step_time(rows, layers=st.num_layers, tokens=shape.rows * shape.query,
-                                      sampled_rows=shape.rows, head=st.head, overhead=False)
-                for st in self.plan.stages]
+        return [self.device.step_time(shape_of(mb), self.page_size, layers=st.num_layers, head=st.head,
+                                      overhead=False) for st in self.plan.stages]
 
     def hop_time(self, mb: dict) -> float:
         """Hidden states of one micro-batch from one stage to the next."""
