@@ -59,9 +59,13 @@ def sim_parser() -> argparse.ArgumentParser:
     ap.add_argument("--markdown", default=None, help="append the run's table to this markdown file")
     ap.add_argument("--dtype_bytes", type=int, default=None, help="bytes per weight / KV element (default: 2 on "
                     "a GPU preset, the calibration's otherwise)")
+    ap.add_argument("--link_scale", type=float, default=1.0, help="multiply every link's bandwidth by this "
+                    "(sensitivity of a drop, a restore, a swap, a migration to the links)")
     ap.add_argument("--group_shapes", choices=("first", "all"), default="first",
                     help="shapes a pipeline group has compiled: the launcher's (first: its ladder compiles "
                     "first_shapes) or every shape (as compile_plan(all_shapes=True) would)")
+    ap.add_argument("--no_server", action="store_true", help="--calibrate: skip timing the serving path "
+                    "(a server with the same flags, lone requests through the client)")
     ap.add_argument("--calibrate_requests", type=int, default=48, help="--calibrate: requests served and timed")
     return ap
 
@@ -112,6 +116,11 @@ def setting(sim, launch: Sequence[str]) -> Setting:
     opts, kunserve_config = launcher_options(launch)
     cfg = model_config(opts.model.model)
     cal = Calibration.load(sim.calibration) if sim.calibration else preset(sim.gpu)
+    if sim.link_scale != 1.0:
+        if not sim.link_scale > 0:
+            raise ValueError(f"link_scale must be > 0, got {sim.link_scale}")
+        cal = dataclasses.replace(cal, efficiency=dataclasses.replace(
+            cal.efficiency, link=cal.efficiency.link * sim.link_scale))
     tp = opts.cluster.tp
     n = opts.cluster.num_instances
     if sim.num_gpus is not None:
@@ -188,7 +197,7 @@ def calibrate(sim, args, launch: Sequence[str]) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
     from tools.sim_calibrate import calibrate_device
 
-    cal = calibrate_device(opts, sim.calibrate_requests, args.seed)
+    cal = calibrate_device(opts, sim.calibrate_requests, args.seed, None if sim.no_server else list(launch))
     with open(args.out, "w") as f:
         json.dump(cal.to_json(), f, indent=1)
     fit = cal.fit
@@ -200,11 +209,14 @@ def calibrate(sim, args, launch: Sequence[str]) -> int:
 
 
 # ---- validation -----------------------------------------------------------------------------
-def validate(sim, directory: str) -> int:
+def validate(sim, directory: str, out: Optional[str] = None) -> int:
+    """Predicts the real run in `directory`; `out`: where the simulated run's files go (never the
+    real run's directory, whose --out its recorded argv names)."""
     with open(os.path.join(directory, "summary.json")) as f:
         real = json.load(f)
     meta = real["meta"]
     args, _ = bench.parse(meta["argv"])
+    args.argv, args.out = list(meta["argv"]), out
     st = setting(sim, meta["launch"])
     measured = {m["policy"]: m for m in real["policies"] if m.get("completed")}
     _, runs, table = simulate(args, st, list(measured))
@@ -243,9 +255,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     head, tail = (argv[:argv.index("--")], argv[argv.index("--"):]) if "--" in argv else (argv, [])
     sim, rest = sim_parser().parse_known_args(head)
     try:
-        if sim.validate:
-            return validate(sim, sim.validate)
         args, launch = bench.parse(rest + tail)
+        if sim.validate:
+            if args.out and os.path.abspath(args.out) == os.path.abspath(sim.validate):
+                raise ValueError("out: the simulated run must not overwrite the real run it validates")
+            return validate(sim, sim.validate, args.out)
         args.argv = argv
         if sim.calibrate:
             return calibrate(sim, args, launch)

@@ -391,7 +391,11 @@ def replay(cluster: SimCluster, arrivals: Sequence, sample_interval: float = 0.2
         if cluster.num_inflight() or i < len(arrivals):
             idle = 0
         cluster.advance_to(nxt)
+    eff = cluster.device.eff  # what the serving path adds to what a client sees (calibrated)
     for r in results:
+        if r.token_times:
+            r.token_times = [t + eff.first_token_latency_s for t in r.token_times]
+            r.finish_t = r.token_times[-1]
         r.set_derived()
     end = max([r.finish_t or 0.0 for r in results] + [0.0])
     return results, samples, end
