@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -59,13 +60,20 @@ def sim_parser() -> argparse.ArgumentParser:
     ap.add_argument("--markdown", default=None, help="append the run's table to this markdown file")
     ap.add_argument("--dtype_bytes", type=int, default=None, help="bytes per weight / KV element (default: 2 on "
                     "a GPU preset, the calibration's otherwise)")
-    ap.add_argument("--link_scale", type=float, default=1.0, help="multiply every link's bandwidth by this "
-                    "(sensitivity of a drop, a restore, a swap, a migration to the links)")
+    ap.add_argument("--link_scale", type=float, default=1.0, help="multiply the bandwidth of the links bulk copies "
+                    "take by this (a drop, a restore, a swap, a migration; not a step's TP all-reduces)")
     ap.add_argument("--group_shapes", choices=("first", "all"), default="first",
                     help="shapes a pipeline group has compiled: the launcher's (first: its ladder compiles "
                     "first_shapes) or every shape (as compile_plan(all_shapes=True) would)")
     ap.add_argument("--no_server", action="store_true", help="--calibrate: skip timing the serving path "
                     "(a server with the same flags, lone requests through the client)")
+    ap.add_argument("--attention", choices=("gather", "paged"), default="gather",
+                    help="how attention is costed: as kunjax computes it (every row over the step's gathered "
+                    "pages, gathered first) or, as a what-if, as a paged-attention kernel would (each row its own context)")
+    ap.add_argument("--dispatch", default="most_free_pages", help="the cluster's dispatch policy "
+                    "(kunjax.control.cluster.DISPATCH_POLICIES: most_free_pages, the launcher's; fewest_queued)")
+    ap.add_argument("--log_level", default="warning", help="the control plane's log (info: every overload "
+                    "decision, each drop and restore)")
     ap.add_argument("--calibrate_requests", type=int, default=48, help="--calibrate: requests served and timed")
     return ap
 
@@ -86,6 +94,7 @@ class Setting:
     dtype_bytes: int
     kunserve: object  # KunserveConfig
     launch: list
+    dispatch: str = "most_free_pages"
 
     def describe(self) -> dict:
         sc = self.instance.scheduler
@@ -93,7 +102,7 @@ class Setting:
                 "tp": self.tp, "num_pages": self.num_pages, "page_size": self.instance.page_size,
                 "max_model_len": self.instance.max_model_len, "max_num_seqs": sc.max_num_seqs,
                 "max_num_batched_tokens": sc.max_num_batched_tokens, "max_prefill_rows": sc.max_prefill_rows,
-                "dtype_bytes": self.dtype_bytes, "efficiency": dataclasses.asdict(self.calibration.efficiency),
+                "dtype_bytes": self.dtype_bytes, "dispatch": self.dispatch, "efficiency": dataclasses.asdict(self.calibration.efficiency),
                 "device_source": self.calibration.spec.source, "calibration_fit": self.calibration.fit}
 
 
@@ -134,9 +143,9 @@ def setting(sim, launch: Sequence[str]) -> Setting:
     max_len = min(c.max_model_len or 4096, cfg.max_position_embeddings)
     dtype = sim.dtype_bytes or cal.fit.get("dtype_bytes") or 2
     inst = InstanceConfig(sched, c.page_size, max_len, opts.memory.swap_space_bytes, opts.scheduler.warmup,
-                          sim.group_shapes == "all")
+                          sim.group_shapes == "all", sim.attention == "paged")
     return Setting(opts.model.model, cfg, cal, inst,
-                   n, tp, c.num_pages, c.hbm_bytes, int(dtype), kunserve_config(opts.memory), list(launch))
+                   n, tp, c.num_pages, c.hbm_bytes, int(dtype), kunserve_config(opts.memory), list(launch), sim.dispatch)
 
 
 def arrivals_for(args, max_model_len: int) -> list:
@@ -150,7 +159,7 @@ def run_policy(policy: str, st: Setting, arrivals, args) -> bench.PolicyRun:
 
     t = time.perf_counter()
     cl = sim_cluster.build(st.cfg, st.calibration, st.instance, st.num_instances, st.tp, policy, st.num_pages,
-                           st.hbm_bytes, st.dtype_bytes, st.kunserve)
+                           st.hbm_bytes, st.dtype_bytes, st.kunserve, st.dispatch)
     results, samples, duration = sim_cluster.replay(cl, [dataclasses.replace(a) for a in arrivals],
                                                     args.sample_interval, args.memory_every)
     for s in samples:
@@ -254,6 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     head, tail = (argv[:argv.index("--")], argv[argv.index("--"):]) if "--" in argv else (argv, [])
     sim, rest = sim_parser().parse_known_args(head)
+    logging.basicConfig(level=sim.log_level.upper(), format="%(levelname).1s %(name)s: %(message)s")
     try:
         args, launch = bench.parse(rest + tail)
         if sim.validate:

@@ -29,6 +29,7 @@ import logging
 from typing import Optional, Sequence
 
 from kunjax.control.clock import SimClock
+from kunjax.control.cluster import DISPATCH_POLICIES
 from kunjax.control.events import EventLog, merge
 from kunjax.control.group import group_scheduler
 from kunjax.control.mechanism import MechanismCluster
@@ -83,7 +84,8 @@ class _DropState:
 class SimCluster(MechanismCluster):
     def __init__(self, cfg: ModelConfig, calibration: Calibration, config: InstanceConfig, num_instances: int,
                  tp: int = 1, policy: str = "recompute", num_pages: Optional[int] = None,
-                 hbm_bytes: Optional[int] = None, dtype_bytes: int = 2, hbm_fraction: float = 0.9):
+                 hbm_bytes: Optional[int] = None, dtype_bytes: int = 2, hbm_fraction: float = 0.9,
+                 dispatch: str = "most_free_pages"):
         """`num_instances` instances of `cfg` on tp devices each; `num_pages` per instance, else from the
         device's memory (`hbm_bytes`, default `hbm_fraction` of the device's HBM)."""
         clock = SimClock()
@@ -97,7 +99,10 @@ class SimCluster(MechanismCluster):
         self.shared_free_at = 0.0  # shared_devices: when the cores are next free
         instances = [SimInstance(i, cfg, self.device, config, pages, unit_policy(policy), clock, self)
                      for i in range(num_instances)]
-        super().__init__(instances, SimFrontend(cfg, config.max_model_len, pages - 1, config.page_size), clock=clock)
+        if dispatch not in DISPATCH_POLICIES:
+            raise ValueError(f"dispatch: {dispatch!r} is not one of {', '.join(DISPATCH_POLICIES)}")
+        super().__init__(instances, SimFrontend(cfg, config.max_model_len, pages - 1, config.page_size),
+                         DISPATCH_POLICIES[dispatch](), clock=clock)
         self.overlap_stages = calibration.overlap_stages
         self.all_groups: list[SimGroup] = []
         self.transition_log = EventLog(clock=clock)
@@ -292,13 +297,14 @@ class SimCluster(MechanismCluster):
 
 def build(cfg: ModelConfig, calibration: Calibration, config: InstanceConfig, num_instances: int,
           tp: int, policy: str, num_pages: Optional[int] = None, hbm_bytes: Optional[int] = None,
-          dtype_bytes: int = 2, kunserve=None) -> SimCluster:
+          dtype_bytes: int = 2, kunserve=None, dispatch: str = "most_free_pages") -> SimCluster:
     """A simulated cluster running `policy` (recompute, swap, migrate, kunserve) the way the launcher
     sets it up: migrate installs the migration controller, kunserve the policy with a cost model
     fitted to the simulated devices (as the launcher calibrates the real ones)."""
     from kunjax.control import migration
 
-    cluster = SimCluster(cfg, calibration, config, num_instances, tp, policy, num_pages, hbm_bytes, dtype_bytes)
+    cluster = SimCluster(cfg, calibration, config, num_instances, tp, policy, num_pages, hbm_bytes, dtype_bytes,
+                         dispatch=dispatch)
     if policy == "migrate":
         migration.install(cluster)
     if policy == "kunserve":
@@ -317,10 +323,13 @@ def fitted_cost_model(cluster: SimCluster):
     samples = []
     for shape in e0.buckets.all_shapes():
         work = shape_work(shape.rows, shape.query, shape.pages)
+        full = [(shape.query, shape.pages * e0.page_size)] * shape.rows  # rows of the shape's whole context
+        rows = full if e0.config.paged_attention else None
         for layers, head in ((d.cfg.num_layers, True), (max(1, d.cfg.num_layers // 2), True),
                              (d.cfg.num_layers, False)):
             samples.append(StepSample(**work, layers=layers, head=head,
-                                      seconds=d.step_time(shape, e0.page_size, layers=layers, head=head)))
+                                      seconds=d.step_time(shape, e0.page_size, layers=layers, head=head,
+                                                          rows=rows)))
     links = {k: d.link_bandwidth(k) for k in ("d2d", "local", "host", "network")}
     return fit(samples, links)
 

@@ -83,7 +83,8 @@ class Efficiency:
 
     compute: float = 0.6  # of peak FLOP/s (prefill, large batches)
     memory: float = 0.8  # of peak HBM bandwidth (decode: weights and KV read)
-    link: float = 0.8  # of every link's bandwidth
+    link: float = 0.8  # of every link's bandwidth for bulk copies (KV exchange, weights, swap, migration)
+    tp_link: float = 0.8  # of NVLink's bandwidth for the TP all-reduces of a step
     step_overhead_s: float = 2e-3  # per step: host scheduling, batch building, launches
     layer_overhead_s: float = 2e-5  # per layer of a step: its kernel launches
     allreduce_latency_s: float = 1e-5  # per TP all-reduce
@@ -92,7 +93,7 @@ class Efficiency:
     first_token_latency_s: float = 0.0
 
     def validate(self) -> None:
-        for f in ("compute", "memory", "link"):  # of a measured peak (or a scaled link) it may exceed 1
+        for f in ("compute", "memory", "link", "tp_link"):  # of a measured peak (or a scaled link) may exceed 1
             if not 0 < getattr(self, f) <= MAX_EFFICIENCY:
                 raise ValueError(f"efficiency.{f} must be in (0, {MAX_EFFICIENCY}], got {getattr(self, f)}")
         for f in ("step_overhead_s", "layer_overhead_s", "allreduce_latency_s", "first_token_latency_s"):
@@ -187,23 +188,28 @@ class DeviceModel:
         if self.tp == 1:
             return 0.0
         nbytes = tokens * self.cfg.hidden_size * self.dtype_bytes
-        return (2 * (self.tp - 1) / self.tp * nbytes / (self.spec.nvlink_bandwidth * self.eff.link)
+        return (2 * (self.tp - 1) / self.tp * nbytes / (self.spec.nvlink_bandwidth * self.eff.tp_link)
                 + self.eff.allreduce_latency_s)
 
-    def layer_work(self, shape: StepShape, page_size: int) -> tuple[float, float]:
-        """(FLOPs, bytes) per device of one layer of a step run at the padded `shape` (what kunjax
-        computes: rows x query tokens, each attending to its `pages` gathered pages in full, the mask
-        hiding what is not context)."""
+    def layer_work(self, shape: StepShape, page_size: int, rows: Optional[Sequence] = None) -> tuple[float, float]:
+        """(FLOPs, bytes) per device of one layer of a step run at the padded `shape`. Attention as
+        kunjax computes it (`rows` None): every row attends to its `pages` gathered pages in full,
+        the mask hiding what is not context, the gather reading and writing them first. With `rows`
+        ((query tokens, context tokens) of each real row): as a paged-attention kernel would, each
+        row over its own context, its pages read once (the `--attention=paged` what-if)."""
         c = self.cfg
         tokens = shape.rows * shape.query
         ctx = shape.pages * page_size
-        flops = 2 * self.active_layer_params * tokens + 4 * tokens * ctx * c.q_size  # + QK^T and PV
+        if rows is None:
+            attn_flops, kv_tokens = 4 * tokens * ctx * c.q_size, KV_PASSES * shape.rows * ctx
+        else:
+            attn_flops, kv_tokens = sum(4 * n * t * c.q_size for n, t in rows), sum(t for _, t in rows)
+        flops = 2 * self.active_layer_params * tokens + attn_flops  # + QK^T and PV
         weights = self.layer_params * self.dtype_bytes
         if c.is_moe:  # the experts the step's tokens route to, at most all of them
             per_expert = 3 * c.hidden_size * c.moe_intermediate_size * self.dtype_bytes
             weights += (min(c.num_experts, tokens * c.num_experts_per_tok) - c.num_experts) * per_expert
-        # the pages gathered into a contiguous context (read + write), then read by attention
-        nbytes = weights + KV_PASSES * shape.rows * ctx * self.kv_token_layer_bytes
+        nbytes = weights + kv_tokens * self.kv_token_layer_bytes
         return flops / self.tp, nbytes / self.tp
 
     def head_work(self, sampled_rows: int) -> tuple[float, float]:
@@ -211,19 +217,19 @@ class DeviceModel:
         return (2 * c.hidden_size * c.vocab_size * sampled_rows / self.tp,
                 c.hidden_size * c.vocab_size * self.dtype_bytes / self.tp)
 
-    def layer_time(self, shape: StepShape, page_size: int) -> float:
-        return (self._roof(*self.layer_work(shape, page_size)) + self.eff.layer_overhead_s
+    def layer_time(self, shape: StepShape, page_size: int, rows: Optional[Sequence] = None) -> float:
+        return (self._roof(*self.layer_work(shape, page_size, rows)) + self.eff.layer_overhead_s
                 + 2 * self.allreduce_time(shape.rows * shape.query))
 
     def head_time(self, sampled_rows: int) -> float:
         return self._roof(*self.head_work(sampled_rows))
 
     def step_time(self, shape: StepShape, page_size: int, layers: Optional[int] = None, head: bool = True,
-                  overhead: bool = True) -> float:
+                  overhead: bool = True, rows: Optional[Sequence] = None) -> float:
         """A step at the padded `shape` on `layers` layers (default all), with the head (its rows
-        sample) and the fixed step overhead."""
+        sample) and the fixed step overhead; `rows`: see layer_work."""
         n = self.cfg.num_layers if layers is None else layers
-        t = n * self.layer_time(shape, page_size)
+        t = n * self.layer_time(shape, page_size, rows)
         if head:
             t += self.head_time(shape.rows)
         return t + (self.eff.step_overhead_s if overhead else 0.0)

@@ -39,6 +39,7 @@ class InstanceConfig:
     swap_space_bytes: int = 1 << 30
     warmup: bool = True  # every shape compiled (the launcher's background compiler done); else only first_shapes
     group_all_shapes: bool = False  # a group's pools get every shape (compile_plan(all_shapes=True)); else first_shapes
+    paged_attention: bool = False  # what-if: attention costs each row's own context (a paged kernel), not the gather's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,11 @@ class SimHandle:
 
 def shape_of(op_args: dict) -> StepShape:
     return StepShape(*op_args["shape"])
+
+
+def real_rows(config: InstanceConfig, op_args: dict):
+    """(query tokens, context tokens) of each row when attention is costed per row, else None."""
+    return [(n, s + n) for s, n in op_args["rows"]] if config.paged_attention else None
 
 
 class SimInstance(UnitCore):
@@ -102,7 +108,7 @@ class SimInstance(UnitCore):
                    c.shared_free_at if c is not None else 0.0)
 
     def execute(self, op: DeviceOp) -> SimHandle:
-        t = self.device.step_time(shape_of(op.args), self.page_size)
+        t = self.device.step_time(shape_of(op.args), self.page_size, rows=real_rows(self.config, op.args))
         t += self._moves_time(op.args.get("moves", ()))
         return self.occupy(t)
 
@@ -177,8 +183,9 @@ class SimGroup(GroupCore):
 
     def stage_times(self, mb: dict) -> list[float]:
         """Seconds of one micro-batch on each stage (its layers; the head where the stage holds it)."""
+        rows = real_rows(self.members[0].config, mb)
         return [self.device.step_time(shape_of(mb), self.page_size, layers=st.num_layers, head=st.head,
-                                      overhead=False) for st in self.plan.stages]
+                                      overhead=False, rows=rows) for st in self.plan.stages]
 
     def hop_time(self, mb: dict) -> float:
         """Hidden states of one micro-batch from one stage to the next."""
