@@ -55,26 +55,29 @@ class DeviceSpec:
 GB = 1e9
 MAX_EFFICIENCY = 20.0  # a fitted factor against a measured (not a datasheet) peak may exceed 1
 KV_PASSES = 3  # a layer's KV bytes per step: the gather reads the pages and writes the context, attention reads it
-PRESETS = {
-    "h100-sxm": DeviceSpec(
-        "h100-sxm", flops=989.4e12, hbm_bandwidth=3.35e12, hbm_bytes=80 * 10**9, nvlink_bandwidth=450 * GB,
-        pcie_bandwidth=64 * GB, network_bandwidth=50 * GB,
-        source="NVIDIA H100 Tensor Core GPU datasheet (H100 SXM: BF16 1,979 TFLOPS with sparsity = 989.4 dense, "
-               "80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s, PCIe Gen5 128 GB/s, both bidirectional); NVIDIA DGX "
-               "H100 user guide (8x ConnectX-7 400 Gb/s: 50 GB/s per GPU)"),
-    "h200": DeviceSpec(
-        "h200", flops=989.4e12, hbm_bandwidth=4.8e12, hbm_bytes=141 * 10**9, nvlink_bandwidth=450 * GB,
-        pcie_bandwidth=64 * GB, network_bandwidth=50 * GB,
-        source="NVIDIA H200 Tensor Core GPU datasheet (H200 SXM: BF16 1,979 TFLOPS with sparsity = 989.4 dense, "
-               "141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s, PCIe Gen5 128 GB/s, both bidirectional); DGX H200 "
-               "(8x ConnectX-7 400 Gb/s: 50 GB/s per GPU)"),
-    "a100-80gb": DeviceSpec(
-        "a100-80gb", flops=312e12, hbm_bandwidth=2.039e12, hbm_bytes=80 * 10**9, nvlink_bandwidth=300 * GB,
-        pcie_bandwidth=32 * GB, network_bandwidth=25 * GB,
-        source="NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM: BF16 312 TFLOPS dense, HBM2e 2,039 GB/s, "
-               "NVLink 600 GB/s, PCIe Gen4 64 GB/s, both bidirectional); NVIDIA DGX A100 (8x 200 Gb/s HDR: "
-               "25 GB/s per GPU)"),
-}
+
+
+def _gpu(name: str, tflops: float, hbm_gb: int, hbm_tbs: float, nvlink_gbs: float, pcie_gbs: float, net_gbs: float,
+         source: str) -> DeviceSpec:
+    return DeviceSpec(name, flops=tflops * 1e12, hbm_bandwidth=hbm_tbs * 1e12, hbm_bytes=hbm_gb * 10**9,
+                      nvlink_bandwidth=nvlink_gbs * GB, pcie_bandwidth=pcie_gbs * GB, network_bandwidth=net_gbs * GB,
+                      source=source)
+
+
+# name, dense BF16 TFLOP/s, HBM GB, HBM TB/s, NVLink / PCIe / network GB/s per GPU and direction
+PRESETS = {spec.name: spec for spec in (
+    _gpu("h100-sxm", 989.4, 80, 3.35, 450, 64, 50,
+         "NVIDIA H100 Tensor Core GPU datasheet (H100 SXM: BF16 1,979 TFLOPS with sparsity = 989.4 dense, 80 GB "
+         "HBM3 at 3.35 TB/s, NVLink 900 GB/s, PCIe Gen5 128 GB/s, both bidirectional); NVIDIA DGX H100 user "
+         "guide (8x ConnectX-7 400 Gb/s: 50 GB/s per GPU)"),
+    _gpu("h200", 989.4, 141, 4.8, 450, 64, 50,
+         "NVIDIA H200 Tensor Core GPU datasheet (H200 SXM: BF16 1,979 TFLOPS with sparsity = 989.4 dense, 141 GB "
+         "HBM3e at 4.8 TB/s, NVLink 900 GB/s, PCIe Gen5 128 GB/s, both bidirectional); DGX H200 (8x ConnectX-7 "
+         "400 Gb/s: 50 GB/s per GPU)"),
+    _gpu("a100-80gb", 312, 80, 2.039, 300, 32, 25,
+         "NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM: BF16 312 TFLOPS dense, HBM2e 2,039 GB/s, NVLink "
+         "600 GB/s, PCIe Gen4 64 GB/s, both bidirectional); NVIDIA DGX A100 (8x 200 Gb/s HDR: 25 GB/s per GPU)"),
+)}
 
 
 @dataclasses.dataclass(frozen=True)
