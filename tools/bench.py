@@ -24,7 +24,8 @@ Times are seconds from the start of each policy's replay.
 
 Requests: a trace of data/traces (tools.load_gen.TRACES) from --trace_offset, --trace_limit rows,
 gaps divided by --time_scale, a random --sample fraction kept (load scaled by sampling); lengths
-times --len_scale, clipped to --max_input_len / --max_output_len and to the server's context.
+times --len_scale (outputs times --output_scale when given), clipped to --max_input_len /
+--max_output_len and to the server's context.
 Prompts: random token ids of the trace's lengths (`--prompts synthetic`), or ShareGPT text
 (`--prompts sharegpt`) cut to at most the trace's prompt length in UTF-8 bytes (so never more
 tokens than that; fewer with a real tokenizer). Every request sets ignore_eos, so it produces
@@ -85,7 +86,8 @@ def build_arrivals(args) -> list[load_gen.Arrival]:
     for a in arrivals:
         a.t /= args.time_scale
         a.input_len = max(1, min(int(round(a.input_len * args.len_scale)), args.max_input_len or 1 << 30))
-        a.output_len = max(1, min(int(round(a.output_len * args.len_scale)), args.max_output_len or 1 << 30))
+        out_scale = args.len_scale if args.output_scale is None else args.output_scale
+        a.output_len = max(1, min(int(round(a.output_len * out_scale)), args.max_output_len or 1 << 30))
     if not arrivals:
         raise ValueError("no requests left (check --trace_limit / --sample)")
     return arrivals
@@ -317,6 +319,9 @@ def parse(argv: Optional[Sequence[str]]):
     ap.add_argument("--time_scale", type=float, default=1.0, help="divide the trace's gaps by this")
     ap.add_argument("--sample", type=float, default=1.0, help="keep this random fraction of the requests")
     ap.add_argument("--len_scale", type=float, default=1.0, help="multiply prompt and output lengths by this")
+    ap.add_argument("--output_scale", type=float, default=None,
+                    help="multiply output lengths by this instead of --len_scale (long generations, as in "
+                    "chain-of-thought serving: a decode-heavy burst whose KV outgrows the pool)")
     ap.add_argument("--max_input_len", type=int, default=None)
     ap.add_argument("--max_output_len", type=int, default=None)
     ap.add_argument("--prompts", choices=("synthetic", "sharegpt"), default="synthetic")
