@@ -41,13 +41,15 @@ class ExchangeStats:
     bytes_padding: int = 0  # null pages that pad the last chunk of a list (gathered, moved, scattered)
     seconds: float = 0.0
     chunks: int = 0
+    # Fresh pools the move needed (a group's pools on a drop, the members' own on a restore): JAX
+    # has no uninitialised allocation, so each is written once (zeros) before pages land in it; on
+    # a CPU that is also the kernel's first touch of newly mapped memory.
+    bytes_allocated: int = 0  # summed over devices
+    allocate_seconds: float = 0.0
 
     def add(self, other: "ExchangeStats") -> None:
-        self.bytes_between_devices += other.bytes_between_devices
-        self.bytes_local += other.bytes_local
-        self.bytes_padding += other.bytes_padding
-        self.seconds += other.seconds
-        self.chunks += other.chunks
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 def page_bytes_per_device(stage: Stage, pool=None) -> int:
@@ -117,6 +119,15 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
         stats.chunks += 1
     stats.seconds += time.perf_counter() - t
     return k_dst, v_dst
+
+
+def new_pools(stage: Stage, num_pages: int, stats: ExchangeStats) -> tuple:
+    """A fresh (k, v) pool pair of `num_pages` on the stage's mesh, timed and counted in `stats`."""
+    t = time.perf_counter()
+    pools = jax.block_until_ready(stage.exes.new_pools(num_pages))
+    stats.allocate_seconds += time.perf_counter() - t
+    stats.bytes_allocated += sum(p.nbytes for p in pools)
+    return pools
 
 
 def pages_out(src: Stage, pools: tuple, ids: Sequence[int], chunk: int, stats: ExchangeStats) -> list:

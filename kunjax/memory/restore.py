@@ -38,7 +38,7 @@ from kunjax.control.pages import PageAllocator, pages_for
 from kunjax.control.plan import assign_requests, layer_rounds, restore_rounds, simulate_restore
 from kunjax.control.request import FinishReason, RequestOutput
 from kunjax.memory.drop import TransitionReport, _live, _sample_peak
-from kunjax.memory.exchange import delete_arrays, pages_in, pages_out
+from kunjax.memory.exchange import delete_arrays, new_pools, pages_in, pages_out
 from kunjax.runtime import compile_stats
 from sharding.transfer import move_tree
 
@@ -214,7 +214,7 @@ def execute_restore_layers(cluster, op: DeviceOp) -> None:
             try:
                 if exchange.FAULT_HOOK is not None:
                     exchange.FAULT_HOOK("restore", {"group": group.id, "layer": l, "member": j})
-                pools = pages_in(st, st.exes.new_pools(size), held[l][j], dst[j], chunk, report.exchange,
+                pools = pages_in(st, new_pools(st, size, report.exchange), held[l][j], dst[j], chunk, report.exchange,
                                  src_mesh=owner.mesh)
             except Exception:
                 log.exception("restore: layer %d into member %d failed; the requests whose pages it held fail", l, j)
