@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import jax
 
 from kunjax.control.cluster import Cluster, DispatchPolicy, OpLog
+from kunjax.control.events import EventLog
 from kunjax.control.ops import DeviceOp
 from kunjax.io.loader import LoadedModel
 from kunjax.memory import measure as memory
@@ -54,6 +55,10 @@ class ServingCluster(Cluster):
         self.tpot_slo_ms = None  # the lookahead micro-batches' bound on the time between tokens
         self.transition_counts = {"drops": 0, "restores": 0, "rolled_back": 0, "exchanged_bytes": 0,
                                   "local_bytes": 0, "padding_bytes": 0}
+        # The cluster's own decisions and transitions (drop_decided, drop, restore_decided, restore,
+        # rolled_back), beside each unit's overload log in Admin.Status, so a benchmark sees when an
+        # overload was acted on and when the memory it freed became usable.
+        self.events = EventLog()
         for kind, fn in ((drop.DROP_BEGIN, drop.execute_drop_begin), (drop.DROP_LAYERS, drop.execute_drop_layers),
                          (drop.DROP_FINISH, drop.execute_drop_finish), (drop.DROP_ROLLBACK, drop.execute_drop_rollback),
                          (restore.RESTORE_BEGIN, restore.execute_restore_begin),
@@ -432,8 +437,12 @@ class ServingCluster(Cluster):
             try:
                 if isinstance(d, DropDecision) and d.plan is not None:
                     self.start_drop(d.plan)
+                    self.events.record("drop_decided", seconds=float(d.numbers.get("over_s", 0.0)),
+                                       tokens=int(d.numbers.get("group_demand_pages", 0)),
+                                       target=d.plan.groups[0].instances[0])
                 elif isinstance(d, RestoreDecision):
                     self.start_restore([d.group_id])
+                    self.events.record("restore_decided", target=d.group_id)
             except (DropError, RestoreError, PlanError) as e:
                 log.info("kunserve: %s not applied now: %s", type(d).__name__, e)
             if self.transitions():
@@ -443,6 +452,8 @@ class ServingCluster(Cluster):
         """A finished drop or restore's figures, summed for Status and the metrics."""
         key = "rolled_back" if report.state == "rolled_back" else ("drops" if report.kind == "drop" else "restores")
         self.transition_counts[key] += 1
+        self.events.record(report.kind if key != "rolled_back" else key, bytes=report.exchange.bytes_between_devices,
+                           seconds=report.seconds, target=report.groups[0] if report.groups else -1)
         self.transition_counts["exchanged_bytes"] += report.exchange.bytes_between_devices
         self.transition_counts["local_bytes"] += report.exchange.bytes_local
         self.transition_counts["padding_bytes"] += report.exchange.bytes_padding
@@ -476,6 +487,7 @@ class ServingCluster(Cluster):
             "transitions": [{"kind": t.report.kind, "groups": list(t.report.groups), "pieces": t.report.pieces,
                              "seconds": t.report.seconds} for t in self.transitions()],
             "transition_counts": dict(self.transition_counts),
+            "events": self.events,
             "overload_policy": self.kunserve.status() if self.kunserve is not None else {"overload_policy": "recompute"},
         }
         if with_memory:
