@@ -389,7 +389,7 @@ def status_to_proto(st: dict, model_name: str, executor: Executor, options: Serv
     for k, v in st.get("transition_counts", {}).items():
         msg.transitions[k] = float(v)
     pol = st.get("overload_policy", {})
-    for k in ("drops", "restores", "fallbacks"):
+    for k in ("drops", "restores", "fallbacks", "partial_drops"):
         if k in pol:
             msg.transitions[f"policy_{k}"] = float(pol[k])
     if "cost_model" in pol:
