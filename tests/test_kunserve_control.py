@@ -144,6 +144,11 @@ def test_planner_takes_the_most_relief_when_every_instance_is_overloaded():
     assert choice.capacity_pages < choice.demand_pages == 2 * 260
     assert planner(4, used, max_group_size=2, min_partial_gain=0).plan(views, views[0])[0] is None
     assert planner(4, used, max_group_size=2, min_partial_gain=0.5).plan(views, views[0])[0] is None
+    # the cost-balanced split gives the embedding's stage more layers (fewer pages); the even one is tried too
+    cm_planner = planner(4, used, max_group_size=2, cm=cost_model())
+    options = cm_planner.candidates(views, views[0], cm_planner.member_infos())[0].options
+    assert [r for r, _ in options][-1] == tuple(split_layers(L, 2))
+    assert cm_planner.plan(views, views[0])[0].capacity_pages == max(est for _, est in options) == choice.capacity_pages
     covering = [instance_view(0, 60, growth=200)] + [instance_view(i, 10) for i in (1, 2, 3)]
     choice, _ = planner(4, {0: 60}, max_group_size=2).plan(covering, covering[0])
     assert choice.covers
@@ -284,7 +289,8 @@ def test_fallback_is_counted_once_per_overload_episode():
     for k in range(220, 300):  # and comes back
         out += policy.decide([instance_view(0, PAGES - 5, queued=10), instance_view(1, 10)], k * 0.05)
     assert [type(d) for d in out] == [FallbackDecision, FallbackDecision]
-    assert policy.fallbacks == 2 and policy.drops == 0 and out[0].numbers["not_ready"] == 1
+    # the covering pair, then the same pair as partial relief: neither ready
+    assert policy.fallbacks == 2 and policy.drops == 0 and out[0].numbers["not_ready"] == 2
 
 
 def test_a_pending_drop_is_not_decided_twice():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from typing import Callable, Mapping, Optional, Sequence
 
 from kunjax.control.cost_model import CostModel
@@ -70,6 +71,7 @@ class Candidate:
     need_pages: int
     estimate_pages: int
     own_pages: int = 0  # usable pages the members have apart
+    options: tuple = ()  # (stage ranges, estimated pages) to plan exactly: cost-balanced first, then even
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,23 +199,31 @@ class GroupPlanner:
             demand += p.demand_pages
             own += p.pages_total
             members = tuple(sorted(seed.members + tuple(v.members[0] for v in partners[:k + 1])))
-            rng = self.ranges(num_layers, g)
-            est = estimate_pages(infos, members, self.tied, rng, g * c.max_pages_per_instance)
-            out.append(Candidate(members, rng, demand, int(c.headroom * demand), est, own))
+            # the cost-balanced ranges, and the even ones: a stage that carries the embedding or the
+            # head holds fewer layers when balanced for time, which can leave the group fewer pages
+            options = tuple(dict.fromkeys((self.ranges(num_layers, g), tuple(split_layers(num_layers, g)))))
+            ests = tuple(estimate_pages(infos, members, self.tied, r, g * c.max_pages_per_instance) for r in options)
+            out.append(Candidate(members, options[0], demand, int(c.headroom * demand), max(ests), own,
+                                 tuple(zip(options, ests))))
         return out
 
-    def _exact(self, cand: Candidate, infos: Mapping[int, MemberInfo]) -> Optional[DropPlan]:
-        """The exact plan of a candidate (plan.plan_drop), balanced ranges first, else even ones (a
-        longer stage may not fit); None if neither fits."""
+    def _exact(self, cand: Candidate, infos: Mapping[int, MemberInfo], need: int) -> Optional[DropPlan]:
+        """The exact plan of a candidate (plan.plan_drop) with at least `need` usable pages: its range
+        options in order (cost-balanced first), those whose estimate reaches `need`; among the ones that
+        fit, the first that reaches it, else None."""
         g = len(cand.members)
-        # the estimate bounds the exact count: searching no higher gives the same answer sooner
-        cap = min(self.config.max_pages_per_instance, -(-(cand.estimate_pages + 1) // g))
-        for ranges in (cand.ranges, None):
+        for ranges, est in cand.options or ((cand.ranges, cand.estimate_pages),):
+            if est < need:
+                continue
+            # the estimate bounds the exact count: searching no higher gives the same answer sooner
+            cap = min(self.config.max_pages_per_instance, -(-(est + 1) // g))
             try:
-                return plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
+                plan = plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
                                  chunk_pages=self.config.chunk_pages, ranges=ranges, ladder=self.ladder)
             except PlanError:
                 continue
+            if plan.groups[0].num_pages - 1 >= need:
+                return plan
         return None
 
     def _choice(self, plan: DropPlan, seed: UnitView, cand: Candidate, infos, tried: int, not_ready: int,
@@ -234,8 +244,8 @@ class GroupPlanner:
         tried = not_ready = 0
         for cand in (x for x in cands if x.estimate_pages >= x.need_pages):
             tried += 1
-            plan = self._exact(cand, infos)
-            if plan is None or plan.groups[0].num_pages - 1 < cand.need_pages:
+            plan = self._exact(cand, infos, cand.need_pages)
+            if plan is None:
                 continue
             if not self.ready(plan):
                 not_ready += 1
@@ -246,8 +256,8 @@ class GroupPlanner:
                 if cand.estimate_pages < (1 + c.min_partial_gain) * cand.own_pages:
                     continue
                 tried += 1
-                plan = self._exact(cand, infos)
-                if plan is None or plan.groups[0].num_pages - 1 < (1 + c.min_partial_gain) * cand.own_pages:
+                plan = self._exact(cand, infos, int(math.ceil((1 + c.min_partial_gain) * cand.own_pages)))
+                if plan is None:
                     continue
                 if not self.ready(plan):
                     not_ready += 1
