@@ -73,7 +73,7 @@ def test_a_simulated_burst_under_kunserve_drops_restores_and_completes_every_req
     cl = sim_cluster.build(cfg, cal, INST, 2, 1, "kunserve", num_pages=48, dtype_bytes=2, kunserve=kc)
     burst = [Arrival(0.001 * i, 96, 64) for i in range(12)] + [Arrival(2.0, 32, 8)]
     results, samples, _ = sim_cluster.replay(cl, burst, sample_interval=0.05)
-    kinds = [e["kind"] for e in cl.events()]
+    kinds = [e["kind"] for e in cl.event_rows()]
     assert kinds.count("drop") >= 1 and kinds.count("restore") >= 1, kinds
     assert all(r.ok and r.output_len == r.max_tokens for r in results), [r.error_message for r in results if not r.ok]
     assert max(s["groups"] for s in samples) == 1 and not cl.groups()

@@ -164,7 +164,7 @@ def run_policy(policy: str, st: Setting, arrivals, args) -> bench.PolicyRun:
                                                     args.sample_interval, args.memory_every)
     for s in samples:
         s["policy"] = policy
-    events = [bench._event_row(policy, types.SimpleNamespace(**ev), 0.0) for ev in cl.events()]
+    events = [bench._event_row(policy, types.SimpleNamespace(**ev), 0.0) for ev in cl.event_rows()]
     for e in events:
         e["source"] = "simulated"
     run = bench.PolicyRun(policy, results, duration, samples, events, cl.counters())

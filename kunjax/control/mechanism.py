@@ -15,7 +15,9 @@ import dataclasses
 import logging
 from typing import Optional, Sequence
 
+from kunjax.control.clock import UNIX
 from kunjax.control.cluster import Cluster
+from kunjax.control.events import EventLog
 from kunjax.control.group import GroupCore
 from kunjax.control.kunserve import DropDecision, KunserveConfig, KunservePolicy, RestoreDecision, group_identity
 from kunjax.control.plan import PlanError, plan_drop, pool_ladder
@@ -39,6 +41,10 @@ class MechanismCluster(Cluster):
         self.tpot_slo_ms = None  # the lookahead micro-batches' bound on the time between tokens
         self.transition_counts = {"drops": 0, "restores": 0, "rolled_back": 0, "exchanged_bytes": 0,
                                   "local_bytes": 0, "padding_bytes": 0}
+        # The cluster's own decisions and transitions (drop_decided, drop, restore_decided, restore,
+        # rolled_back), beside each unit's overload log in Admin.Status, so a benchmark sees when an
+        # overload was acted on and when the memory it freed became usable.
+        self.events = EventLog(clock=UNIX if clock is None else clock)
 
     # ---- what a subclass knows of its devices -------------------------------------------------
     def member_infos(self) -> dict:
@@ -232,8 +238,12 @@ class MechanismCluster(Cluster):
             try:
                 if isinstance(d, DropDecision) and d.plan is not None:
                     self.start_drop(d.plan)
+                    self.events.record("drop_decided", seconds=float(d.numbers.get("over_s", 0.0)),
+                                       tokens=int(d.numbers.get("group_demand_pages", 0)),
+                                       target=d.plan.groups[0].instances[0])
                 elif isinstance(d, RestoreDecision):
                     self.start_restore([d.group_id])
+                    self.events.record("restore_decided", target=d.group_id)
             except (DropError, RestoreError, PlanError) as e:
                 log.info("kunserve: %s not applied now: %s", type(d).__name__, e)
             if self.transitions():
@@ -243,6 +253,8 @@ class MechanismCluster(Cluster):
         """A finished drop or restore's figures, summed for Status and the metrics."""
         key = "rolled_back" if report.state == "rolled_back" else ("drops" if report.kind == "drop" else "restores")
         self.transition_counts[key] += 1
+        self.events.record(report.kind if key != "rolled_back" else key, bytes=report.exchange.bytes_between_devices,
+                           seconds=report.seconds, target=report.groups[0] if report.groups else -1)
         self.transition_counts["exchanged_bytes"] += report.exchange.bytes_between_devices
         self.transition_counts["local_bytes"] += report.exchange.bytes_local
         self.transition_counts["padding_bytes"] += report.exchange.bytes_padding

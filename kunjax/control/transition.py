@@ -52,13 +52,15 @@ class ExchangeStats:
     bytes_padding: int = 0  # null pages that pad the last chunk of a list (gathered, moved, scattered)
     seconds: float = 0.0
     chunks: int = 0
+    # Fresh pools the move needed (a group's pools on a drop, the members' own on a restore): JAX
+    # has no uninitialised allocation, so each is written once (zeros) before pages land in it; on
+    # a CPU that is also the kernel's first touch of newly mapped memory.
+    bytes_allocated: int = 0  # summed over devices
+    allocate_seconds: float = 0.0
 
     def add(self, other: "ExchangeStats") -> None:
-        self.bytes_between_devices += other.bytes_between_devices
-        self.bytes_local += other.bytes_local
-        self.bytes_padding += other.bytes_padding
-        self.seconds += other.seconds
-        self.chunks += other.chunks
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclasses.dataclass

@@ -42,7 +42,7 @@ from kunjax.control.transition import (DROP_BEGIN, DROP_FINISH, DROP_LAYERS, DRO
                                        DropError, DropTask, PieceFailed, TransitionReport, adopt_after_drop,
                                        check_members)
 from kunjax.memory import measure
-from kunjax.memory.exchange import ExchangeStats, delete_arrays, pages_in, pages_out
+from kunjax.memory.exchange import ExchangeStats, delete_arrays, new_pools, pages_in, pages_out
 from kunjax.control.group import group_scheduler
 from kunjax.memory.group import PipelineGroup
 from kunjax.control.plan import DropPlan, GroupPlan, member_offsets
@@ -158,7 +158,7 @@ def _move_layers_in(members, gp: GroupPlan, layers: list[int], src: list, chunk:
             owner = members[gp.owner_index(l)].stage
             if exchange.FAULT_HOOK is not None:
                 exchange.FAULT_HOOK("allocate", {"layer": l})
-            pools = owner.exes.new_pools(gp.num_pages)
+            pools = new_pools(owner, gp.num_pages, report.exchange)
             for j, m in enumerate(members):
                 pools = pages_in(owner, pools, held[l][j], [offs[j] + p for p in src[j]], chunk, report.exchange,
                                  src_mesh=m.stage.mesh)
@@ -267,8 +267,9 @@ def execute_drop_rollback(cluster, op: DeviceOp) -> TransitionReport:
                 if j != o:
                     lp = owner.layers[l]
                     st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
-                st.pools[l] = pages_in(st, st.exes.new_pools(gp.pages_before[cluster.engines.index(m)]), held[j], src[j],
-                                       cluster.chunk_pages, report.exchange, src_mesh=owner.mesh)
+                fresh = new_pools(st, gp.pages_before[cluster.engines.index(m)], report.exchange)
+                st.pools[l] = pages_in(st, fresh, held[j], src[j], cluster.chunk_pages, report.exchange,
+                                       src_mesh=owner.mesh)
             moved.discard(l)
         embed = next(m.stage for m, st in zip(members, gp.stages) if st.embed)
         head = next(m.stage for m, st in zip(members, gp.stages) if st.head)

@@ -100,6 +100,15 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
     return k_dst, v_dst
 
 
+def new_pools(stage: Stage, num_pages: int, stats: ExchangeStats) -> tuple:
+    """A fresh (k, v) pool pair of `num_pages` on the stage's mesh, timed and counted in `stats`."""
+    t = time.perf_counter()
+    pools = jax.block_until_ready(stage.exes.new_pools(num_pages))
+    stats.allocate_seconds += time.perf_counter() - t
+    stats.bytes_allocated += sum(p.nbytes for p in pools)
+    return pools
+
+
 def pages_out(src: Stage, pools: tuple, ids: Sequence[int], chunk: int, stats: ExchangeStats) -> list:
     """Gathers pages `ids` of (k, v) `pools` into chunk arrays on the same mesh: [(k, v, n), ...].
     The chunks hold only the pages that carry data, so the pool can be deleted before its

@@ -36,7 +36,7 @@ from kunjax.control.transition import (RESTORE_BEGIN, RESTORE_FINISH, RESTORE_LA
                                        RestoreError, RestoreRouting, RestoreTask, adopt_after_restore,
                                        prepare_restore)
 from kunjax.memory.drop import TransitionReport, _live, _sample_peak
-from kunjax.memory.exchange import delete_arrays, pages_in, pages_out
+from kunjax.memory.exchange import delete_arrays, new_pools, pages_in, pages_out
 from kunjax.runtime import compile_stats
 from sharding.transfer import move_tree
 
@@ -86,7 +86,7 @@ def execute_restore_layers(cluster, op: DeviceOp) -> None:
             try:
                 if exchange.FAULT_HOOK is not None:
                     exchange.FAULT_HOOK("restore", {"group": group.id, "layer": l, "member": j})
-                pools = pages_in(st, st.exes.new_pools(size), held[l][j], dst[j], chunk, report.exchange,
+                pools = pages_in(st, new_pools(st, size, report.exchange), held[l][j], dst[j], chunk, report.exchange,
                                  src_mesh=owner.mesh)
             except Exception:
                 log.exception("restore: layer %d into member %d failed; the requests whose pages it held fail", l, j)

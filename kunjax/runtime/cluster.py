@@ -247,6 +247,7 @@ class ServingCluster(MechanismCluster):
             "transitions": [{"kind": t.report.kind, "groups": list(t.report.groups), "pieces": t.report.pieces,
                              "seconds": t.report.seconds} for t in self.transitions()],
             "transition_counts": dict(self.transition_counts),
+            "events": self.events,
             "overload_policy": self.kunserve.status() if self.kunserve is not None else {"overload_policy": "recompute"},
         }
         if with_memory:

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 from kunjax.control.clock import SimClock
 from kunjax.control.cluster import DISPATCH_POLICIES
-from kunjax.control.events import EventLog, merge
+from kunjax.control.events import merge
 from kunjax.control.group import group_scheduler
 from kunjax.control.mechanism import MechanismCluster
 from kunjax.control.migration import MIGRATE_COPY
@@ -105,7 +105,6 @@ class SimCluster(MechanismCluster):
                          DISPATCH_POLICIES[dispatch](), clock=clock)
         self.overlap_stages = calibration.overlap_stages
         self.all_groups: list[SimGroup] = []
-        self.transition_log = EventLog(clock=clock)
         self.drop_state: Optional[_DropState] = None
         self._landings: list = []  # heap of (end, seq, future)
         self._seq = itertools.count()
@@ -195,8 +194,6 @@ class SimCluster(MechanismCluster):
             self.all_groups.append(group)
             self.replace_units(members, [group])
         st.report.state = "done"
-        self.transition_log.record("drop", bytes=st.report.exchange.bytes_between_devices,
-                                   seconds=st.report.exchange.seconds, target=st.report.groups[0])
         self.last_transition, self.drop_state = st.report, None
         return st.report
 
@@ -238,8 +235,6 @@ class SimCluster(MechanismCluster):
         self.replace_units([group], group.members)
         group.state, group.restoring, group.restored = "split", None, set()
         report.state = "done"
-        self.transition_log.record("restore", bytes=report.exchange.bytes_between_devices,
-                                   seconds=report.exchange.seconds, target=group.id)
         self.last_transition = report
         return report
 
@@ -282,8 +277,9 @@ class SimCluster(MechanismCluster):
                 "swapped_in_bytes": sum(e.swapped_in_bytes for e in self.engines),
                 "migrations_out": sum(x.num_migrations_out for x in s), "migrated_bytes": sum(x.migrated_bytes for x in s)}
 
-    def events(self, after: int = 0) -> list[dict]:
-        logs = [(i, sch.events) for i, sch in self.schedulers()] + [(-1, self.transition_log)]
+    def event_rows(self, after: int = 0) -> list[dict]:
+        """Every unit's overload log and the cluster's own (decisions, drops, restores), in order."""
+        logs = [(i, sch.events) for i, sch in self.schedulers()] + [(-1, self.events)]
         return merge(logs, after)
 
     def sample(self) -> dict:
