@@ -207,7 +207,8 @@ class GroupPlanner:
                                  tuple(zip(options, ests))))
         return out
 
-    def _exact(self, cand: Candidate, infos: Mapping[int, MemberInfo], need: int) -> Optional[DropPlan]:
+    def _exact(self, cand: Candidate, infos: Mapping[int, MemberInfo], need: int,
+               why: Optional[dict] = None) -> Optional[DropPlan]:
         """The exact plan of a candidate (plan.plan_drop) with at least `need` usable pages: its range
         options in order (cost-balanced first), those whose estimate reaches `need`; among the ones that
         fit, the first that reaches it, else None."""
@@ -220,10 +221,14 @@ class GroupPlanner:
             try:
                 plan = plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
                                  chunk_pages=self.config.chunk_pages, ranges=ranges, ladder=self.ladder)
-            except PlanError:
+            except PlanError as e:
+                if why is not None:
+                    why.setdefault("exact_errors", {})[len(cand.members)] = str(e)[:200]
                 continue
             if plan.groups[0].num_pages - 1 >= need:
                 return plan
+            if why is not None:  # planned, but short of what was needed
+                why.setdefault("exact_pages", {})[len(cand.members)] = (plan.groups[0].num_pages - 1, need)
         return None
 
     def _choice(self, plan: DropPlan, seed: UnitView, cand: Candidate, infos, tried: int, not_ready: int,
@@ -244,7 +249,7 @@ class GroupPlanner:
         tried = not_ready = 0
         for cand in (x for x in cands if x.estimate_pages >= x.need_pages):
             tried += 1
-            plan = self._exact(cand, infos, cand.need_pages)
+            plan = self._exact(cand, infos, cand.need_pages, numbers)
             if plan is None:
                 continue
             if not self.ready(plan):
@@ -256,7 +261,7 @@ class GroupPlanner:
                 if cand.estimate_pages < (1 + c.min_partial_gain) * cand.own_pages:
                     continue
                 tried += 1
-                plan = self._exact(cand, infos, int(math.ceil((1 + c.min_partial_gain) * cand.own_pages)))
+                plan = self._exact(cand, infos, int(math.ceil((1 + c.min_partial_gain) * cand.own_pages)), numbers)
                 if plan is None:
                     continue
                 if not self.ready(plan):
