@@ -3,6 +3,7 @@ synthetic load ramps, the cost model's fit, the group planner, lookahead micro-b
 policy's decisions. The planner's page counts are kunjax.control.plan's, on MemberInfos with
 realistic proportions (weights about half the budget)."""
 
+import dataclasses
 import logging
 import math
 
@@ -152,6 +153,19 @@ def test_planner_takes_the_most_relief_when_every_instance_is_overloaded():
     covering = [instance_view(0, 60, growth=200)] + [instance_view(i, 10) for i in (1, 2, 3)]
     choice, _ = planner(4, {0: 60}, max_group_size=2).plan(covering, covering[0])
     assert choice.covers
+
+
+def test_an_instance_measured_a_little_above_its_budget_can_still_drop():
+    """KV pools fill the budget at start-up; small arrays measured later as `other` put an instance a
+    few KB above it. Its own state is then the limit a transition must stay within, not the budget
+    (before, no plan was ever found for it: a restore ends where the instance started)."""
+    from kunjax.control.plan import memory_limit
+
+    assert memory_limit(member_info(0)) == member_info(0).budget  # 0.2 MB to spare
+    over = [dataclasses.replace(member_info(i, 20), other_bytes=5 * MB + 300 * 1024) for i in range(2)]
+    assert all(memory_limit(i) > i.budget for i in over)
+    plan = plan_drop(over, 2, True, 1 << 30, eligible=[0, 1])
+    assert all(plan.groups[0].peak_bytes[i.index] <= memory_limit(i) for i in over)
 
 
 @pytest.mark.parametrize("g", [2, 3, 4, 8])

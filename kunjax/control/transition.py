@@ -19,7 +19,7 @@ import numpy as np
 
 from kunjax.control.ops import DeviceOp
 from kunjax.control.pages import PageAllocator, pages_for
-from kunjax.control.plan import (DropPlan, GroupPlan, assign_requests, layer_rounds, member_offsets,
+from kunjax.control.plan import (DropPlan, GroupPlan, assign_requests, layer_rounds, memory_limit, member_offsets,
                                  restore_rounds, simulate_restore)
 from kunjax.control.request import FinishReason, RequestOutput
 
@@ -288,7 +288,7 @@ def prepare_restore(cluster, group, infos: dict) -> RestoreRouting:
     used_after = {cluster.engines.index(m): sum(grow[rid] for rid, k in assign.items() if k == j)
                   for j, m in enumerate(members)}
     peak = simulate_restore(infos, group.plan, cluster.chunk_pages, used_after)
-    over = {i: p for i, p in peak.items() if p > infos[i].budget}
+    over = {i: p for i, p in peak.items() if p > memory_limit(infos[i])}
     if over:
         raise RestoreError(f"group {group.id}: the restore would peak above the memory budget on instances "
                            f"{sorted(over)} ({', '.join(f'{p / 2**20:.0f} MiB' for p in over.values())})")
