@@ -89,6 +89,9 @@ flags.DEFINE_float("restore_dwell_s", 5.0, "kunserve: ... with nothing queued an
 flags.DEFINE_float("transition_cooldown_s", 5.0, "kunserve: no new drop or restore of an instance this soon after "
                    "its last one")
 flags.DEFINE_integer("max_group_size", 4, "kunserve: stages of a pipeline group at most")
+flags.DEFINE_float("min_partial_gain", 0.25, "kunserve: when no group covers an overload (the instances around are "
+                   "overloaded too), drop into the group adding the most pages if it adds at least this share of its "
+                   "members' own; 0: fall back to recompute instead")
 flags.DEFINE_float("tpot_slo_ms", 200.0, "kunserve: lookahead micro-batches keep the time between tokens of a "
                    "group within this")
 # server
@@ -191,6 +194,7 @@ class MemoryPolicyOptions:
     max_group_size: int
     tpot_slo_ms: float
     swap_space_bytes: int = 1 << 30
+    min_partial_gain: float = 0.25
 
 
 def kunserve_config(memory: MemoryPolicyOptions):
@@ -204,7 +208,8 @@ def kunserve_config(memory: MemoryPolicyOptions):
         monitor=MonitorConfig(drop_demand=memory.drop_demand, drop_dwell_s=memory.drop_dwell_s,
                               drop_surge=memory.drop_surge, restore_demand=memory.restore_demand,
                               restore_dwell_s=memory.restore_dwell_s, transition_cooldown_s=memory.transition_cooldown_s),
-        planner=PlannerConfig(max_group_size=memory.max_group_size), tpot_slo_ms=memory.tpot_slo_ms)
+        planner=PlannerConfig(max_group_size=memory.max_group_size, min_partial_gain=memory.min_partial_gain),
+        tpot_slo_ms=memory.tpot_slo_ms)
     try:
         cfg.validate()
     except ValueError as e:

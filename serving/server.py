@@ -389,7 +389,7 @@ def status_to_proto(st: dict, model_name: str, executor: Executor, options: Serv
     for k, v in st.get("transition_counts", {}).items():
         msg.transitions[k] = float(v)
     pol = st.get("overload_policy", {})
-    for k in ("drops", "restores", "fallbacks"):
+    for k in ("drops", "restores", "fallbacks", "partial_drops"):
         if k in pol:
             msg.transitions[f"policy_{k}"] = float(pol[k])
     if "cost_model" in pol:
@@ -399,7 +399,10 @@ def status_to_proto(st: dict, model_name: str, executor: Executor, options: Serv
         msg.in_progress.add(kind=t["kind"], groups=t["groups"], pieces=t["pieces"], seconds=t["seconds"])
     from kunjax.control.events import merge
 
-    for ev in merge(((s["id"], s["events"]) for s in st["instances"] if "events" in s), events_after, limit=1000):
+    logs = [(s["id"], s["events"]) for s in st["instances"] if "events" in s]
+    if "events" in st:  # the cluster's own: drops and restores, decided and done (instance -1)
+        logs.append((-1, st["events"]))
+    for ev in merge(logs, events_after, limit=1000):
         msg.events.add(**ev)
     for m in st.get("memory", []):
         d = msg.memory.add(device=m["device"], live_bytes=m["live"], instance=m["instance"], budget=m["budget"] or 0,

@@ -24,7 +24,8 @@ Times are seconds from the start of each policy's replay.
 
 Requests: a trace of data/traces (tools.load_gen.TRACES) from --trace_offset, --trace_limit rows,
 gaps divided by --time_scale, a random --sample fraction kept (load scaled by sampling); lengths
-times --len_scale, clipped to --max_input_len / --max_output_len and to the server's context.
+times --len_scale (outputs times --output_scale when given), clipped to --max_input_len /
+--max_output_len and to the server's context.
 Prompts: random token ids of the trace's lengths (`--prompts synthetic`), or ShareGPT text
 (`--prompts sharegpt`) cut to at most the trace's prompt length in UTF-8 bytes (so never more
 tokens than that; fewer with a real tokenizer). Every request sets ignore_eos, so it produces
@@ -85,7 +86,8 @@ def build_arrivals(args) -> list[load_gen.Arrival]:
     for a in arrivals:
         a.t /= args.time_scale
         a.input_len = max(1, min(int(round(a.input_len * args.len_scale)), args.max_input_len or 1 << 30))
-        a.output_len = max(1, min(int(round(a.output_len * args.len_scale)), args.max_output_len or 1 << 30))
+        out_scale = args.len_scale if args.output_scale is None else args.output_scale
+        a.output_len = max(1, min(int(round(a.output_len * out_scale)), args.max_output_len or 1 << 30))
     if not arrivals:
         raise ValueError("no requests left (check --trace_limit / --sample)")
     return arrivals
@@ -204,7 +206,8 @@ def run_policy(policy: str, launch_args: list, arrivals, prompts, args, log_dir:
         with Client(srv.target) as c:
             st = c.status(skip_memory=True, events_after=state["seq"])
             events += [_event_row(policy, ev, state["wall_start"]) for ev in st.events]
-            final = _counters(st)
+            final = {**_counters(st), **{k: float(v) for k, v in st.transitions.items()
+                                         if k in ("policy_fallbacks", "cost_model_error_pct", "cost_model_observed_steps")}}
         events += _inferred_transitions(policy, samples, events)
         return PolicyRun(policy, run["results"], run["duration"], samples, events, final, serving_s=srv.serving_s)
     except Exception as e:  # a policy that fails must not take the others down
@@ -232,10 +235,37 @@ def metrics(run: PolicyRun, ttft_slo_ms: float, tpot_slo_ms: float) -> dict:
     for name, xs in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl), ("queue_ms", queue)):
         for q in (50, 90, 99):
             m[f"{name}_p{q}"] = ms(xs, q)
+    m["itl_ms_max"] = 1e3 * max(itl, default=float("nan"))
     m.update(run.final)
     kinds = [e["kind"] for e in run.events]
     m["drops"], m["restores"] = kinds.count("drop"), kinds.count("restore")
+    usable = overload_to_usable(run.events)
+    m["overload_to_usable_s_mean"] = float(np.mean(usable)) if usable else float("nan")
+    m["overload_to_usable_s_max"] = max(usable, default=float("nan"))
+    m["queue_share_of_slowest_ttft"] = queue_share(ok)
     return m
+
+
+def overload_to_usable(events: list) -> list[float]:
+    """For each drop, seconds from its overload being detected (the monitor's condition first held:
+    the decision's over_s before it) to the drop finished (the freed pages usable)."""
+    out, decided = [], None
+    for e in sorted(events, key=lambda e: e["t_s"]):
+        if e["kind"] == "drop_decided":
+            decided = e
+        elif e["kind"] == "drop" and decided is not None:
+            out.append(e["t_s"] - decided["t_s"] + decided["seconds"])
+            decided = None
+    return out
+
+
+def queue_share(ok: list, slowest: float = 0.05) -> float:
+    """Of the slowest `slowest` share of requests by TTFT (at least one), the part of their TTFT spent
+    queued in the server (admission waits), not computing their prefill."""
+    rs = sorted((r for r in ok if r.ttft is not None and r.server_queue_ms is not None), key=lambda r: r.ttft)
+    tail = rs[-max(1, int(round(slowest * len(rs)))):] if rs else []
+    total = sum(r.ttft for r in tail)
+    return sum(r.server_queue_ms / 1e3 for r in tail) / total if total > 0 else float("nan")
 
 
 def ratios(table: list[dict], reference: str = "kunserve") -> list[dict]:
@@ -263,6 +293,20 @@ def print_table(table: list[dict], rat: list[dict]) -> None:
               f"{m['throughput_rps']:6.2f} {m['output_tokens_per_s']:7.1f} {m.get('preemptions', 0):7d} "
               f"{m.get('recomputed_tokens', 0):7d} {m.get('swapped_out_bytes', 0) / 2**20:8.1f} "
               f"{m.get('migrations_out', 0):5d} {m['drops']:5d}")
+    for m in table:
+        if not m["completed"]:
+            continue
+        extra = [f"longest inter-token gap {m['itl_ms_max']:.0f} ms",
+                 f"queue share of the slowest 5% TTFT {100 * m['queue_share_of_slowest_ttft']:.0f}%"]
+        if m["drops"]:
+            extra.append(f"overload -> freed memory usable {m['overload_to_usable_s_mean']:.2f} s mean, "
+                         f"{m['overload_to_usable_s_max']:.2f} s max over {m['drops']} drops, {m['restores']} restores")
+        if "cost_model_error_pct" in m:
+            extra.append(f"cost model error {m['cost_model_error_pct']:.1f}% over "
+                         f"{int(m.get('cost_model_observed_steps', 0))} steps")
+        if m.get("policy_fallbacks"):
+            extra.append(f"fallbacks to recompute {int(m['policy_fallbacks'])}")
+        print(f"{m['policy']:10s} " + "; ".join(extra))
     for r in rat:
         keys = list(r)
         print(f"{r['policy']:10s} P99 TTFT / kunserve's: {r[keys[1]]:.2f}x   kunserve's P99 TPOT / its: {r[keys[2]]:.2f}x")
@@ -317,6 +361,9 @@ def parse(argv: Optional[Sequence[str]]):
     ap.add_argument("--time_scale", type=float, default=1.0, help="divide the trace's gaps by this")
     ap.add_argument("--sample", type=float, default=1.0, help="keep this random fraction of the requests")
     ap.add_argument("--len_scale", type=float, default=1.0, help="multiply prompt and output lengths by this")
+    ap.add_argument("--output_scale", type=float, default=None,
+                    help="multiply output lengths by this instead of --len_scale (long generations, as in "
+                    "chain-of-thought serving: a decode-heavy burst whose KV outgrows the pool)")
     ap.add_argument("--max_input_len", type=int, default=None)
     ap.add_argument("--max_output_len", type=int, default=None)
     ap.add_argument("--prompts", choices=("synthetic", "sharegpt"), default="synthetic")

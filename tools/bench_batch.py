@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     flags.DEFINE_string("model", None, "HF model directory (default: a random Llama of --preset, saved to a temp dir)")
-    flags.DEFINE_string("preset", "100m", "random-weight model shape (tools.bench_engine.PRESETS)")
+    flags.DEFINE_string("preset", "100m", "random-weight model shape (tools.random_llama.PRESETS)")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and KV dtype, both sides")
     flags.DEFINE_integer("prompts", 32, "prompts in the batch")
     flags.DEFINE_integer("min_len", 16, "shortest prompt (tokens)")
@@ -153,17 +153,9 @@ def main(argv):
     work = tempfile.mkdtemp(prefix="kunjax-bench-batch-")
     model = FLAGS.model
     if model is None:
-        import torch
-        import transformers
+        from tools import random_llama
 
-        from tools.bench_engine import PRESETS
-
-        torch.manual_seed(0)
-        hcfg = transformers.LlamaConfig(**PRESETS[FLAGS.preset], max_position_embeddings=4096, tie_word_embeddings=False)
-        hf = transformers.LlamaForCausalLM(hcfg)
-        model = os.path.join(work, "model")
-        hf.to(getattr(torch, FLAGS.dtype)).save_pretrained(model)
-        del hf
+        model = random_llama.save(os.path.join(work, "model"), FLAGS.preset, FLAGS.dtype)
     with open(os.path.join(model, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     prompts = make_prompts(FLAGS.prompts, FLAGS.min_len, FLAGS.max_len, vocab, FLAGS.seed)

@@ -21,16 +21,9 @@ import time
 
 from absl import app, flags
 
-FLAGS = flags.FLAGS
+from tools.random_llama import PRESETS, build as build_random_llama
 
-PRESETS = {
-    # ~125M parameters: Llama-shaped, GQA, vocab 32000
-    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4, vocab_size=32000),
-    # ~1.2B: Llama 3.2 1B shape
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-}
+FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
@@ -194,10 +187,7 @@ def main(argv):
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(FLAGS.model, dtype=tdtype)
         name = FLAGS.model
     else:
-        torch.manual_seed(0)
-        hcfg = transformers.LlamaConfig(**PRESETS[FLAGS.preset], max_position_embeddings=4096,
-                                        tie_word_embeddings=False)
-        hf_model = transformers.LlamaForCausalLM(hcfg).to(tdtype)
+        hf_model = build_random_llama(FLAGS.preset, FLAGS.dtype)
         tmp = tempfile.mkdtemp()
         hf_model.save_pretrained(tmp)
         lm = load_model(tmp, dtype=FLAGS.dtype, place=host_place(parse_dtype(FLAGS.dtype)))

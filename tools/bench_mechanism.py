@@ -58,6 +58,23 @@ def device_bandwidth(src, dst, nbytes: int = 1 << 28) -> float:
     return nbytes / best
 
 
+def fill_bandwidth(stage, num_pages: int) -> float:
+    """Bytes/s of allocating a fresh (k, v) pool pair of `num_pages` on the stage (median of 5): what a
+    transition pays per byte of the new pools it needs, since JAX allocates only initialised memory
+    (on a CPU that includes the kernel's first touch of the newly mapped pages)."""
+    import jax
+
+    times, nbytes = [], 0
+    for _ in range(5):
+        t = time.perf_counter()
+        pools = jax.block_until_ready(stage.exes.new_pools(num_pages))
+        times.append(time.perf_counter() - t)
+        nbytes = sum(p.nbytes for p in pools)
+        for p in pools:
+            p.delete()
+    return nbytes / sorted(times)[2]
+
+
 def timed_steps(cluster, n: int) -> float:
     for _ in range(2):
         cluster.step()
@@ -75,6 +92,7 @@ def main(argv):
     import jax
     import numpy as np
 
+    from kunjax.control.plan import DropPlan
     from kunjax.control.request import SamplingParams
     from kunjax.control.scheduler import SchedulerConfig
     from kunjax.io.loader import host_place, load_model, parse_dtype
@@ -122,14 +140,19 @@ def main(argv):
     while any(r.num_pending > 1 for e in cluster.engines for r in e.scheduler.running) or cluster.num_waiting():
         cluster.step()
     where = {rid: i for i, e in enumerate(cluster.engines) for rid in e.requests}
-    members = set(range(FLAGS.group_size))
     start_live = {d: measure.device_live_bytes(d) for d in devs}
 
     plan = cluster.plan_drop(FLAGS.group_size)
+    if len(plan.groups) > 1:  # one group of the first instances; the others stay outside it
+        outside = {i for g in plan.groups[1:] for i in g.instances}
+        plan = DropPlan(plan.groups[:1], tuple(sorted(set(plan.alone) | outside)))
+    members = set(plan.groups[0].instances)
     t = time.perf_counter()
     cluster.compile_plan(plan, background=False)
     compile_s = time.perf_counter() - t
     ready, total = cluster.plan_ready(plan)
+    fill_bw = fill_bandwidth(e0.stage, plan.groups[0].num_pages)
+    print(f"fresh pool allocation on {devs[0]}: {fill_bw / 1e9:.2f} GB/s")
     c0 = compile_stats.compile_count()
 
     last: dict[str, float] = {}
@@ -217,6 +240,12 @@ def main(argv):
         work = rep.piece_seconds_total - rep.sampling_seconds
         row(f"{name}: pieces without peak sampling", f"{work * 1e3:.1f} ms",
             f"bytes/bw + step {(moved / bw + one) * 1e3:.1f} ms", f"{work / max(moved / bw + one, 1e-9):.2f}x")
+        alloc = x.bytes_allocated / fill_bw
+        row(f"{name}: of which allocating fresh pools", f"{x.allocate_seconds * 1e3:.1f} ms",
+            f"{x.bytes_allocated / 2**20:.0f} MiB / fill bw {alloc * 1e3:.1f} ms")
+        row(f"{name}: pieces vs what the bytes require", f"{work * 1e3:.1f} ms",
+            f"moved/bw + new pools/fill bw + step {(moved / bw + alloc + one) * 1e3:.1f} ms",
+            f"{work / max(moved / bw + alloc + one, 1e-9):.2f}x")
         row(f"{name}: longest token gap, members' requests", f"{phase['member'] * 1e3:.1f} ms",
             f"step {step_ms:.1f} ms", f"{phase['member'] / one:.1f} steps")
         if n > len(members):

@@ -9,7 +9,7 @@ the step reads; padding rows and tokens point at the null page only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -217,3 +217,15 @@ def build_batch(rows: Sequence[Row], shape: StepShape, page_size: int,
         b["seeds"][i] = req.seed
         b["counters"][i] = len(req.output_token_ids)
     return b
+
+
+def pick_shape(needed: StepShape, buckets: Buckets, ready: Callable[[StepShape], bool]) -> Optional[StepShape]:
+    """The cheapest compiled shape that covers `needed` (`ready(shape)` says what is compiled), or
+    None when none is: the step then waits for the compiler instead of compiling on the request
+    path."""
+    if ready(needed):
+        return needed
+    for shape in buckets.all_shapes():  # cheapest first
+        if shape.covers(needed) and ready(shape):
+            return shape
+    return None

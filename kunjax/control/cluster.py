@@ -33,6 +33,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
+from kunjax.control.clock import WALL, Clock
 from kunjax.control.ops import STEP, DeviceOp
 from kunjax.control.request import Request, RequestOutput, SamplingParams
 from kunjax.control.unit import StepUnit, UnitView
@@ -50,6 +51,21 @@ class MostFreePages:
     def choose(self, views: Sequence[UnitView], num_tokens: int) -> int:
         best = max(views, key=lambda v: (v.pages_free - v.queued_pages, -(v.running + v.waiting), -v.index))
         return best.index
+
+
+class FewestQueued:
+    """The unit with the fewest waiting requests per instance it is made of, then the most free
+    pages after its queued prompts. MostFreePages sends every request to a pipeline group just
+    formed (its pages dwarf a single instance's) however long its queue grows, while its compute is
+    that of its few members; this one spreads a burst by queue first (the simulator shows the
+    difference: docs/simulator.md)."""
+
+    def choose(self, views: Sequence[UnitView], num_tokens: int) -> int:
+        best = min(views, key=lambda v: (v.waiting / len(v.members), -(v.pages_free - v.queued_pages), v.index))
+        return best.index
+
+
+DISPATCH_POLICIES = {"most_free_pages": MostFreePages, "fewest_queued": FewestQueued}
 
 
 class RoundRobin:
@@ -142,9 +158,12 @@ def run_to_completion(add: Callable[[Union[str, Sequence[int]], SamplingParams],
 
 class Cluster:
     def __init__(self, units: Sequence[StepUnit], frontend: Frontend, policy: Optional[DispatchPolicy] = None,
-                 oplog: Optional[OpLog] = None):
+                 oplog: Optional[OpLog] = None, clock: Optional[Clock] = None):
+        """`clock`: the time the control plane runs on (kunjax.control.clock: the wall clock when
+        serving, simulated time in kunjax.sim); the units' schedulers use the same one."""
         if not units:
             raise ValueError("a cluster needs at least one unit")
+        self.clock = clock or WALL
         self.units: list[StepUnit] = list(units)
         self.frontend = frontend
         self.policy = policy or MostFreePages()
@@ -197,16 +216,18 @@ class Cluster:
         return [u.view(i) for i, u in enumerate(self.units)]
 
     def add_request(self, prompt: Union[str, Sequence[int]], params: SamplingParams = SamplingParams(),
-                    request_id: Optional[str] = None) -> str:
-        """Places the request on a unit (the policy's choice). Raises ValueError (bad request,
-        duplicate id) or QueueFull."""
+                    request_id: Optional[str] = None, arrival_time: Optional[float] = None) -> str:
+        """Places the request on a unit (the policy's choice). `arrival_time`: when it arrived on the
+        cluster's clock (a trace sets it; default now). Raises ValueError (bad request, duplicate
+        id) or QueueFull."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._where:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.validate(ids, params)
         unit = self.units[self.policy.choose(self.views(), len(ids))]
-        unit.add(Request(request_id, ids, params), self.frontend.detokenizer(ids))
+        now = self.clock() if arrival_time is None else float(arrival_time)
+        unit.add(Request(request_id, ids, params, arrival_time=now), self.frontend.detokenizer(ids))
         self._where[request_id] = unit
         return request_id
 
@@ -303,8 +324,9 @@ class Cluster:
         t0 = time.perf_counter()
         launched = 0
         for i, unit in enumerate(self.units):
-            if id(unit) in self._inflight or id(unit) in self._claimed or any(t.holds(unit) for t in self.tasks):
-                continue
+            if (not unit.has_unfinished() or id(unit) in self._inflight or id(unit) in self._claimed
+                    or any(t.holds(unit) for t in self.tasks)):
+                continue  # (a unit without work first: the cheapest test, and most units of a large cluster)
             step = unit.schedule()
             if step is None:
                 continue

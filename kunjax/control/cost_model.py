@@ -145,14 +145,18 @@ def fit(samples: Sequence[StepSample], bandwidths: Optional[Mapping[str, float]]
                   for s in samples])
     y = np.array([s.seconds for s in samples], np.float64)
     w = 1.0 / y
-    xw, yw = x * w[:, None], y * w
-    active = [j for j in range(x.shape[1]) if np.any(x[:, j] != 0)]
-    coef = np.zeros(x.shape[1])
+    return CostModel(nonnegative_lstsq(x * w[:, None], y * w), bandwidths)
+
+
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin |a x - b| with x >= 0, by an active set: solve, drop the most negative coefficient's
+    column, solve again (columns that are all zero are out from the start; 0 where dropped)."""
+    active = [j for j in range(a.shape[1]) if np.any(a[:, j] != 0)]
+    coef = np.zeros(a.shape[1])
     while active:
-        sol, *_ = np.linalg.lstsq(xw[:, active], yw, rcond=None)
+        sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
         if np.all(sol >= -1e-15):
-            coef[:] = 0.0
             coef[active] = np.maximum(sol, 0.0)
             break
         active.pop(int(np.argmin(sol)))
-    return CostModel(coef, bandwidths)
+    return coef

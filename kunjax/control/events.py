@@ -18,12 +18,13 @@ _SEQ = itertools.count(1)
 
 
 class EventLog:
-    def __init__(self, maxlen: int = 10000):
+    def __init__(self, maxlen: int = 10000, clock=time.time):
+        self.clock = clock  # Unix time when serving; the simulator's clock in a simulation
         self._events: collections.deque[dict] = collections.deque(maxlen=maxlen)
 
     def record(self, kind: str, request_id: str = "", *, bytes: int = 0, tokens: int = 0, seconds: float = 0.0,
                target: int = -1) -> dict:
-        ev = {"seq": next(_SEQ), "time": time.time(), "kind": kind, "request_id": request_id, "bytes": int(bytes),
+        ev = {"seq": next(_SEQ), "time": self.clock(), "kind": kind, "request_id": request_id, "bytes": int(bytes),
               "tokens": int(tokens), "seconds": float(seconds), "target": int(target)}
         self._events.append(ev)
         return ev

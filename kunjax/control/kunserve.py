@@ -5,11 +5,12 @@ decisions through its plan / drop / restore entry points).
     decide(views, now) -> [DropDecision | RestoreDecision | FallbackDecision]
 
 The monitor (kunjax.control.monitor) says where an overload is; the planner (kunjax.control.planner)
-picks the smallest group around it whose pages cover the demand, among plans that are ready. One
-group per decision, where the overload is: groups are planned and switched one at a time, never all
-together. When no plan covers the demand, the overloaded instance keeps serving with recompute
-preemption (its scheduler's policy, vLLM-style): a FallbackDecision, counted once per overload
-episode. A decision stays pending (its instances are not decided on again) until the views show it
+picks the smallest group around it whose pages cover the demand, among plans that are ready; when
+the instances around are overloaded too and no group covers it, the group that adds the most pages
+(partial relief, counted in partial_drops). One group per decision, where the overload is: groups are
+planned and switched one at a time, never all together. When no plan relieves the overload, the
+instance keeps serving with recompute preemption (its scheduler's policy, vLLM-style): a
+FallbackDecision, counted once per overload episode. A decision stays pending (its instances are not decided on again) until the views show it
 carried out or `decision_timeout_s` passes.
 
 Every decision is one log line with its reason and the numbers behind it.
@@ -95,6 +96,7 @@ class KunservePolicy:
         self.drops = 0
         self.restores = 0
         self.fallbacks = 0
+        self.partial_drops = 0  # drops whose group did not cover the whole demand (the most relief there was)
         self._pending_drop: dict[tuple[int, ...], float] = {}  # members -> when decided
         self._pending_restore: dict[int, float] = {}  # group id -> when decided
         self._fallback: set[int] = set()  # instances in an overload episode no plan covered
@@ -111,7 +113,7 @@ class KunservePolicy:
     def status(self) -> dict:
         """Counters and settings for Admin.Status and the metrics."""
         out = {"overload_policy": self.name, "drops": self.drops, "restores": self.restores,
-               "fallbacks": self.fallbacks, "pending": len(self._pending_drop) + len(self._pending_restore)}
+               "fallbacks": self.fallbacks, "partial_drops": self.partial_drops, "pending": len(self._pending_drop) + len(self._pending_restore)}
         if self.cost_model is not None:
             out["cost_model"] = self.cost_model.error_stats()
         return out
@@ -182,9 +184,14 @@ class KunservePolicy:
             self._fallback.discard(seed)
             self.drops += 1
             made += 1
+            if not choice.covers:
+                self.partial_drops += 1
+            relief = (f"a group of {choice.group_size} covers it" if choice.covers else
+                      f"no group covers it; a group of {choice.group_size} relieves the most "
+                      f"({choice.own_pages} -> {choice.capacity_pages} pages)")
             d = DropDecision(choice.members, choice.group_size,
                              f"instance {seed}: committed demand {s.numbers['demand']:.0%} of its pages for "
-                             f"{s.numbers['over_s']:.1f}s; a group of {choice.group_size} covers it", numbers, choice.plan)
+                             f"{s.numbers['over_s']:.1f}s; {relief}", numbers, choice.plan)
             log.info("kunserve: drop instances %s into a group of %d: %s %s", list(d.instances), d.group_size,
                      d.reason, d.numbers)
             out.append(d)

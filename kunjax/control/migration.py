@@ -22,7 +22,6 @@ gather / scatter). The task follows the cluster loop's task protocol: `units`, `
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Optional, Sequence
 
 from kunjax.control.ops import DeviceOp
@@ -63,7 +62,7 @@ class MigrationTask:
         self.final_pages = final_pages
         self.bytes = 0
         self.seconds = 0.0
-        self.started = time.time()
+        self.started = controller.cluster.clock()
         self.preemptions = req.num_preemptions  # a preemption meanwhile abandons the migration
         self.done = False
 
@@ -126,7 +125,7 @@ class MigrationTask:
         s_src.events.record("migrate", req.request_id, bytes=self.bytes, tokens=req.num_computed, seconds=self.seconds,
                             target=c.index(cluster, self.dst))
         log.info("migrated %s (%d tokens of KV, %.2f MiB in %.1f ms of copies over %.2f s) from instance %d to %d",
-                 req.request_id, req.num_computed, self.bytes / 2**20, 1e3 * self.seconds, time.time() - self.started,
+                 req.request_id, req.num_computed, self.bytes / 2**20, 1e3 * self.seconds, cluster.clock() - self.started,
                  c.index(cluster, self.src), c.index(cluster, self.dst))
         self.done = True
         return True

@@ -190,6 +190,17 @@ def _full_weights(info: MemberInfo) -> int:
     return sum(info.layer_bytes) + info.embed_bytes + info.head_bytes
 
 
+def memory_limit(info: MemberInfo) -> int:
+    """Bytes a transition may reach on a member: its budget, or where the instance already stands
+    serving on its own (activation reserve kept) when that is higher. An instance's KV pool is sized
+    to fill the budget at start-up; small arrays measured later as `other` (page tables, step inputs)
+    can put it a few KB above, and a transition that ends where the instance started (a restore) must
+    not be refused for it."""
+    own = (info.other_bytes + _full_weights(info) + len(info.layer_bytes) * info.num_pages * info.page_layer_bytes
+           + info.reserve)
+    return max(info.budget, own)
+
+
 def layer_rounds(order: Sequence[int], stages: Sequence[StagePlan]) -> list[list[int]]:
     """`order` cut into rounds of at most one layer per stage. A drop piece moves whole rounds: in
     a round every member frees the pools (and weights) of the layers it gives up as its owned layer
@@ -272,19 +283,20 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
     order = interleaved_order([(s.start, s.stop) for s in stages])
     # Every member's page ids keep their place at an offset of the group's space (member_offsets).
     need = sum(infos[m].num_pages for m in members)
+    limit = {m: memory_limit(infos[m]) for m in members}
 
     def fits(p: int) -> bool:
         """Drop peak, the states between pieces (members step there) and the grouped steady state
         within budget, and the group can be restored (once its requests are few enough) too."""
         peak, final, between = simulate_drop(infos, stages, order, p, chunk_pages)
-        if not all(peak[m] <= infos[m].budget and final[m] + infos[m].reserve <= infos[m].budget
-                   and between[m] + infos[m].reserve <= infos[m].budget for m in members):
+        if not all(peak[m] <= limit[m] and final[m] + infos[m].reserve <= limit[m]
+                   and between[m] + infos[m].reserve <= limit[m] for m in members):
             return False
         trial = GroupPlan(tuple(members), tuple(stages), p, {m: infos[m].num_pages for m in members}, peak, final,
                           tuple(order), tied)
         # Splittable again once its requests are gone (a restore under load is checked when it is asked).
         back = simulate_restore(infos, trial, chunk_pages, {m: 0 for m in members})
-        return all(back[m] <= infos[m].budget for m in members)
+        return all(back[m] <= limit[m] for m in members)
 
     if not fits(need):
         raise PlanError(f"a group of instances {list(members)} cannot hold the {need} pages of its members' "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from typing import Callable, Mapping, Optional, Sequence
 
 from kunjax.control.cost_model import CostModel
@@ -43,6 +44,10 @@ class PlannerConfig:
     max_pages_per_instance: int = 1 << 30  # pages an instance can use at most (plan.plan_drop's cap)
     chunk_pages: int = 64  # pages per exchange chunk (the transition's peak)
     headroom: float = 1.0  # the group's pages must be >= headroom x its members' committed demand
+    # When no group covers the demand (every instance around is overloaded too), the ready group
+    # that adds the most pages, if it adds at least this share of its members' own pages: partial
+    # relief (the group still preempts within itself, less than its instances would apart). 0: off.
+    min_partial_gain: float = 0.25
     balance_decode_rows: int = 32  # the step the stage ranges are balanced for: decode rows ...
     balance_context_pages: int = 512  # ... and the KV pages they read
 
@@ -51,6 +56,8 @@ class PlannerConfig:
             raise ValueError(f"max_group_size must be >= 2, got {self.max_group_size}")
         if self.headroom <= 0:
             raise ValueError(f"headroom must be > 0, got {self.headroom}")
+        if self.min_partial_gain < 0:
+            raise ValueError(f"min_partial_gain must be >= 0, got {self.min_partial_gain}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,8 @@ class Candidate:
     demand_pages: int
     need_pages: int
     estimate_pages: int
+    own_pages: int = 0  # usable pages the members have apart
+    options: tuple = ()  # (stage ranges, estimated pages) to plan exactly: cost-balanced first, then even
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +85,8 @@ class GroupChoice:
     sizes_tried: int
     not_ready: int  # covering plans passed over because their executables were not ready
     exchange_bytes: int  # what the drop's KV exchange moves between devices
+    covers: bool = True  # False: no group covered the demand; this one relieves the most (partial)
+    own_pages: int = 0  # usable pages the members have apart
 
     @property
     def group(self) -> GroupPlan:
@@ -181,48 +192,82 @@ class GroupPlanner:
         singles = [v for v in views if not v.is_group and not v.transitioning and v.members[0] not in banned]
         partners = heapq.nlargest(c.max_group_size - 1, singles,
                                   key=lambda v: (v.pages_total - v.demand_pages, -v.members[0]))
-        out, demand = [], seed.demand_pages
+        out, demand, own = [], seed.demand_pages, seed.pages_total
         num_layers = len(infos[seed.members[0]].layer_bytes)
         for k, p in enumerate(partners[:num_layers - 1]):
             g = k + 2
             demand += p.demand_pages
+            own += p.pages_total
             members = tuple(sorted(seed.members + tuple(v.members[0] for v in partners[:k + 1])))
-            rng = self.ranges(num_layers, g)
-            est = estimate_pages(infos, members, self.tied, rng, g * c.max_pages_per_instance)
-            out.append(Candidate(members, rng, demand, int(c.headroom * demand), est))
+            # the cost-balanced ranges, and the even ones: a stage that carries the embedding or the
+            # head holds fewer layers when balanced for time, which can leave the group fewer pages
+            options = tuple(dict.fromkeys((self.ranges(num_layers, g), tuple(split_layers(num_layers, g)))))
+            ests = tuple(estimate_pages(infos, members, self.tied, r, g * c.max_pages_per_instance) for r in options)
+            out.append(Candidate(members, options[0], demand, int(c.headroom * demand), max(ests), own,
+                                 tuple(zip(options, ests))))
         return out
+
+    def _exact(self, cand: Candidate, infos: Mapping[int, MemberInfo], need: int,
+               why: Optional[dict] = None) -> Optional[DropPlan]:
+        """The exact plan of a candidate (plan.plan_drop) with at least `need` usable pages: its range
+        options in order (cost-balanced first), those whose estimate reaches `need`; among the ones that
+        fit, the first that reaches it, else None."""
+        g = len(cand.members)
+        for ranges, est in cand.options or ((cand.ranges, cand.estimate_pages),):
+            if est < need:
+                continue
+            # the estimate bounds the exact count: searching no higher gives the same answer sooner
+            cap = min(self.config.max_pages_per_instance, -(-(est + 1) // g))
+            try:
+                plan = plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
+                                 chunk_pages=self.config.chunk_pages, ranges=ranges, ladder=self.ladder)
+            except PlanError as e:
+                if why is not None:
+                    why.setdefault("exact_errors", {})[len(cand.members)] = str(e)[:200]
+                continue
+            if plan.groups[0].num_pages - 1 >= need:
+                return plan
+            if why is not None:  # planned, but short of what was needed
+                why.setdefault("exact_pages", {})[len(cand.members)] = (plan.groups[0].num_pages - 1, need)
+        return None
+
+    def _choice(self, plan: DropPlan, seed: UnitView, cand: Candidate, infos, tried: int, not_ready: int,
+                covers: bool) -> GroupChoice:
+        return GroupChoice(plan, seed.members[0], cand.demand_pages, plan.groups[0].num_pages - 1, tried, not_ready,
+                           exchange_bytes(plan.groups[0], infos), covers, cand.own_pages)
 
     def plan(self, views: Sequence[UnitView], seed: UnitView,
              exclude: Sequence[int] = ()) -> tuple[Optional[GroupChoice], dict]:
         """The smallest group around `seed` (an overloaded single instance) whose pages cover its
-        members' committed demand, among plans that are ready; else (None, the numbers of why)."""
+        members' committed demand, among plans that are ready; when none covers, the ready group
+        adding the most pages (at least min_partial_gain of its members' own: `covers` False); else
+        (None, the numbers of why)."""
         c = self.config
         infos = self.member_infos()
         cands = self.candidates(views, seed, infos, exclude)
         numbers = {"seed": seed.members[0], "seed_demand_pages": seed.demand_pages, "candidates": len(cands)}
         tried = not_ready = 0
         for cand in (x for x in cands if x.estimate_pages >= x.need_pages):
-            g = len(cand.members)
             tried += 1
-            # the estimate bounds the exact count: searching no higher gives the same answer sooner
-            cap = min(c.max_pages_per_instance, -(-(cand.estimate_pages + 1) // g))
-            plan = None
-            for ranges in (cand.ranges, None):  # balanced ranges, else even ones (a longer stage may not fit)
-                try:
-                    plan = plan_drop([infos[m] for m in cand.members], g, self.tied, cap, eligible=cand.members,
-                                     chunk_pages=c.chunk_pages, ranges=ranges, ladder=self.ladder)
-                    break
-                except PlanError:
-                    continue
+            plan = self._exact(cand, infos, cand.need_pages, numbers)
             if plan is None:
-                continue
-            if plan.groups[0].num_pages - 1 < cand.need_pages:
                 continue
             if not self.ready(plan):
                 not_ready += 1
                 continue
-            return GroupChoice(plan, seed.members[0], cand.demand_pages, plan.groups[0].num_pages - 1, tried,
-                               not_ready, exchange_bytes(plan.groups[0], infos)), numbers
+            return self._choice(plan, seed, cand, infos, tried, not_ready, True), numbers
+        if c.min_partial_gain > 0:  # nothing covers: the ready group that adds the most pages
+            for cand in sorted(cands, key=lambda x: -x.estimate_pages):
+                if cand.estimate_pages < (1 + c.min_partial_gain) * cand.own_pages:
+                    continue
+                tried += 1
+                plan = self._exact(cand, infos, int(math.ceil((1 + c.min_partial_gain) * cand.own_pages)), numbers)
+                if plan is None:
+                    continue
+                if not self.ready(plan):
+                    not_ready += 1
+                    continue
+                return self._choice(plan, seed, cand, infos, tried, not_ready, False), numbers
         numbers.update({"largest_group_tried": len(cands[-1].members) if cands else 1,
                         "demand_pages": cands[-1].demand_pages if cands else seed.demand_pages,
                         "best_estimate_pages": max((x.estimate_pages for x in cands), default=0),

@@ -19,10 +19,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import time
 from typing import Optional
 
 from kunjax.control.batch import Row, ScheduledStep, split_rows
+from kunjax.control.clock import UNIX, WALL, Clock
 from kunjax.control.events import EventLog
 from kunjax.control.overload import OverloadPolicy, Preempt, RecomputePolicy, Stall
 from kunjax.control.pages import OutOfPages, PageAllocator, pages_for
@@ -55,8 +55,11 @@ class QueueFull(Exception):
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator, page_size: int, max_model_len: int,
-                 policy: Optional[OverloadPolicy] = None):
+                 policy: Optional[OverloadPolicy] = None, clock: Optional[Clock] = None):
+        """`clock`: where every timestamp comes from (kunjax.control.clock; default the wall clock;
+        the overload event log then stamps Unix time, otherwise the same clock)."""
         self.config = config
+        self.clock = clock or WALL
         self.policy = policy or RecomputePolicy()
         self.allocator = allocator
         self.page_size = page_size
@@ -76,7 +79,7 @@ class Scheduler:
         self.num_migrations_out = 0  # live migrations off / onto this unit (kunjax.control.migration)
         self.num_migrations_in = 0
         self.migrated_bytes = 0
-        self.events = EventLog()  # one entry per overload decision (Admin.Status returns them)
+        self.events = EventLog(clock=clock or UNIX)  # one entry per overload decision (Admin.Status returns them)
 
     # ---- admission -------------------------------------------------------------------------
     def max_tokens_fit(self, req: Request) -> bool:
@@ -120,7 +123,7 @@ class Scheduler:
             req.pages = []
         req.status = Status.FINISHED
         req.finish_reason = reason
-        req.finish_time = time.monotonic()
+        req.finish_time = self.clock()
 
     # ---- pages -----------------------------------------------------------------------------
     def _grow(self, req: Request, num_tokens: int) -> bool:
@@ -244,7 +247,7 @@ class Scheduler:
             self._grow(req, req.num_computed + n)
             req.status = Status.RUNNING
             if req.scheduled_time is None:
-                req.scheduled_time = time.monotonic()
+                req.scheduled_time = self.clock()
             self.running.append(req)
             rows.append(Row(req, req.num_computed, n))
             budget -= self._cost(n)
@@ -295,7 +298,7 @@ class Scheduler:
     def postprocess(self, step: ScheduledStep, tokens, eos_ids: tuple[int, ...]) -> list[Request]:
         """Appends sampled tokens; finishes requests on length / EOS / stop ids. Returns the rows'
         requests that got a new token."""
-        now = time.monotonic()
+        now = self.clock()
         updated = []
         for row, tok in zip(step.rows, tokens):
             req = row.request

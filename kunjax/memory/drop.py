@@ -34,61 +34,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Optional
 
 import jax
-import numpy as np
 
 from kunjax.control.ops import DeviceOp
-from kunjax.control.pages import PageAllocator
-from kunjax.control.request import FinishReason, RequestOutput
-from kunjax.control.scheduler import Scheduler
+from kunjax.control.transition import (DROP_BEGIN, DROP_FINISH, DROP_LAYERS, DROP_ROLLBACK,  # noqa: F401
+                                       DropError, DropTask, PieceFailed, TransitionReport, adopt_after_drop,
+                                       check_members)
 from kunjax.memory import measure
-from kunjax.memory.exchange import ExchangeStats, delete_arrays, pages_in, pages_out
-from kunjax.memory.group import PipelineGroup, group_scheduler_config
-from kunjax.control.plan import DropPlan, GroupPlan, layer_rounds, member_offsets
+from kunjax.memory.exchange import ExchangeStats, delete_arrays, new_pools, pages_in, pages_out
+from kunjax.control.group import group_scheduler
+from kunjax.memory.group import PipelineGroup
+from kunjax.control.plan import DropPlan, GroupPlan, member_offsets
 from kunjax.runtime import compile_stats
 from kunjax.runtime.runner import Segment
 from sharding.transfer import move_tree
 
 log = logging.getLogger(__name__)
-
-DROP_BEGIN, DROP_LAYERS, DROP_FINISH, DROP_ROLLBACK = "drop_begin", "drop_layers", "drop_finish", "drop_rollback"
-
-
-class DropError(ValueError):
-    """The drop cannot be applied as asked (names why); nothing was changed."""
-
-
-class PieceFailed(RuntimeError):
-    """A piece of a transition failed; the layer it was moving is back where it was."""
-
-
-@dataclasses.dataclass
-class TransitionReport:
-    """What a drop or a restore did, measured."""
-
-    kind: str
-    groups: list[int]
-    seconds: float = 0.0  # from the first piece to the last (the members step in between)
-    pieces: int = 0
-    piece_seconds_max: float = 0.0  # the longest piece: how long the members' requests wait at most
-    piece_seconds_total: float = 0.0  # the pieces alone (the members' steps in between excluded)
-    sampling_seconds: float = 0.0  # of which measuring live bytes (the peaks reported)
-    freed_weight_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # device -> bytes
-    exchange: ExchangeStats = dataclasses.field(default_factory=ExchangeStats)
-    live_before: dict[str, int] = dataclasses.field(default_factory=dict)
-    peak_live: dict[str, int] = dataclasses.field(default_factory=dict)  # sampled at every layer
-    live_after: dict[str, int] = dataclasses.field(default_factory=dict)
-    compiles: int = 0
-    failed_pages: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # group -> page ids lost
-    state: str = "running"  # running | done | rolled_back
-    error: str = ""
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["failed_pages"] = {str(k): v for k, v in self.failed_pages.items()}
-        return d
 
 
 def _live(devices) -> dict[str, int]:
@@ -105,19 +67,6 @@ def _sample_peak(report: TransitionReport, devices) -> None:
     report.sampling_seconds += time.perf_counter() - t
 
 
-def check_members(cluster, gp: GroupPlan) -> list:
-    """The member instances in stage order; each must be serving on its own."""
-    members = []
-    for st in gp.stages:
-        if not 0 <= st.instance < len(cluster.engines):
-            raise DropError(f"group_size: instance {st.instance} does not exist")
-        eng = cluster.engines[st.instance]
-        if eng not in cluster.units:
-            raise DropError(f"instance {st.instance} is already in a pipeline group")
-        members.append(eng)
-    return members
-
-
 def member_route(members, gp: GroupPlan, j: int, moved: set) -> list[Segment]:
     """Where each layer of member j's step runs while its group forms: layers not moved yet on the
     member, moved ones on their owner at the member's page offset."""
@@ -130,80 +79,6 @@ def member_route(members, gp: GroupPlan, j: int, moved: set) -> list[Segment]:
         else:
             segs.append(Segment(stage, (l,), o))
     return segs
-
-
-class DropTask:
-    """The controller's side of one drop (a kunjax.control.cluster Task): decides each piece, logs
-    it, and on the last one moves the requests into the group."""
-
-    def __init__(self, cluster, plan: DropPlan):
-        self.cluster = cluster
-        self.plan = plan
-        self.groups = []  # per group plan: its members
-        for gp in plan.groups:
-            self.groups.append(check_members(cluster, gp))
-        self.units = [m for ms in self.groups for m in ms]
-        self.report = TransitionReport("drop", [])
-        self.outputs: list[RequestOutput] = []  # requests that failed (their KV was lost)
-        self._todo = [list(gp.layer_order) for gp in plan.groups]
-        self._moved: list[list[int]] = [[] for _ in plan.groups]
-        self._begun = False
-        self._t0 = 0.0
-        self.done = False
-
-    def holds(self, unit) -> bool:
-        return False  # the members step between pieces
-
-    def _piece_layers(self, gi: int) -> list[int]:
-        """The next round of group gi (kunjax.control.plan.layer_rounds: one layer per stage), the
-        owners with the fewest pages that hold data first (their chunks wait least for their pool)."""
-        members = self.groups[gi]
-        gp = self.plan.groups[gi]
-        rnd = layer_rounds(self._todo[gi], gp.stages)[0]
-        used = [sum(len(r.pages) for r in m.scheduler.running) for m in members]
-        return sorted(rnd, key=lambda l: (used[gp.owner_index(l)], l))
-
-    def _pages(self, gi: int) -> dict[str, np.ndarray]:
-        arrays = {}
-        for j, m in enumerate(self.groups[gi]):
-            arrays[f"{j}"] = np.asarray(sorted({p for r in m.scheduler.running for p in r.pages}), np.int32)
-        return arrays
-
-    def advance(self, cluster) -> bool:
-        t = time.perf_counter()
-        try:
-            if not self._begun:
-                self._t0 = t
-                cluster.run_op(DeviceOp(DROP_BEGIN, -1, {"plan": self.plan.to_dict()}))
-                self._begun = True
-                return False
-            for gi in range(len(self.plan.groups)):
-                if self._todo[gi]:
-                    layers = self._piece_layers(gi)
-                    cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers,
-                                                               "chunk": cluster.chunk_pages}, self._pages(gi)))
-                    self._todo[gi] = [l for l in self._todo[gi] if l not in layers]
-                    self._moved[gi] += layers
-                    return False
-            report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
-            self.outputs += adopt_after_drop(cluster, self.plan, report)
-            cluster.emit(self.outputs)
-            cluster.count_transition(report)
-            self.done = True
-            return True
-        except PieceFailed as e:
-            log.error("drop failed (%s); rolling back the %d layers moved", e, sum(map(len, self._moved)))
-            arrays = {f"{gi}/{k}": v for gi in range(len(self.plan.groups)) for k, v in self._pages(gi).items()}
-            cluster.count_transition(cluster.run_op(DeviceOp(DROP_ROLLBACK, -1, {"error": str(e)}, arrays)))
-            self.done = True
-            return True
-        finally:
-            self.report = cluster.drop_state.report if cluster.drop_state is not None else self.report
-            dt = time.perf_counter() - t
-            self.report.pieces += 1
-            self.report.piece_seconds_max = max(self.report.piece_seconds_max, dt)
-            self.report.piece_seconds_total += dt
-            self.report.seconds = time.perf_counter() - self._t0
 
 
 @dataclasses.dataclass
@@ -283,7 +158,7 @@ def _move_layers_in(members, gp: GroupPlan, layers: list[int], src: list, chunk:
             owner = members[gp.owner_index(l)].stage
             if exchange.FAULT_HOOK is not None:
                 exchange.FAULT_HOOK("allocate", {"layer": l})
-            pools = owner.exes.new_pools(gp.num_pages)
+            pools = new_pools(owner, gp.num_pages, report.exchange)
             for j, m in enumerate(members):
                 pools = pages_in(owner, pools, held[l][j], [offs[j] + p for p in src[j]], chunk, report.exchange,
                                  src_mesh=m.stage.mesh)
@@ -359,13 +234,10 @@ def execute_drop_finish(cluster, op: DeviceOp) -> TransitionReport:
                 report.freed_weight_bytes[str(d)] = report.freed_weight_bytes.get(str(d), 0) + freed
             m.stage.num_pages = gp.num_pages
             m.set_route(None)
-        group = PipelineGroup(group_id, gp, members, Scheduler(
-            group_scheduler_config(members[0].config.scheduler, len(members)), PageAllocator(gp.num_pages),
-            members[0].page_size, members[0].max_model_len, members[0].scheduler.policy), members[0].eos_ids)
+        group = PipelineGroup(group_id, gp, members, group_scheduler(members, gp), members[0].eos_ids)
         if all(d.platform == "cpu" for m in members for d in m.devices):
             group.pipeline_depth = 1  # virtual CPU devices share the cores: stages never overlap there
-        group.cost_model = getattr(cluster, "cost_model", None)  # lookahead micro-batches when there is one
-        group.tpot_slo_ms = getattr(cluster, "tpot_slo_ms", None)
+        group.configure(cluster)  # lookahead micro-batches when the cluster has a cost model
         cluster.replace_units(members, [group])
     _sample_peak(report, state.devices)
     report.live_after = _live(state.devices)
@@ -395,8 +267,9 @@ def execute_drop_rollback(cluster, op: DeviceOp) -> TransitionReport:
                 if j != o:
                     lp = owner.layers[l]
                     st.layers[l] = move_tree(lp, {n: st.exes.layer_sh[n] for n in lp})
-                st.pools[l] = pages_in(st, st.exes.new_pools(gp.pages_before[cluster.engines.index(m)]), held[j], src[j],
-                                       cluster.chunk_pages, report.exchange, src_mesh=owner.mesh)
+                fresh = new_pools(st, gp.pages_before[cluster.engines.index(m)], report.exchange)
+                st.pools[l] = pages_in(st, fresh, held[j], src[j], cluster.chunk_pages, report.exchange,
+                                       src_mesh=owner.mesh)
             moved.discard(l)
         embed = next(m.stage for m, st in zip(members, gp.stages) if st.embed)
         head = next(m.stage for m, st in zip(members, gp.stages) if st.head)
@@ -438,42 +311,3 @@ def _drop_embed_head(stage, st_plan) -> int:
     return freed
 
 
-def adopt_after_drop(cluster, plan: DropPlan, report: TransitionReport) -> list[RequestOutput]:
-    """Controller: the members' requests move into their group; a request's page p of member j
-    becomes offset_j + p (its KV is already there). Returns the final outputs of requests whose KV
-    was lost in a failed copy."""
-    failed_out: list[RequestOutput] = []
-    for gp, group_id in zip(plan.groups, report.groups):
-        group = cluster.group(group_id)
-        offs = member_offsets(gp)
-        lost = set(report.failed_pages.get(group_id, ()))
-        sched = group.scheduler
-        moved, running, waiting = [], [], []
-        for j, m in enumerate(group.members):
-            for r in m.scheduler.running:
-                r.pages = [offs[j] + p for p in r.pages]
-                running.append(m.take(r.request_id))
-            waiting += [m.take(r.request_id) for r in m.scheduler.waiting]
-            m.scheduler.running.clear()
-            m.scheduler.waiting.clear()
-            m.scheduler.allocator = PageAllocator(m.scheduler.allocator.num_pages)
-        # Each member's null page sits at its offset in the group space: never handed out.
-        sched.allocator = PageAllocator(gp.num_pages, [p for r, _ in running for p in r.pages],
-                                        reserved=[o for o in offs if o])
-        for r, detok in sorted(running, key=lambda x: x[0].arrival_time):
-            group.adopt(r, detok)
-            sched.running.append(r)
-            moved.append(r.request_id)
-        for r, detok in sorted(waiting, key=lambda x: x[0].arrival_time):
-            group.adopt(r, detok)
-            sched.waiting.append(r)
-            moved.append(r.request_id)
-        cluster.move_requests(moved, group)
-        for r in [r for r, _ in running if lost & set(r.pages)]:
-            sched.abort(r, FinishReason.ERROR)
-            failed_out.append(group.output(r, []))
-            cluster.forget(r.request_id)
-        if lost:
-            log.warning("drop: %d requests failed (their KV could not be moved); group %d serves the rest",
-                        len(failed_out), group_id)
-    return failed_out

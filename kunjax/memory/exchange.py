@@ -11,7 +11,6 @@ at most one chunk is in flight per device pair (the transient the drop plan budg
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Callable, Optional, Sequence
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 
 from kunjax.control.pages import NULL_PAGE
+from kunjax.control.transition import ExchangeStats
 from kunjax.runtime.executables import GATHER, SCATTER, ExeKey
 from kunjax.runtime.kv_pools import K, V
 from kunjax.runtime.runner import Stage
@@ -29,25 +29,6 @@ log = logging.getLogger(__name__)
 
 # Tests inject failures here: called as FAULT_HOOK(event, info) before every chunk copy; may raise.
 FAULT_HOOK: Optional[Callable[[str, dict], None]] = None
-
-
-@dataclasses.dataclass
-class ExchangeStats:
-    """Bytes of pages that hold data, moved between meshes and within one, and the padding the
-    fixed chunk size adds on top (moved too: counted apart, so nothing is understated)."""
-
-    bytes_between_devices: int = 0  # pages that crossed from one mesh to another (summed over devices)
-    bytes_local: int = 0  # pages copied within a mesh (the owner's own pages into its group pool)
-    bytes_padding: int = 0  # null pages that pad the last chunk of a list (gathered, moved, scattered)
-    seconds: float = 0.0
-    chunks: int = 0
-
-    def add(self, other: "ExchangeStats") -> None:
-        self.bytes_between_devices += other.bytes_between_devices
-        self.bytes_local += other.bytes_local
-        self.bytes_padding += other.bytes_padding
-        self.seconds += other.seconds
-        self.chunks += other.chunks
 
 
 def page_bytes_per_device(stage: Stage, pool=None) -> int:
@@ -117,6 +98,15 @@ def copy_pages(src: Stage, src_pools: tuple, dst: Stage, dst_pools: tuple, src_i
         stats.chunks += 1
     stats.seconds += time.perf_counter() - t
     return k_dst, v_dst
+
+
+def new_pools(stage: Stage, num_pages: int, stats: ExchangeStats) -> tuple:
+    """A fresh (k, v) pool pair of `num_pages` on the stage's mesh, timed and counted in `stats`."""
+    t = time.perf_counter()
+    pools = jax.block_until_ready(stage.exes.new_pools(num_pages))
+    stats.allocate_seconds += time.perf_counter() - t
+    stats.bytes_allocated += sum(p.nbytes for p in pools)
+    return pools
 
 
 def pages_out(src: Stage, pools: tuple, ids: Sequence[int], chunk: int, stats: ExchangeStats) -> list:

@@ -16,94 +16,34 @@ once per group step, for all micro-batches' tokens.
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
 
 import numpy as np
 
-from kunjax.control.batch import Row, ScheduledStep, StepShape, build_batch
+from kunjax.control.batch import ScheduledStep, StepShape, build_batch, pick_shape
+from kunjax.control.group import GroupCore, group_scheduler_config  # noqa: F401
 from kunjax.control.ops import STEP, DeviceOp
 from kunjax.control.request import RequestOutput
-from kunjax.control.scheduler import Scheduler, SchedulerConfig
-from kunjax.control.unit import UnitCore
-from kunjax.control.plan import GroupPlan
-from kunjax.runtime.runner import InFlight, Segment, Stage, host_logprobs, pick_shape, route_ready, run_route
+from kunjax.runtime.runner import InFlight, Segment, Stage, host_logprobs, route_ready, run_route
 
 
-def group_scheduler_config(base: SchedulerConfig, g: int) -> SchedulerConfig:
-    """g instances' worth of requests, with each prefill row capped at one instance chunk, so every
-    micro-batch fits the instances' buckets."""
-    return SchedulerConfig(max_num_seqs=g * base.max_num_seqs, max_num_batched_tokens=g * base.max_num_batched_tokens,
-                           max_prefill_rows=g * base.max_prefill_rows, max_queue=g * base.max_queue,
-                           max_chunk_tokens=base.max_chunk_tokens or base.max_num_batched_tokens)
-
-
-class PipelineGroup(UnitCore):
-    def __init__(self, group_id: int, plan: GroupPlan, members: Sequence, scheduler: Scheduler, eos_ids=()):
-        """`members`: the LLMEngine instances in stage order; their `stage` objects now hold the
-        group's layer ranges (kunjax.memory.drop made them so)."""
-        super().__init__(scheduler, eos_ids)
-        self.id = group_id
-        self.plan = plan
-        self.members = list(members)
-        self.buckets = self.members[0].buckets
-        self.page_size = self.members[0].page_size
-        self.state = "grouped"
-        # While a restore runs (kunjax.memory.restore): `routing` (controller) knows which member each
-        # request goes to and its page table there; `restored` (every process) the layers that are
-        # back on the members: those run on the row's member, the others on their group stage.
-        self.routing = None
-        self.restored: set[int] = set()
-        self.restoring: Optional[dict] = None  # the device side of a restore under way
+class PipelineGroup(GroupCore):
+    """The device half: each member's `stage` object now holds the group's layer ranges
+    (kunjax.memory.drop made them so); the host half (scheduler, micro-batches) is GroupCore's."""
 
     @property
     def stages(self) -> list[Stage]:
         return [m.stage for m in self.members]
 
-    @property
-    def num_pages(self) -> int:
-        return self.plan.num_pages
-
     # ---- shapes ----------------------------------------------------------------------------
     def ready(self, shape: StepShape) -> bool:
         return all(st.ready(shape) for st in self.stages)
-
-    # Micro-batches a step is split into (at least; each also fits one instance bucket): None = one
-    # per stage, so every stage has work while the next works on the previous micro-batch. Where the
-    # stages cannot run at the same time (virtual CPU devices sharing cores) 1 avoids re-reading
-    # every layer's weights once per micro-batch.
-    pipeline_depth: Optional[int] = None
-
-    # Lookahead micro-batches (kunjax.control.lookahead): with a cost model, a step's rows are split so
-    # every stage gets equal predicted work and the time between tokens stays within `tpot_slo_ms`
-    # (prefill beyond it is deferred to a later step); without one, rows are split evenly by count.
-    cost_model = None
-    tpot_slo_ms: Optional[float] = None
-
-    def micro_batches(self, step: ScheduledStep) -> list[list[Row]]:
-        rows = step.rows
-        cap = self.buckets.max_prefill_rows if step.prefill else self.buckets.max_rows
-        depth = self.pipeline_depth or len(self.members)
-        k = min(len(rows), max(-(-len(rows) // cap), depth))
-        if self.cost_model is not None and k > 1:
-            from kunjax.control.lookahead import form_micro_batches
-
-            plan = form_micro_batches(rows, len(self.members), self.cost_model, self.page_size,
-                                      max(st.num_layers for st in self.plan.stages), self.tpot_slo_ms,
-                                      num_batches=k, max_rows=cap)
-            if plan.batches and all(len(b) <= cap for b in plan.batches):
-                return [list(b) for b in plan.batches]
-        size = -(-len(rows) // k)
-        return [rows[i:i + size] for i in range(0, len(rows), size)]
 
     # ---- the step-unit interface -----------------------------------------------------------
     def prepare(self, step: ScheduledStep) -> DeviceOp:
         """Micro-batches as data; during a restore one per target member (each with its page
         tables in both spaces), so a layer already restored runs on the member that now holds it."""
-        parts = (self.routing.partition(step.rows) if self.routing is not None
-                 else [(-1, rows) for rows in self.micro_batches(step)])
-        step.rows = [r for _, rows in parts for r in rows]  # the order `finish` reads the tokens in
         mbs, arrays = [], {}
-        for j, (member, rows) in enumerate(parts):
+        for j, (member, rows, tables) in enumerate(self.parts(step)):
             needed = self.buckets.needed(rows, step.prefill)
             shape = pick_shape(needed, self.buckets, lambda sh, m=member: self.shape_ready(sh, m))
             if shape is None:
@@ -112,7 +52,7 @@ class PipelineGroup(UnitCore):
             for k, v in build_batch(rows, shape, self.page_size).items():
                 arrays[f"{j}/{k}"] = v
             if member >= 0:
-                for k, v in build_batch(rows, shape, self.page_size, self.routing.tables_of(rows)).items():
+                for k, v in build_batch(rows, shape, self.page_size, tables).items():
                     arrays[f"{j}@local/{k}"] = v
             mbs.append([shape.rows, shape.query, shape.pages, len(rows), member])
         return DeviceOp(STEP, 0, {"micro_batches": mbs}, arrays)
@@ -170,9 +110,3 @@ class PipelineGroup(UnitCore):
 
     def status(self) -> dict:
         return {"devices": [str(d) for d in self.devices], "tp": self.members[0].tp, **self.host_status()}
-
-    def group_status(self, instance_ids: Sequence[int]) -> dict:
-        return {"id": self.id, "instances": list(instance_ids), "state": self.state, "num_pages": self.num_pages,
-                "stages": [{"instance": i, "start": st.start, "stop": st.stop, "embed": st.embed, "head": st.head}
-                           for i, st in zip(instance_ids, self.plan.stages)],
-                **self.host_status()}

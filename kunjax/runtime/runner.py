@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from kunjax.control.batch import Buckets, StepShape
+from kunjax.control.batch import StepShape, pick_shape  # noqa: F401  (pick_shape: engine.py imports it from here)
 from kunjax.runtime.executables import (EMBED, HEAD, HEAD_X, HEAD_X_FIELDS, LAYER, ExeKey, StepExecutables,
                                         keys_for)
 from sharding.transfer import put_tree
@@ -219,15 +219,3 @@ def launched(tokens: jax.Array, logits: Optional[jax.Array] = None, logprobs: Op
         except Exception:  # not every array type supports it; result() syncs anyway
             pass
     return InFlight(tokens, num_rows, logits, logprobs)
-
-
-def pick_shape(needed: StepShape, buckets: Buckets, ready) -> Optional[StepShape]:
-    """The cheapest compiled shape that covers `needed` (`ready(shape)` says what is compiled), or
-    None when none is: the step then waits for the compiler instead of compiling on the request
-    path."""
-    if ready(needed):
-        return needed
-    for shape in buckets.all_shapes():  # cheapest first
-        if shape.covers(needed) and ready(shape):
-            return shape
-    return None

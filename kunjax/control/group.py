@@ -1,0 +1,127 @@
+"""The host half of a pipeline group (plain Python, no JAX): its scheduler, its micro-batches, the
+members and plan it was made from, and its status.
+
+A pipeline group is g instances that dropped layers and serve as one step unit over one page space
+(kunjax/memory/group.py runs it on devices; kunjax.sim runs it on a cost model). Everything that
+decides rather than executes lives here, so both run the very same decisions: the group schedules
+for g instances' worth of requests with each prefill row capped at one instance chunk (every
+micro-batch fits the instances' buckets), and a step is split into micro-batches of at most one
+instance bucket each, by predicted cost when there is a cost model (kunjax.control.lookahead),
+during a restore one per target member (kunjax.control.transition.RestoreRouting).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Optional, Sequence
+
+from kunjax.control.batch import Row, ScheduledStep
+from kunjax.control.pages import PageAllocator
+from kunjax.control.plan import GroupPlan
+from kunjax.control.scheduler import Scheduler, SchedulerConfig
+from kunjax.control.unit import UnitCore
+
+
+def group_scheduler_config(base: SchedulerConfig, g: int) -> SchedulerConfig:
+    """g instances' worth of requests, with each prefill row capped at one instance chunk, so every
+    micro-batch fits the instances' buckets."""
+    return SchedulerConfig(max_num_seqs=g * base.max_num_seqs, max_num_batched_tokens=g * base.max_num_batched_tokens,
+                           max_prefill_rows=g * base.max_prefill_rows, max_queue=g * base.max_queue,
+                           max_chunk_tokens=base.max_chunk_tokens or base.max_num_batched_tokens)
+
+
+def group_scheduler(members: Sequence, gp: GroupPlan) -> Scheduler:
+    """The scheduler of the group `members` (instances in stage order) form under plan `gp`: their
+    policy and clock, the group's page space."""
+    m0 = members[0]
+    return Scheduler(group_scheduler_config(m0.config.scheduler, len(members)), PageAllocator(gp.num_pages),
+                     m0.page_size, m0.max_model_len, m0.scheduler.policy, clock=m0.scheduler.clock)
+
+
+class GroupCore(UnitCore):
+    """What every pipeline group holds on the host: its id, plan, members, scheduler, restore state."""
+
+    # Micro-batches a step is split into (at least; each also fits one instance bucket): None = one
+    # per stage, so every stage has work while the next works on the previous micro-batch. Where the
+    # stages cannot run at the same time (virtual CPU devices sharing cores) 1 avoids re-reading
+    # every layer's weights once per micro-batch.
+    pipeline_depth: Optional[int] = None
+
+    # Lookahead micro-batches (kunjax.control.lookahead): with a cost model, a step's rows are split so
+    # every stage gets equal predicted work and the time between tokens stays within `tpot_slo_ms`
+    # (prefill beyond it is deferred to a later step); without one, rows are split evenly by count.
+    cost_model = None
+    tpot_slo_ms: Optional[float] = None
+
+    def __init__(self, group_id: int, plan: GroupPlan, members: Sequence, scheduler: Scheduler, eos_ids=()):
+        """`members`: the instances in stage order (they hold the group's layer ranges now)."""
+        super().__init__(scheduler, eos_ids)
+        self.id = group_id
+        self.plan = plan
+        self.members = list(members)
+        self.buckets = self.members[0].buckets
+        self.page_size = self.members[0].page_size
+        self.state = "grouped"
+        # While a restore runs (kunjax.control.transition): `routing` (controller) knows which member
+        # each request goes to and its page table there; `restored` (every process) the layers that
+        # are back on the members: those run on the row's member, the others on their group stage.
+        self.routing = None
+        self.restored: set[int] = set()
+        self.restoring: Optional[dict] = None  # the device side of a restore under way
+
+    @property
+    def num_pages(self) -> int:
+        return self.plan.num_pages
+
+    def schedule(self) -> Optional[ScheduledStep]:
+        """The group's next step. While a restore runs nothing new is admitted (the paper's first
+        restore step: stop admitting into the extension pages): a request admitted then would need
+        room on a member page space the restore has already handed out, which can be too small
+        (the simulator found a restore failing that way, OutOfPages in RestoreRouting.table); queued
+        requests move to the members when the group splits. Requests preempted meanwhile go back to
+        the head of the queue, as always."""
+        if self.routing is None:
+            return super().schedule()
+        s = self.scheduler
+        held, s.waiting = s.waiting, collections.deque()
+        try:
+            return super().schedule()
+        finally:
+            s.waiting.extend(held)
+
+    def micro_batches(self, step: ScheduledStep) -> list[list[Row]]:
+        rows = step.rows
+        cap = self.buckets.max_prefill_rows if step.prefill else self.buckets.max_rows
+        depth = self.pipeline_depth or len(self.members)
+        k = min(len(rows), max(-(-len(rows) // cap), depth))
+        if self.cost_model is not None and k > 1:
+            from kunjax.control.lookahead import form_micro_batches
+
+            plan = form_micro_batches(rows, len(self.members), self.cost_model, self.page_size,
+                                      max(st.num_layers for st in self.plan.stages), self.tpot_slo_ms,
+                                      num_batches=k, max_rows=cap)
+            if plan.batches and all(len(b) <= cap for b in plan.batches):
+                return [list(b) for b in plan.batches]
+        size = -(-len(rows) // k)
+        return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+    def parts(self, step: ScheduledStep) -> list[tuple[int, list[Row], Optional[dict]]]:
+        """The step's micro-batches as (target member, rows, member page tables): member -1 and no
+        tables outside a restore; during one, one micro-batch per target member with each row's
+        page table there (grown as its group one grows). `step.rows` is put in their order (the
+        order `finish` reads the tokens in)."""
+        parts = (self.routing.partition(step.rows) if self.routing is not None
+                 else [(-1, rows) for rows in self.micro_batches(step)])
+        step.rows = [r for _, rows in parts for r in rows]
+        return [(j, rows, self.routing.tables_of(rows) if j >= 0 else None) for j, rows in parts]
+
+    def configure(self, cluster) -> None:
+        """Takes the cluster's cost model and TPOT bound (lookahead micro-batches) where it has them."""
+        self.cost_model = getattr(cluster, "cost_model", None)
+        self.tpot_slo_ms = getattr(cluster, "tpot_slo_ms", None)
+
+    def group_status(self, instance_ids: Sequence[int]) -> dict:
+        return {"id": self.id, "instances": list(instance_ids), "state": self.state, "num_pages": self.num_pages,
+                "stages": [{"instance": i, "start": st.start, "stop": st.stop, "embed": st.embed, "head": st.head}
+                           for i, st in zip(instance_ids, self.plan.stages)],
+                **self.host_status()}

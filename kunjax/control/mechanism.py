@@ -1,0 +1,260 @@
+"""The mechanism's host half over a cluster (plain Python, no JAX): groups as units, plans, the drop
+and restore tasks, the kunserve policy's loop, the views that name which instances a unit is made of.
+
+`MechanismCluster` is a Cluster whose instances can merge into pipeline groups and split again.
+Every decision is made here; what is device work is a cluster operation (kunjax.control.ops) whose
+handler a subclass registers: kunjax.runtime.cluster.ServingCluster runs JAX on device meshes and
+reads the memory ledger; kunjax.sim.cluster.SimCluster advances simulated time. A subclass provides
+`member_infos()` (what the planner knows of each instance) and `plan_ready(plan)` (whether a plan's
+executables are compiled; a simulator's always are).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional, Sequence
+
+from kunjax.control.clock import UNIX
+from kunjax.control.cluster import Cluster
+from kunjax.control.events import EventLog
+from kunjax.control.group import GroupCore
+from kunjax.control.kunserve import DropDecision, KunserveConfig, KunservePolicy, RestoreDecision, group_identity
+from kunjax.control.plan import PlanError, plan_drop, pool_ladder
+from kunjax.control.planner import GroupPlanner
+from kunjax.control.transition import DropError, DropTask, RestoreError, RestoreTask, prepare_restore
+
+log = logging.getLogger(__name__)
+
+
+class MechanismCluster(Cluster):
+    chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
+    max_group_size = 4  # the largest pipeline group the pool ladder is compiled for
+
+    def __init__(self, engines: Sequence, frontend, policy=None, oplog=None, clock=None):
+        super().__init__(engines, frontend, policy, oplog, clock)
+        self.engines = list(engines)  # the instances, whatever units they form
+        self._group_ids = 0
+        self.last_transition = None  # the report of the last drop or restore
+        self.kunserve = None  # the automatic overload policy (enable_kunserve), None: recompute only
+        self.cost_model = None  # kunjax.control.cost_model.CostModel of these devices (calibrated), if any
+        self.tpot_slo_ms = None  # the lookahead micro-batches' bound on the time between tokens
+        self.transition_counts = {"drops": 0, "restores": 0, "rolled_back": 0, "exchanged_bytes": 0,
+                                  "local_bytes": 0, "padding_bytes": 0}
+        # The cluster's own decisions and transitions (drop_decided, drop, restore_decided, restore,
+        # rolled_back), beside each unit's overload log in Admin.Status, so a benchmark sees when an
+        # overload was acted on and when the memory it freed became usable.
+        self.events = EventLog(clock=UNIX if clock is None else clock)
+
+    # ---- what a subclass knows of its devices -------------------------------------------------
+    def member_infos(self) -> dict:
+        """Instance index -> kunjax.control.plan.MemberInfo (per device, as measured or modelled)."""
+        raise NotImplementedError
+
+    def plan_ready(self, plan) -> tuple[int, int]:
+        """(ready, total) executables of the plan."""
+        raise NotImplementedError
+
+    # ---- units and groups ------------------------------------------------------------------
+    def next_group_id(self) -> int:
+        self._group_ids += 1
+        return self._group_ids - 1
+
+    def replace_units(self, old: Sequence, new: Sequence) -> None:
+        """`new` units take the place of `old` ones (a drop merges, a restore splits)."""
+        at = min(self.units.index(u) for u in old)
+        self.units = [u for u in self.units if u not in old]
+        self.units[at:at] = list(new)
+
+    def groups(self) -> list:
+        return [u for u in self.units if isinstance(u, GroupCore)]
+
+    def group(self, group_id: int):
+        for g in self.groups():
+            if g.id == group_id:
+                return g
+        raise ValueError(f"group: no pipeline group {group_id} (groups now: {[g.id for g in self.groups()]})")
+
+    def forget(self, request_id: str) -> None:
+        self._where.pop(request_id, None)
+
+    def plan_drop(self, group_size: Optional[int] = 2):
+        """A dry run: which instances merge, each stage's layer range, the group page count and the
+        predicted peak per device. Changes nothing. `group_size` None: the group planner's choice
+        (kunjax.control.planner: the smallest group around the most loaded instance whose pages cover
+        its demand, stage ranges balanced by the cost model), groups of 2 when no plan covers it."""
+        if group_size is None:
+            chosen = self._planner_choice()
+            if chosen is not None:
+                return chosen
+            group_size = 2
+        if not 2 <= group_size <= len(self.engines):
+            raise PlanError(f"group_size must be between 2 and the number of instances ({len(self.engines)}), "
+                            f"got {group_size}")
+        alone = [i for i, e in enumerate(self.engines) if e in self.units]
+        if len(alone) < group_size:
+            raise PlanError(f"group_size {group_size}: only {len(alone)} instances serve on their own (the others are "
+                            f"in pipeline groups); restore first", "FAILED_PRECONDITION")
+        e0 = self.engines[0]
+        useful = self.useful_pages()
+        infos = self.member_infos()
+        for i in alone:
+            if any(b == 0 for b in infos[i].layer_bytes):
+                raise PlanError(f"instance {i} is missing layers; restore first", "FAILED_PRECONDITION")
+        return plan_drop([infos[i] for i in alone], group_size, e0.cfg.tie_word_embeddings, useful,
+                         chunk_pages=self.chunk_pages, ladder=self.ladder())
+
+    def useful_pages(self) -> int:
+        """Pages an instance can ever use at once (max_num_seqs full-length sequences + the null page):
+        the cap on what a plan gives a member."""
+        e0 = self.engines[0]
+        return e0.config.scheduler.max_num_seqs * e0.buckets.max_pages_per_seq + 1
+
+    def _planner_choice(self):
+        """The group planner's plan around the most loaded single instance, or None."""
+        planner = self.kunserve.planner if self.kunserve is not None else None
+        if planner is None:
+            e0 = self.engines[0]
+            useful = self.useful_pages()
+            cfg = KunserveConfig().planner
+            planner = GroupPlanner(dataclasses.replace(cfg, chunk_pages=self.chunk_pages, max_pages_per_instance=useful),
+                                   e0.cfg.tie_word_embeddings, self.member_infos, ladder=self.ladder())
+        views = self.views()
+        singles = [v for v in views if not v.is_group]
+        if len(singles) < 2:
+            return None
+        seed = max(singles, key=lambda v: (v.demand_pages - v.pages_total, -v.index))
+        choice, _ = planner.plan(views, seed)
+        return choice.plan if choice is not None else None
+
+    def ladder(self) -> list[int]:
+        """The group pool sizes a plan may use: compiled ahead (`compile_ladder`), so no drop ever
+        waits for a compile. Fixed on first use from the instances' memory layout (at start-up)."""
+        if getattr(self, "_ladder", None) is None:
+            e0 = self.engines[0]
+            useful = self.useful_pages()
+            infos = self.member_infos()
+            self._ladder = pool_ladder([infos[i] for i in sorted(infos)], e0.cfg.tie_word_embeddings,
+                                       self.max_group_size, useful, self.chunk_pages)
+        return self._ladder
+
+    def start_drop(self, plan):
+        """Starts a drop: a Task that runs piece by piece between the members' steps (they keep
+        decoding; other units never notice). Returns the kunjax.control.transition.DropTask."""
+        ready, total = self.plan_ready(plan)
+        if ready < total:
+            raise DropError(f"the executables of this plan are not compiled yet ({ready} of {total} ready); "
+                            f"compile_plan() first, or retry once the background compiler has them")
+        if self.transitions():
+            raise DropError("a drop or a restore is under way; one transition at a time")
+        members = {id(self.engines[st.instance]) for gp in plan.groups for st in gp.stages}
+        if any(id(u) in members for t in self.tasks for u in t.units):
+            raise DropError("an instance of this plan is in a migration; retry when it has finished")
+        for gp in plan.groups:
+            for st in gp.stages:
+                if getattr(self.engines[st.instance].scheduler, "swapped", None):
+                    raise DropError(f"instance {st.instance} has requests swapped out to host memory; retry when "
+                                    f"they are back")
+        task = DropTask(self, plan)
+        self.start_task(task)
+        return task
+
+    def start_restore(self, group_ids: Optional[Sequence[int]] = None) -> list:
+        """Starts splitting groups back (all by default): one RestoreTask per group; the group keeps
+        decoding between the pieces, every other unit never notices."""
+        if self.transitions():
+            raise DropError("a drop or a restore is under way; one transition at a time")
+        tasks = []
+        ids = list(group_ids) if group_ids is not None else [g.id for g in self.groups()]
+        groups = [self.group(gid) for gid in ids]
+        infos = self.member_infos()
+        for group in groups:
+            tasks.append(RestoreTask(self, group, prepare_restore(self, group, infos)))
+        for t in tasks:
+            self.start_task(t)
+        return tasks
+
+    def transitions(self) -> list:
+        return [t for t in self.tasks if isinstance(t, (DropTask, RestoreTask))]
+
+    def run_until_done(self, tasks) -> None:
+        """Offline: steps the cluster until `tasks` are done; the outputs of the steps taken meanwhile
+        come out of the next `step`/`poll`."""
+        held = []
+        while not all(t.done for t in tasks):
+            held += self.step()
+        self._ready_outputs = held + self._ready_outputs
+
+    def drop(self, plan):
+        """Offline: applies a drop plan (steps run meanwhile): returns (report, failed outputs)."""
+        task = self.start_drop(plan)
+        self.run_until_done([task])
+        return task.report, task.outputs
+
+    def restore(self, group_ids: Optional[Sequence[int]] = None):
+        """Offline: splits groups back (all by default): returns (reports, failed outputs)."""
+        tasks = self.start_restore(group_ids)
+        self.run_until_done(tasks)
+        return [t.report for t in tasks], [o for t in tasks for o in t.outputs]
+
+    # ---- the automatic policy --------------------------------------------------------------
+    def views(self):
+        """The units' views with which instances each is made of (a group: its members and the
+        pages they have once split), for dispatch and the overload policy."""
+        out = []
+        for i, u in enumerate(self.units):
+            if isinstance(u, GroupCore):
+                out.append(u.view(i, **group_identity(u.plan, u.id), transitioning=u.routing is not None))
+            else:
+                out.append(u.view(i, instances=(self.engines.index(u),),
+                                  transitioning=getattr(u, "route", None) is not None))
+        return out
+
+    def enable_kunserve(self, config, cost_model=None) -> None:
+        """Turns the kunserve policy on: at every iteration it reads the views and starts drops and
+        restores (one transition at a time; a plan is only offered once its executables, on the pool
+        ladder, are compiled). Without a plan that covers the demand the schedulers' recompute
+        preemption goes on (counted as a fallback)."""
+        e0 = self.engines[0]
+        useful = self.useful_pages()
+        planner = dataclasses.replace(config.planner, chunk_pages=self.chunk_pages,
+                             max_pages_per_instance=min(config.planner.max_pages_per_instance, useful))
+        config = dataclasses.replace(config, planner=planner)
+
+        def ready(plan) -> bool:
+            done, total = self.plan_ready(plan)
+            return done == total
+
+        self.cost_model = cost_model
+        self.tpot_slo_ms = config.tpot_slo_ms
+        self.kunserve = KunservePolicy.build(config, e0.cfg.tie_word_embeddings, self.member_infos, cost_model, ready)
+        self.kunserve.planner.ladder = self.ladder()
+        self.policy_hook = self._kunserve_tick
+
+    def _kunserve_tick(self) -> None:
+        if self.transitions():
+            return  # one transition at a time; the policy decides again once it is done
+        for d in self.kunserve.decide(self.views(), self.clock()):
+            try:
+                if isinstance(d, DropDecision) and d.plan is not None:
+                    self.start_drop(d.plan)
+                    self.events.record("drop_decided", seconds=float(d.numbers.get("over_s", 0.0)),
+                                       tokens=int(d.numbers.get("group_demand_pages", 0)),
+                                       target=d.plan.groups[0].instances[0])
+                elif isinstance(d, RestoreDecision):
+                    self.start_restore([d.group_id])
+                    self.events.record("restore_decided", target=d.group_id)
+            except (DropError, RestoreError, PlanError) as e:
+                log.info("kunserve: %s not applied now: %s", type(d).__name__, e)
+            if self.transitions():
+                break
+
+    def count_transition(self, report) -> None:
+        """A finished drop or restore's figures, summed for Status and the metrics."""
+        key = "rolled_back" if report.state == "rolled_back" else ("drops" if report.kind == "drop" else "restores")
+        self.transition_counts[key] += 1
+        self.events.record(report.kind if key != "rolled_back" else key, bytes=report.exchange.bytes_between_devices,
+                           seconds=report.seconds, target=report.groups[0] if report.groups else -1)
+        self.transition_counts["exchanged_bytes"] += report.exchange.bytes_between_devices
+        self.transition_counts["local_bytes"] += report.exchange.bytes_local
+        self.transition_counts["padding_bytes"] += report.exchange.bytes_padding

@@ -1,0 +1,376 @@
+"""The controller's half of a parameter drop and a restore (plain Python, no JAX): the cluster
+tasks that decide each piece, the reports, the request moves into a group and back out.
+
+A transition is a cluster Task (kunjax.control.cluster): one piece per iteration, only while none of
+its units has a step in flight. Each piece is a logged device operation (`DROP_*`, `RESTORE_*`,
+kunjax.control.ops) whose handler the runtime registers: kunjax.memory.drop / kunjax.memory.restore
+move real weights and KV pages on devices; the simulator (kunjax.sim) registers handlers that
+advance simulated time by bytes / link bandwidth instead. Everything decided here (which layers a
+piece moves, which pages hold data, where each request goes on a restore, the page ids it gets) is
+the same for both: kunjax/memory/drop.py and restore.py describe the mechanism in full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from kunjax.control.ops import DeviceOp
+from kunjax.control.pages import PageAllocator, pages_for
+from kunjax.control.plan import (DropPlan, GroupPlan, assign_requests, layer_rounds, memory_limit, member_offsets,
+                                 restore_rounds, simulate_restore)
+from kunjax.control.request import FinishReason, RequestOutput
+
+log = logging.getLogger(__name__)
+
+DROP_BEGIN, DROP_LAYERS, DROP_FINISH, DROP_ROLLBACK = "drop_begin", "drop_layers", "drop_finish", "drop_rollback"
+
+RESTORE_BEGIN, RESTORE_LAYERS, RESTORE_FINISH = "restore_begin", "restore_layers", "restore_finish"
+
+
+class DropError(ValueError):
+    """The drop cannot be applied as asked (names why); nothing was changed."""
+
+
+class PieceFailed(RuntimeError):
+    """A piece of a transition failed; the layer it was moving is back where it was."""
+
+
+class RestoreError(ValueError):
+    """The group cannot split now (names why); nothing was changed."""
+
+
+@dataclasses.dataclass
+class ExchangeStats:
+    """Bytes of pages that hold data, moved between meshes and within one, and the padding the
+    fixed chunk size adds on top (moved too: counted apart, so nothing is understated)."""
+
+    bytes_between_devices: int = 0  # pages that crossed from one mesh to another (summed over devices)
+    bytes_local: int = 0  # pages copied within a mesh (the owner's own pages into its group pool)
+    bytes_padding: int = 0  # null pages that pad the last chunk of a list (gathered, moved, scattered)
+    seconds: float = 0.0
+    chunks: int = 0
+    # Fresh pools the move needed (a group's pools on a drop, the members' own on a restore): JAX
+    # has no uninitialised allocation, so each is written once (zeros) before pages land in it; on
+    # a CPU that is also the kernel's first touch of newly mapped memory.
+    bytes_allocated: int = 0  # summed over devices
+    allocate_seconds: float = 0.0
+
+    def add(self, other: "ExchangeStats") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclasses.dataclass
+class TransitionReport:
+    """What a drop or a restore did, measured."""
+
+    kind: str
+    groups: list[int]
+    seconds: float = 0.0  # from the first piece to the last (the members step in between)
+    pieces: int = 0
+    piece_seconds_max: float = 0.0  # the longest piece: how long the members' requests wait at most
+    piece_seconds_total: float = 0.0  # the pieces alone (the members' steps in between excluded)
+    sampling_seconds: float = 0.0  # of which measuring live bytes (the peaks reported)
+    freed_weight_bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # device -> bytes
+    exchange: ExchangeStats = dataclasses.field(default_factory=ExchangeStats)
+    live_before: dict[str, int] = dataclasses.field(default_factory=dict)
+    peak_live: dict[str, int] = dataclasses.field(default_factory=dict)  # sampled at every layer
+    live_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    compiles: int = 0
+    failed_pages: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # group -> page ids lost
+    state: str = "running"  # running | done | rolled_back
+    error: str = ""
+
+    def add_piece(self, seconds: float, since_start: float) -> None:
+        """One piece done: it took `seconds`; the transition has run `since_start` so far."""
+        self.pieces += 1
+        self.piece_seconds_max = max(self.piece_seconds_max, seconds)
+        self.piece_seconds_total += seconds
+        self.seconds = since_start
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["failed_pages"] = {str(k): v for k, v in self.failed_pages.items()}
+        return d
+
+
+def check_members(cluster, gp: GroupPlan) -> list:
+    """The member instances in stage order; each must be serving on its own."""
+    members = []
+    for st in gp.stages:
+        if not 0 <= st.instance < len(cluster.engines):
+            raise DropError(f"group_size: instance {st.instance} does not exist")
+        eng = cluster.engines[st.instance]
+        if eng not in cluster.units:
+            raise DropError(f"instance {st.instance} is already in a pipeline group")
+        members.append(eng)
+    return members
+
+
+class DropTask:
+    """The controller's side of one drop (a kunjax.control.cluster Task): decides each piece, logs
+    it, and on the last one moves the requests into the group."""
+
+    def __init__(self, cluster, plan: DropPlan):
+        self.cluster = cluster
+        self.plan = plan
+        self.groups = []  # per group plan: its members
+        for gp in plan.groups:
+            self.groups.append(check_members(cluster, gp))
+        self.units = [m for ms in self.groups for m in ms]
+        self.report = TransitionReport("drop", [])
+        self.outputs: list[RequestOutput] = []  # requests that failed (their KV was lost)
+        self._todo = [list(gp.layer_order) for gp in plan.groups]
+        self._moved: list[list[int]] = [[] for _ in plan.groups]
+        self._begun = False
+        self._t0 = 0.0
+        self.done = False
+
+    def holds(self, unit) -> bool:
+        return False  # the members step between pieces
+
+    def _piece_layers(self, gi: int) -> list[int]:
+        """The next round of group gi (kunjax.control.plan.layer_rounds: one layer per stage), the
+        owners with the fewest pages that hold data first (their chunks wait least for their pool)."""
+        members = self.groups[gi]
+        gp = self.plan.groups[gi]
+        rnd = layer_rounds(self._todo[gi], gp.stages)[0]
+        used = [sum(len(r.pages) for r in m.scheduler.running) for m in members]
+        return sorted(rnd, key=lambda l: (used[gp.owner_index(l)], l))
+
+    def _pages(self, gi: int) -> dict[str, np.ndarray]:
+        arrays = {}
+        for j, m in enumerate(self.groups[gi]):
+            arrays[f"{j}"] = np.asarray(sorted({p for r in m.scheduler.running for p in r.pages}), np.int32)
+        return arrays
+
+    def advance(self, cluster) -> bool:
+        t = cluster.clock()
+        try:
+            if not self._begun:
+                self._t0 = t
+                self.report = cluster.run_op(DeviceOp(DROP_BEGIN, -1, {"plan": self.plan.to_dict()}))
+                self._begun = True
+                return False
+            for gi in range(len(self.plan.groups)):
+                if self._todo[gi]:
+                    layers = self._piece_layers(gi)
+                    cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers,
+                                                               "chunk": cluster.chunk_pages}, self._pages(gi)))
+                    self._todo[gi] = [l for l in self._todo[gi] if l not in layers]
+                    self._moved[gi] += layers
+                    return False
+            self.report = report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
+            self.outputs += adopt_after_drop(cluster, self.plan, report)
+            cluster.emit(self.outputs)
+            cluster.count_transition(report)
+            self.done = True
+            return True
+        except PieceFailed as e:
+            log.error("drop failed (%s); rolling back the %d layers moved", e, sum(map(len, self._moved)))
+            arrays = {f"{gi}/{k}": v for gi in range(len(self.plan.groups)) for k, v in self._pages(gi).items()}
+            self.report = cluster.run_op(DeviceOp(DROP_ROLLBACK, -1, {"error": str(e)}, arrays))
+            cluster.count_transition(self.report)
+            self.done = True
+            return True
+        finally:
+            self.report.add_piece(cluster.clock() - t, cluster.clock() - self._t0)
+
+
+def adopt_after_drop(cluster, plan: DropPlan, report: TransitionReport) -> list[RequestOutput]:
+    """Controller: the members' requests move into their group; a request's page p of member j
+    becomes offset_j + p (its KV is already there). Returns the final outputs of requests whose KV
+    was lost in a failed copy."""
+    failed_out: list[RequestOutput] = []
+    for gp, group_id in zip(plan.groups, report.groups):
+        group = cluster.group(group_id)
+        offs = member_offsets(gp)
+        lost = set(report.failed_pages.get(group_id, ()))
+        sched = group.scheduler
+        moved, running, waiting = [], [], []
+        for j, m in enumerate(group.members):
+            for r in m.scheduler.running:
+                r.pages = [offs[j] + p for p in r.pages]
+                running.append(m.take(r.request_id))
+            waiting += [m.take(r.request_id) for r in m.scheduler.waiting]
+            m.scheduler.running.clear()
+            m.scheduler.waiting.clear()
+            m.scheduler.allocator = PageAllocator(m.scheduler.allocator.num_pages)
+        # Each member's null page sits at its offset in the group space: never handed out.
+        sched.allocator = PageAllocator(gp.num_pages, [p for r, _ in running for p in r.pages],
+                                        reserved=[o for o in offs if o])
+        for r, detok in sorted(running, key=lambda x: x[0].arrival_time):
+            group.adopt(r, detok)
+            sched.running.append(r)
+            moved.append(r.request_id)
+        for r, detok in sorted(waiting, key=lambda x: x[0].arrival_time):
+            group.adopt(r, detok)
+            sched.waiting.append(r)
+            moved.append(r.request_id)
+        cluster.move_requests(moved, group)
+        for r in [r for r, _ in running if lost & set(r.pages)]:
+            sched.abort(r, FinishReason.ERROR)
+            failed_out.append(group.output(r, []))
+            cluster.forget(r.request_id)
+        if lost:
+            log.warning("drop: %d requests failed (their KV could not be moved); group %d serves the rest",
+                        len(failed_out), group_id)
+    return failed_out
+
+
+class RestoreRouting:
+    """Controller side of a restore: each request's target member and its page table there."""
+
+    def __init__(self, group, assign: dict[str, int], allocators: dict[int, PageAllocator]):
+        self.group = group
+        self.assign = dict(assign)
+        self.allocators = allocators  # member position -> its instance page space
+        self.tables: dict[str, list[int]] = {}
+
+    def member_of(self, req) -> int:
+        """A request admitted after the restore began goes to the member with the most free pages."""
+        j = self.assign.get(req.request_id)
+        if j is None:
+            j = max(self.allocators, key=lambda k: (self.allocators[k].num_free, -k))
+            self.assign[req.request_id] = j
+        return j
+
+    def table(self, req) -> list[int]:
+        """Its member page table, grown to as many pages as its group one (positionally)."""
+        t = self.tables.setdefault(req.request_id, [])
+        if len(t) < len(req.pages):
+            t += self.allocators[self.member_of(req)].allocate(len(req.pages) - len(t))
+        return t
+
+    def tables_of(self, rows) -> dict[str, list[int]]:
+        return {r.request.request_id: self.table(r.request)[:len(r.request.pages)] for r in rows}
+
+    def partition(self, rows) -> list[tuple[int, list]]:
+        """Micro-batches by target member, each at most one instance bucket."""
+        cap = self.group.buckets.max_rows
+        by: dict[int, list] = {}
+        for r in rows:
+            by.setdefault(self.member_of(r.request), []).append(r)
+        return [(j, part[i:i + cap]) for j, part in sorted(by.items()) for i in range(0, len(part), cap)]
+
+    def moves(self) -> dict[str, np.ndarray]:
+        """Per member, the running requests' group pages and where they go on the member."""
+        src = {j: [] for j in self.allocators}
+        dst = {j: [] for j in self.allocators}
+        for r in self.group.scheduler.running:
+            if r.pages:
+                j = self.member_of(r)
+                src[j] += r.pages
+                dst[j] += self.table(r)[:len(r.pages)]
+        arrays = {}
+        for j in self.allocators:
+            arrays[f"{j}/src"] = np.asarray(src[j], np.int32)
+            arrays[f"{j}/dst"] = np.asarray(dst[j], np.int32)
+        return arrays
+
+
+def prepare_restore(cluster, group, infos: dict) -> RestoreRouting:
+    """The routing of a restore; refused (RestoreError) when the running requests, with room to grow
+    through the restore, do not fit the split instances or the transition would not fit memory."""
+    members = group.members
+    before = {j: group.plan.pages_before[cluster.engines.index(m)] for j, m in enumerate(members)}
+    rounds = len(layer_rounds(group.plan.layer_order, group.plan.stages))
+    grow = {r.request_id: pages_for(r.num_tokens + rounds + 2, group.page_size) for r in group.scheduler.running}
+    assign = assign_requests(grow, {j: before[j] - 1 for j in before})
+    if assign is None:
+        used = sum(len(r.pages) for r in group.scheduler.running)
+        raise RestoreError(f"group {group.id}: its running requests hold {used} pages, more than its {len(members)} "
+                           f"instances can hold once split ({', '.join(str(before[j] - 1) for j in before)} each); "
+                           f"restore when the load has fallen")
+    used_after = {cluster.engines.index(m): sum(grow[rid] for rid, k in assign.items() if k == j)
+                  for j, m in enumerate(members)}
+    peak = simulate_restore(infos, group.plan, cluster.chunk_pages, used_after)
+    over = {i: p for i, p in peak.items() if p > memory_limit(infos[i])}
+    if over:
+        raise RestoreError(f"group {group.id}: the restore would peak above the memory budget on instances "
+                           f"{sorted(over)} ({', '.join(f'{p / 2**20:.0f} MiB' for p in over.values())})")
+    return RestoreRouting(group, assign, {j: PageAllocator(before[j]) for j in before})
+
+
+class RestoreTask:
+    """The controller's side of one restore (a kunjax.control.cluster Task)."""
+
+    def __init__(self, cluster, group, routing: RestoreRouting):
+        self.group = group
+        self.units = [group]
+        self.routing = routing
+        self.report = TransitionReport("restore", [group.id])
+        self.outputs: list[RequestOutput] = []
+        self._todo = restore_rounds(group.plan)  # rounds left
+        self._begun = False
+        self._t0 = 0.0
+        self.done = False
+
+    def holds(self, unit) -> bool:
+        return False  # the group decodes between pieces
+
+    def advance(self, cluster) -> bool:
+        t = cluster.clock()
+        try:
+            if not self._begun:
+                self._t0 = t
+                self.group.routing = self.routing
+                self.report = cluster.run_op(DeviceOp(RESTORE_BEGIN, -1, {"group": self.group.id,
+                                                                           "chunk": cluster.chunk_pages}))
+                self._begun = True
+                return False
+            if self._todo:
+                arrays = self.routing.moves()
+                layers = self._todo.pop(0)
+                cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers}, arrays))
+                return False
+            self.report = cluster.run_op(DeviceOp(RESTORE_FINISH, -1, {"group": self.group.id}))
+            self.outputs += adopt_after_restore(cluster, self.group, self.routing, self.report)
+            cluster.emit(self.outputs)
+            cluster.count_transition(self.report)
+            self.done = True
+            return True
+        finally:
+            self.report.add_piece(cluster.clock() - t, cluster.clock() - self._t0)
+
+
+def adopt_after_restore(cluster, group, routing: RestoreRouting, report: TransitionReport) -> list[RequestOutput]:
+    """Controller: every request of the group moves to its member with its member page table;
+    queued ones to the member with the most free pages. Returns the outputs of requests that failed
+    (their KV could not be moved back)."""
+    members = group.members
+    group.routing = None
+    kept: dict[int, list[int]] = {j: [] for j in range(len(members))}
+    failed_out: list[RequestOutput] = []
+    placed = []
+    for r in list(group.scheduler.running):
+        req, detok = group.take(r.request_id)
+        j = routing.member_of(req)
+        req.pages = routing.table(req)[:len(req.pages)]
+        kept[j] += req.pages
+        placed.append((j, req, detok))
+    for j, m in enumerate(members):
+        m.scheduler.allocator = PageAllocator(m.scheduler.allocator.num_pages, kept[j])
+    for j, req, detok in placed:
+        m = members[j]
+        m.adopt(req, detok)
+        m.scheduler.running.append(req)
+        cluster.move_requests([req.request_id], m)
+        if set(report.failed_pages.get(cluster.engines.index(m), ())) & set(req.pages):
+            m.scheduler.abort(req, FinishReason.ERROR)
+            failed_out.append(m.output(req, []))
+            cluster.forget(req.request_id)
+    for r in list(group.scheduler.waiting):
+        req, detok = group.take(r.request_id)
+        m = max(members, key=lambda e: (e.allocator.num_free - e.view().queued_pages, -members.index(e)))
+        m.adopt(req, detok)
+        m.scheduler.waiting.append(req)
+        cluster.move_requests([req.request_id], m)
+    group.scheduler.running.clear()
+    group.scheduler.waiting.clear()
+    for m in members:
+        m.scheduler.running.sort(key=lambda r: r.arrival_time)
+    return failed_out

@@ -1,0 +1,184 @@
+"""`python -m tools.simulate --calibrate`: the simulator's device model fitted to real steps here.
+
+One instance of the model runs on this machine's first device with the step shapes a server has
+compiled (every one once its background compiler is done; with the launcher flag --nowarmup only
+those it compiles before serving, so the steps run padded as that server's do), serving waves of requests of varied prompt and output
+lengths; each step is timed from scheduling to its tokens on the host (what a served step costs:
+host scheduling, batch building, the device, postprocessing). The device's peaks are measured in the
+same run (numpy matmul FLOP/s, a large copy's bandwidth), as are its links (a device-to-device move
+to the second device, device to host); kunjax.sim.hardware.fit_efficiency fits the efficiencies and
+overheads to the steps. Imports JAX (the only part of the simulator that does).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import numpy as np
+
+
+def peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def peak_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2 * nbytes / best  # read + write
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def host_bandwidth(sharding, nbytes: int = 16 << 20, repeats: int = 3) -> float:
+    """Device to host (a swap's direction) bytes/s."""
+    import jax
+
+    x = jax.device_put(np.zeros(nbytes // 4, np.float32), sharding)
+    jax.block_until_ready(x)
+    best = min(_timed(lambda: np.asarray(jax.device_get(x + 0))) for _ in range(repeats))
+    return nbytes / best
+
+
+def served_steps(engine, num_requests: int, seed: int, record: bool = True) -> list:
+    """Serves waves of requests on `engine` step by step; the timed steps (MeasuredStep)."""
+    from kunjax.control.batch import StepShape
+    from kunjax.control.request import Request, SamplingParams
+    from kunjax.sim.hardware import MeasuredStep
+
+    rng = np.random.default_rng(seed)
+    max_len = engine.max_model_len
+    steps, k = [], 0
+    while k < num_requests:
+        # half the waves a lone request (one-row prefills, as most arrive), half a batch of them
+        wave = 1 if rng.random() < 0.5 else int(rng.integers(2, engine.config.scheduler.max_num_seqs + 1))
+        for _ in range(min(wave, num_requests - k)):
+            prompt = int(rng.integers(4, max(5, max_len // 4)))
+            out = int(rng.integers(1, max(2, min(64, max_len - prompt))))
+            ids = rng.integers(10, 250, size=prompt).tolist()
+            engine.add(Request(f"cal-{seed}-{k}", ids, SamplingParams(max_tokens=out, ignore_eos=True)))
+            k += 1
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            step = engine.schedule()
+            if step is None:
+                break
+            op = engine.prepare(step)
+            engine.finish(step, engine.execute(op))
+            if record:
+                steps.append(MeasuredStep(StepShape(*op.args["shape"]), time.perf_counter() - t))
+    return steps
+
+
+def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 64) -> dict:
+    """What the serving path adds to a token beyond its step: a server with the same launcher flags
+    answers lone requests (one at a time: no queueing) of `prompt_len` tokens through the client
+    library; the same prompt's prefill step is timed on `engine`. The difference of the medians is
+    the first token's latency from the request's send to the step and from the step to the client
+    (the executor, gRPC); later tokens' extra gap is the median client TPOT over the engine's lone
+    decode step."""
+    import statistics
+    import tempfile
+
+    from kunjax.control.request import Request, SamplingParams
+    from serving.client import Client
+    from tools import bench, launcher
+
+    def lone(max_tokens: int) -> tuple[float, float]:
+        engine.add(Request(f"lat-{time.perf_counter_ns()}", [11] * prompt_len,
+                           SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+        times = []
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            step = engine.schedule()
+            engine.finish(step, engine.execute(engine.prepare(step)))
+            times.append(time.perf_counter() - t)
+        return times[0], statistics.median(times[1:]) if len(times) > 1 else 0.0
+
+    engine_steps = [lone(8) for _ in range(requests)]
+    prefill = statistics.median(x[0] for x in engine_steps)
+    decode = statistics.median(x[1] for x in engine_steps)
+    log = os.path.join(tempfile.mkdtemp(prefix="kunjax-calibrate-"), "server.log")
+    srv = launcher.start(["--overload_policy=recompute", *launch], log, "calibration server", 900.0)
+    try:
+        bench.wait_idle(srv.target)
+        ttft, tpot = [], []
+        with Client(srv.target) as c:
+            for _ in range(requests):
+                t = time.perf_counter()
+                stamps = [time.perf_counter() - t for _ in c.generate(prompt_token_ids=[11] * prompt_len, max_tokens=8,
+                                                                       ignore_eos=True, timeout=120)]
+                ttft.append(stamps[0])
+                tpot.append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1))
+    finally:
+        srv.stop()
+    return {"first_token_latency_s": max(0.0, statistics.median(ttft) - prefill),
+            "token_latency_s": max(0.0, statistics.median(tpot) - decode),
+            "serving_ttft_s": statistics.median(ttft), "engine_prefill_s": prefill,
+            "serving_tpot_s": statistics.median(tpot), "engine_decode_s": decode}
+
+
+def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] = None):
+    """A kunjax.sim.hardware.Calibration of this machine's devices for `opts` (the launcher's
+    options: model, dtype, page size, scheduler, context); with `launch` (its flags) a server is
+    started too, for what the serving path adds to each token (`serving_latency`)."""
+    from kunjax.runtime.jax_setup import configure_jax
+
+    configure_jax(opts.scheduler.compilation_cache_dir)
+    import dataclasses
+
+    import jax
+
+    from kunjax.control.scheduler import SchedulerConfig
+    from kunjax.io.loader import load_model, parse_dtype
+    from kunjax.runtime.calibrate import bandwidth
+    from kunjax.runtime.engine import EngineConfig, LLMEngine
+    from kunjax.sim.hardware import Calibration, DeviceSpec, fit_efficiency
+
+    dtype = parse_dtype(opts.model.dtype)
+    model = load_model(opts.model.model, dtype)
+    s, c = opts.scheduler, opts.cache
+    cfg = EngineConfig(page_size=c.page_size, num_pages=c.num_pages, hbm_bytes=c.hbm_bytes, max_model_len=c.max_model_len,
+                       scheduler=SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
+                                                 max_prefill_rows=s.max_prefill_rows),
+                       warmup=s.warmup, compile_small_first=True)
+    devs = jax.devices()
+    t = time.perf_counter()
+    engine = LLMEngine(model, cfg, device=devs[0])
+    compile_s = time.perf_counter() - t
+    served_steps(engine, max(8, num_requests // 4), seed + 1, record=False)  # first runs off the clock
+    steps = served_steps(engine, num_requests, seed)
+    rep = engine.stage.exes.rep
+    peer = None
+    if len(devs) > 1:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        peer = NamedSharding(Mesh(np.array([devs[1]]), ("tp",)), PartitionSpec())
+    d2d = bandwidth(rep, peer, 16 << 20) if peer is not None else bandwidth(rep, None, 16 << 20)
+    spec = DeviceSpec(f"{devs[0].platform} ({os.cpu_count()} cores, measured)", flops=peak_flops(),
+                      hbm_bandwidth=peak_bandwidth(), hbm_bytes=int(engine.budget or 0), nvlink_bandwidth=d2d,
+                      pcie_bandwidth=host_bandwidth(rep), network_bandwidth=d2d, devices_per_node=1 << 16,
+                      source="measured on this machine by tools.simulate --calibrate (numpy matmul FLOP/s, a 256 MiB "
+                             "copy's bandwidth, a 16 MiB device-to-device move and device-to-host read)")
+    dtype_bytes = int(np.dtype(engine.dtype).itemsize)
+    eff, fit = fit_efficiency(engine.cfg, spec, steps, engine.page_size, engine.tp, dtype_bytes)
+    eff = dataclasses.replace(eff, link=1.0)  # the links' bandwidths are measured, not peaks
+    if launch is not None:
+        lat = serving_latency(engine, launch)
+        fit["serving"] = lat
+        # the serving loop's own cost per step (executor, streaming) joins the step's overhead
+        eff = dataclasses.replace(eff, first_token_latency_s=lat["first_token_latency_s"],
+                                  step_overhead_s=eff.step_overhead_s + lat["token_latency_s"])
+    fit.update({"dtype_bytes": dtype_bytes, "model": opts.model.model, "compile_s": round(compile_s, 1),
+                "load_average": list(os.getloadavg()), "seconds_of_steps": round(sum(x.seconds for x in steps), 2)})
+    cpu = devs[0].platform == "cpu"
+    return Calibration(spec, eff, fit, overlap_stages=not cpu, shared_devices=cpu)
