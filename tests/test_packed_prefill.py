@@ -2,6 +2,8 @@
 step budget in whole rows, every prompt prefilled before decoding; and the batch tool's KV cache
 sized to what its rows need at once."""
 
+import pytest
+
 from kunjax.control.pages import PageAllocator
 from kunjax.control.request import Request, SamplingParams
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
@@ -52,3 +54,15 @@ def test_offline_kv_pages_holds_the_longest_runnable_at_once():
     assert offline_kv_pages([10, 4, 17, 8], max_running=2, page_size=4) == 1 + 5 + 3
     assert offline_kv_pages([10, 4, 17, 8], max_running=8, page_size=4) == 1 + 11
     assert offline_kv_pages([], max_running=8, page_size=4) == 2  # the smallest pool an engine takes
+
+
+def test_offline_rows_never_exceed_the_step_budget():
+    """A token budget below the offline row length (32) used to leave every prefill unscheduled and
+    LLMEngine.generate spinning for ever (tests/test_sharding.py's budget of 16)."""
+    from kunjax.control.scheduler import SchedulerConfig
+    from kunjax.runtime.engine import offline_scheduler_config
+
+    assert offline_scheduler_config(SchedulerConfig(max_num_batched_tokens=16)).prefill_segment == 16
+    assert offline_scheduler_config(SchedulerConfig(max_num_batched_tokens=512)).prefill_segment == 32
+    with pytest.raises(ValueError, match="prefill_segment"):
+        SchedulerConfig(max_num_batched_tokens=16, prefill_segment=32)

@@ -48,6 +48,12 @@ class SchedulerConfig:
     # runs the whole batch); False alternates prefill and decode steps (streams keep flowing).
     prefill_first: bool = False
 
+    def __post_init__(self):
+        if not 0 <= self.prefill_segment <= self.max_num_batched_tokens:
+            # a longer row would never fit a step: the scheduler would schedule nothing, for ever
+            raise ValueError(f"prefill_segment must be between 0 and max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}, got {self.prefill_segment}")
+
 
 class QueueFull(Exception):
     pass

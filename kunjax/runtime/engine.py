@@ -69,7 +69,9 @@ OFFLINE_SEGMENT = 32
 def offline_scheduler_config(sc: SchedulerConfig) -> SchedulerConfig:
     """A scheduler config for throughput (generate, the batch tool): packed prefill, every prompt
     prefilled before decoding; the rest as given."""
-    return dataclasses.replace(sc, prefill_segment=sc.prefill_segment or OFFLINE_SEGMENT, prefill_first=True)
+    # a row never longer than the step's token budget: a segment above it would never fit a step
+    seg = min(sc.prefill_segment or OFFLINE_SEGMENT, sc.max_num_batched_tokens)
+    return dataclasses.replace(sc, prefill_segment=seg, prefill_first=True)
 
 
 def offline_kv_pages(lengths: Sequence[int], max_running: int, page_size: int) -> int:
