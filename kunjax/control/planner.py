@@ -247,27 +247,22 @@ class GroupPlanner:
         cands = self.candidates(views, seed, infos, exclude)
         numbers = {"seed": seed.members[0], "seed_demand_pages": seed.demand_pages, "candidates": len(cands)}
         tried = not_ready = 0
-        for cand in (x for x in cands if x.estimate_pages >= x.need_pages):
+        # the smallest group that covers the demand; else the one that adds the most pages (partial)
+        tries = [(x, x.need_pages, True) for x in cands]
+        if c.min_partial_gain > 0:
+            tries += [(x, int(math.ceil((1 + c.min_partial_gain) * x.own_pages)), False)
+                      for x in sorted(cands, key=lambda x: -x.estimate_pages)]
+        for cand, need, covers in tries:
+            if cand.estimate_pages < need:
+                continue
             tried += 1
-            plan = self._exact(cand, infos, cand.need_pages, numbers)
+            plan = self._exact(cand, infos, need, numbers)
             if plan is None:
                 continue
             if not self.ready(plan):
                 not_ready += 1
                 continue
-            return self._choice(plan, seed, cand, infos, tried, not_ready, True), numbers
-        if c.min_partial_gain > 0:  # nothing covers: the ready group that adds the most pages
-            for cand in sorted(cands, key=lambda x: -x.estimate_pages):
-                if cand.estimate_pages < (1 + c.min_partial_gain) * cand.own_pages:
-                    continue
-                tried += 1
-                plan = self._exact(cand, infos, int(math.ceil((1 + c.min_partial_gain) * cand.own_pages)), numbers)
-                if plan is None:
-                    continue
-                if not self.ready(plan):
-                    not_ready += 1
-                    continue
-                return self._choice(plan, seed, cand, infos, tried, not_ready, False), numbers
+            return self._choice(plan, seed, cand, infos, tried, not_ready, covers), numbers
         numbers.update({"largest_group_tried": len(cands[-1].members) if cands else 1,
                         "demand_pages": cands[-1].demand_pages if cands else seed.demand_pages,
                         "best_estimate_pages": max((x.estimate_pages for x in cands), default=0),
