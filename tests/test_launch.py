@@ -1,83 +1,25 @@
 """The launcher as a user meets it (`python -m serving.launch` in a subprocess): a wrong --model or a
 port in use is one line and a non-zero exit before anything slow; SIGTERM at any moment of start-up
 (joining the job, warm-up) ends the process within seconds, one process or two on loopback; a
-follower signalled while serving keeps replaying until the controller stops."""
+follower signalled while serving keeps replaying until the controller stops (tests/test_multihost.py,
+where two processes serve anyway)."""
 
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import portpicker
 import pytest
+from launched import Launched, env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Few shape buckets: the warm-up is short but still several compilations long.
 SMALL = ["--model=tiny", "--dtype=float32", "--num_pages=32", "--max_model_len=64", "--max_num_seqs=2",
          "--max_num_batched_tokens=32", "--max_prefill_rows=2"]
 EXIT_WITHIN_S = 5.0
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e["JAX_PLATFORMS"] = "cpu"
-    return e
-
-
-class Launched:
-    """A launcher subprocess whose merged stdout/stderr is collected by a thread; `wait_for` blocks
-    until a line contains a marker."""
-
-    def __init__(self, args, cache_dir):
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving.launch", *args,
-                                      f"--compilation_cache_dir={cache_dir}"],
-                                     cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        self._cv = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            with self._cv:
-                self.lines.append(line)
-                self._cv.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._cv:
-            return "".join(self.lines)
-
-    def wait_for(self, marker: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while not any(marker in line for line in self.lines):
-                left = deadline - time.monotonic()
-                assert left > 0 and self.proc.poll() is None, f"no {marker!r} in:\n{''.join(self.lines)}"
-                self._cv.wait(min(left, 0.5))
-
-    def sigterm_and_time_exit(self, timeout: float = 60.0) -> float:
-        t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        return time.monotonic() - t0
-
-    def finish(self, timeout: float = 60.0) -> int:
-        self.proc.wait(timeout)
-        self._reader.join(5)
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def run_launcher(args, timeout=60):
@@ -198,30 +140,6 @@ def test_sigterm_while_waiting_for_the_other_process(tmp_path, process_id):
         assert "SIGTERM during start-up (joining" in p.output, p.output
     finally:
         p.kill()
-
-
-def test_two_processes_sigterm_while_serving(tmp_path):
-    """SIGTERM to both processes while serving (the follower first): the follower keeps replaying the
-    controller's steps until the controller has drained and stops it; both exit 0."""
-    from serving.client import Client
-
-    procs, port = two_processes(tmp_path, ["--nowarmup", "--shutdown_grace_s=2"])
-    ctl, fol = procs
-    try:
-        ctl.wait_for("kunjax serving")
-        with Client(f"localhost:{port}") as c:
-            assert len(c.complete("before", max_tokens=3, timeout=120).token_ids) == 3
-            fol.proc.send_signal(signal.SIGTERM)
-            fol.wait_for("following the controller's steps until it stops")
-            assert fol.proc.poll() is None
-            # the follower still executes its half of every step
-            assert len(c.complete("after the follower's SIGTERM", max_tokens=3, timeout=120).token_ids) == 3
-        ctl.proc.send_signal(signal.SIGTERM)
-        assert ctl.finish() == 0 and "kunjax server stopped" in ctl.output, ctl.output
-        assert fol.finish() == 0 and "kunjax follower stopped" in fol.output, fol.output
-    finally:
-        for p in procs:
-            p.kill()
 
 
 def test_model_spec_checks(tmp_path):

@@ -1,12 +1,11 @@
 """Two processes on loopback (4 virtual CPU devices each, gloo collectives) serve one cluster whose
-instances span both processes; process 0 runs gRPC and sends each step to process 1."""
+instances span both processes; process 0 runs gRPC and sends each step to process 1. Signalled while
+serving, the follower keeps replaying the controller's steps until the controller stops it."""
 
-import os
 import signal
-import subprocess
-import sys
 
 import portpicker
+from launched import Launched
 
 from kunjax.runtime.engine import EngineConfig, LLMEngine
 from kunjax.io.loader import load_model
@@ -15,26 +14,17 @@ from kunjax.control.scheduler import SchedulerConfig
 from serving.client import Client
 from serving.proto import kunjax_pb2 as pb
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def test_two_process_serving():
+def test_two_process_serving(tmp_path):
     coord, port = portpicker.pick_unused_port(), portpicker.pick_unused_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    common = [sys.executable, "-m", "serving.launch", "--model=tiny", "--dtype=float32", "--num_instances=2",
+    common = ["--model=tiny", "--dtype=float32", "--num_instances=2",
               "--tp=2", "--cpu_devices=4", "--num_pages=64", "--max_model_len=128", "--max_num_seqs=4",
               "--max_num_batched_tokens=64", "--nowarmup", "--hbm_bytes=67108864", f"--coordinator_address=localhost:{coord}",
-              "--num_processes=2"]
-    procs = [subprocess.Popen(common + [f"--process_id={i}", f"--port={port}"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+              "--num_processes=2", "--shutdown_grace_s=2"]
+    procs = [Launched(common + [f"--process_id={i}", f"--port={port}"], tmp_path / f"cache{i}") for i in range(2)]
+    ctl, fol = procs
     try:
-        lines = []
-        for line in procs[0].stdout:
-            lines.append(line)
-            if "kunjax serving" in line:
-                break
-        assert procs[0].poll() is None, "".join(lines)
+        ctl.wait_for("kunjax serving", timeout=300)
         prompts = ["across hosts", "second one"]
         ref = LLMEngine(load_model("tiny", "float32"), EngineConfig(
             page_size=16, num_pages=64, max_model_len=128,
@@ -62,13 +52,15 @@ def test_two_process_serving():
             # every instance has one device in each process (ids >= 2048 belong to process 1 on CPU)
             assert all(len(i.devices) == 2 for i in st.instances)
             assert sum(i.steps for i in st.instances) > 0 and st.pages_free == st.pages_total
-        procs[0].send_signal(signal.SIGTERM)
-        out0, _ = procs[0].communicate(timeout=60)
-        out1, _ = procs[1].communicate(timeout=60)
-        assert procs[0].returncode == 0, out0
-        assert procs[1].returncode == 0 and "kunjax follower stopped" in out1, out1
+            # SIGTERM to the follower first: it keeps executing its half of every step until the
+            # controller has drained and stops it.
+            fol.proc.send_signal(signal.SIGTERM)
+            fol.wait_for("following the controller's steps until it stops")
+            assert fol.proc.poll() is None
+            assert [t for ch in c.generate(prompts[1], max_tokens=6, timeout=120) for t in ch.token_ids] == want[1]
+        ctl.proc.send_signal(signal.SIGTERM)
+        assert ctl.finish() == 0 and "kunjax server stopped" in ctl.output, ctl.output
+        assert fol.finish() == 0 and "kunjax follower stopped" in fol.output, fol.output
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            p.kill()
