@@ -356,3 +356,37 @@ def test_lookahead_micro_batches_keep_a_group_token_exact(host_model, reference)
     assert [o.token_ids for o in outs] == want
     assert max(splits) == 2
     cluster.restore()
+
+
+def test_a_padded_group_step_compiles_its_shape_in_the_background(host_model, reference):
+    """group_shapes=on_demand on a real group: a step whose shape the group's pools lack (the plan
+    compiled only the covering shapes) runs padded and queues the shape on every stage's background
+    compiler, once; nothing compiles on the request path; the same wave again runs those shapes
+    exact; both waves token-exact with an unloaded run."""
+    prompts = prompts_for(2, seed=41)  # its decode steps need (2 rows, 16 pages); the plan has (4, 16)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [o.token_ids for o in reference.generate(prompts, params)]
+    cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
+    cluster.group_shapes = "on_demand"
+    plan = cluster.plan_drop(2)
+    cluster.compile_plan(plan, background=False)
+    cluster.drop(plan)
+    [group] = cluster.groups()
+    picks = []
+    pick = group.pick
+    group.pick = lambda needed, ready: picks.append((needed, pick(needed, ready))) or picks[-1][1]
+    c0 = compile_stats.compile_count()
+    assert [o.token_ids for o in cluster.generate(prompts, params)] == want
+    wanted = list(cluster.wanted_group_shapes)
+    assert wanted and all(p == group.num_pages for p, _ in wanted) and len(set(wanted)) == len(wanted)
+    first = list(picks)
+    assert all(s != n for n, s in first if (group.num_pages, n) in wanted)  # ran padded the first time
+    compilers = list(cluster.group_compilers.values())
+    assert len(compilers) == 2 and all(c.wait(300) for c in compilers) and not any(c.errors for c in compilers)
+    assert compile_stats.compile_count() - c0 == sum(c.done for c in compilers) > 0  # all in the background
+    assert all(group.ready(shape) for _, shape in wanted)
+    del picks[:]
+    assert [o.token_ids for o in cluster.generate(prompts, params)] == want
+    assert any(s == n and (group.num_pages, n) in wanted for n, s in picks)  # now exact
+    assert cluster.wanted_group_shapes == wanted  # nothing queued twice
+    cluster.close()

@@ -58,7 +58,8 @@ SHAREGPT = os.path.join(load_gen.DATA_DIR, "sharegpt_v3_filtered_500.json")
 # Launcher flags the benchmark passes through (the same cluster shape for every policy).
 SERVER_FLAGS = {"model": str, "dtype": str, "num_instances": int, "tp": int, "cpu_devices": int, "hbm_bytes": int,
                 "num_pages": int, "page_size": int, "max_model_len": int, "max_num_seqs": int,
-                "max_num_batched_tokens": int, "max_prefill_rows": int, "swap_space_bytes": int}
+                "max_num_batched_tokens": int, "max_prefill_rows": int, "swap_space_bytes": int, "dispatch": str,
+                "group_shapes": str}
 # --smoke: one small instance (few shapes to compile: --nowarmup compiles only those that cover every
 # step) whose pool a burst of the Azure code trace overloads.
 SMOKE = dict(model="tiny", dtype="float32", num_instances=1, tp=1, cpu_devices=1, num_pages=24, page_size=16,

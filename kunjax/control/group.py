@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 from typing import Optional, Sequence
 
-from kunjax.control.batch import Row, ScheduledStep
+from kunjax.control.batch import Row, ScheduledStep, StepShape, pick_shape
 from kunjax.control.pages import PageAllocator
 from kunjax.control.plan import GroupPlan
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
@@ -52,6 +52,11 @@ class GroupCore(UnitCore):
     # (prefill beyond it is deferred to a later step); without one, rows are split evenly by count.
     cost_model = None
     tpot_slo_ms: Optional[float] = None
+    # Whether the lookahead may cut a prompt's chunk across micro-batches to even them out. Off: the
+    # later piece starts past position 0, so it runs at the longest gathered context (a prefill
+    # shape gathers its query bucket's pages or the most a sequence has), and the simulator measured
+    # group prefill steps with cut rows at 3x their tokens padded and 2.9x the time of uncut ones.
+    cut_prefill_rows = False
 
     def __init__(self, group_id: int, plan: GroupPlan, members: Sequence, scheduler: Scheduler, eos_ids=()):
         """`members`: the instances in stage order (they hold the group's layer ranges now)."""
@@ -68,6 +73,9 @@ class GroupCore(UnitCore):
         self.routing = None
         self.restored: set[int] = set()
         self.restoring: Optional[dict] = None  # the device side of a restore under way
+        # Called with (group, shape) when a micro-batch runs padded because `shape` is not compiled
+        # for this group's pools (the cluster queues it on its background compiler: configure).
+        self.on_padded = None
 
     @property
     def num_pages(self) -> int:
@@ -99,7 +107,7 @@ class GroupCore(UnitCore):
 
             plan = form_micro_batches(rows, len(self.members), self.cost_model, self.page_size,
                                       max(st.num_layers for st in self.plan.stages), self.tpot_slo_ms,
-                                      num_batches=k, max_rows=cap)
+                                      num_batches=k, max_rows=cap, cut_rows=self.cut_prefill_rows)
             if plan.batches and all(len(b) <= cap for b in plan.batches):
                 return [list(b) for b in plan.batches]
         size = -(-len(rows) // k)
@@ -115,10 +123,23 @@ class GroupCore(UnitCore):
         step.rows = [r for _, rows in parts for r in rows]
         return [(j, rows, self.routing.tables_of(rows) if j >= 0 else None) for j, rows in parts]
 
+    def pick(self, needed: StepShape, ready) -> Optional[StepShape]:
+        """The cheapest ready shape covering `needed` (batch.pick_shape). When that is not `needed`
+        itself, the step runs padded: `on_padded` hears of the shape it wanted, so the cluster can
+        compile it in the background for later steps (a group's pools start with the pool
+        ladder's first shapes only, and padding a decode to the covering shape costs its largest
+        batch over its longest context)."""
+        shape = pick_shape(needed, self.buckets, ready)
+        if shape != needed and self.on_padded is not None:
+            self.on_padded(self, needed)
+        return shape
+
     def configure(self, cluster) -> None:
-        """Takes the cluster's cost model and TPOT bound (lookahead micro-batches) where it has them."""
+        """Takes the cluster's cost model and TPOT bound (lookahead micro-batches) where it has them,
+        and its wish list of group shapes (`want_group_shape`: compiled on demand)."""
         self.cost_model = getattr(cluster, "cost_model", None)
         self.tpot_slo_ms = getattr(cluster, "tpot_slo_ms", None)
+        self.on_padded = getattr(cluster, "want_group_shape", None)
 
     def group_status(self, instance_ids: Sequence[int]) -> dict:
         return {"id": self.id, "instances": list(instance_ids), "state": self.state, "num_pages": self.num_pages,

@@ -26,10 +26,20 @@ from kunjax.control.transition import DropError, DropTask, RestoreError, Restore
 
 log = logging.getLogger(__name__)
 
+GROUP_SHAPES = ("first", "on_demand", "all")  # MechanismCluster.group_shapes, the launcher's --group_shapes
+
 
 class MechanismCluster(Cluster):
     chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
     max_group_size = 4  # the largest pipeline group the pool ladder is compiled for
+    # The step shapes a pipeline group's pools get (GROUP_SHAPES): "first", the pool ladder's first
+    # shapes only (a group step needing another runs padded to a covering one); "on_demand", as first,
+    # and a padded step queues the shape it needed on the background compiler, once per (pool size,
+    # shape), later steps running it when ready; "all", the ladder sizes compile every shape in the
+    # background from start-up (slow where compiling is: an hour on this CPU). The launcher's
+    # --group_shapes sets it (default on_demand); a cluster built in code pads, as it compiles nothing
+    # in the background unless asked.
+    group_shapes = "first"
 
     def __init__(self, engines: Sequence, frontend, policy=None, oplog=None, clock=None):
         super().__init__(engines, frontend, policy, oplog, clock)
@@ -45,6 +55,8 @@ class MechanismCluster(Cluster):
         # rolled_back), beside each unit's overload log in Admin.Status, so a benchmark sees when an
         # overload was acted on and when the memory it freed became usable.
         self.events = EventLog(clock=UNIX if clock is None else clock)
+        self.wanted_group_shapes: list = []  # (pool pages, StepShape) queued for compilation, in order
+        self._wanted = set()
 
     # ---- what a subclass knows of its devices -------------------------------------------------
     def member_infos(self) -> dict:
@@ -54,6 +66,25 @@ class MechanismCluster(Cluster):
     def plan_ready(self, plan) -> tuple[int, int]:
         """(ready, total) executables of the plan."""
         raise NotImplementedError
+
+    def compile_group_shape(self, group, shape) -> None:
+        """Queues what a step of `shape` needs on every stage of `group` at its page count on the
+        background compiler (never on the request path)."""
+        raise NotImplementedError
+
+    # ---- group shapes on demand ----------------------------------------------------------------
+    def want_group_shape(self, group, shape) -> None:
+        """A step of `group` ran padded for want of `shape` (GroupCore.pick): with group_shapes
+        "on_demand" the shape is queued for compilation once per (group pool size, shape); the group's
+        later steps take it once it is ready (pick_shape prefers the cheapest ready covering shape)."""
+        key = (group.num_pages, shape)
+        if self.group_shapes != "on_demand" or key in self._wanted:
+            return
+        self._wanted.add(key)
+        self.wanted_group_shapes.append(key)
+        log.info("group %d ran padded for want of %s at %d pages: compiling it in the background", group.id,
+                 shape, group.num_pages)
+        self.compile_group_shape(group, shape)
 
     # ---- units and groups ------------------------------------------------------------------
     def next_group_id(self) -> int:

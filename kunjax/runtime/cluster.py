@@ -31,6 +31,7 @@ from kunjax.runtime.executables import BackgroundCompiler
 log = logging.getLogger(__name__)
 
 COMPILE_PLAN = "compile_plan"
+COMPILE_GROUP_SHAPE = "compile_group_shape"
 
 
 class ServingCluster(MechanismCluster):
@@ -44,13 +45,17 @@ class ServingCluster(MechanismCluster):
         super().__init__(engines, engines[0], policy, oplog)
         self.engines: list[LLMEngine]
         self.compiler = BackgroundCompiler()
+        # One more per placement for the group shapes steps ask for (compile_group_shape): they do not
+        # wait behind the start-up queue of `compiler`, and a group's stages compile side by side.
+        self.group_compilers: dict[int, BackgroundCompiler] = {}
         self.drop_state = None  # the device side of a drop under way (kunjax.memory.drop.DropState)
         for kind, fn in ((drop.DROP_BEGIN, drop.execute_drop_begin), (drop.DROP_LAYERS, drop.execute_drop_layers),
                          (drop.DROP_FINISH, drop.execute_drop_finish), (drop.DROP_ROLLBACK, drop.execute_drop_rollback),
                          (restore.RESTORE_BEGIN, restore.execute_restore_begin),
                          (restore.RESTORE_LAYERS, restore.execute_restore_layers),
                          (restore.RESTORE_FINISH, restore.execute_restore_finish),
-                         (COMPILE_PLAN, ServingCluster._execute_compile_plan)):
+                         (COMPILE_PLAN, ServingCluster._execute_compile_plan),
+                         (COMPILE_GROUP_SHAPE, ServingCluster._execute_compile_group_shape)):
             self.register_op(kind, fn)
 
     @classmethod
@@ -106,7 +111,8 @@ class ServingCluster(MechanismCluster):
     def close(self) -> None:
         """Before the process exits: stops the background compiler (queued work dropped, the compile
         in progress finished)."""
-        self.compiler.shutdown()
+        for c in [self.compiler, *self.group_compilers.values()]:
+            c.shutdown()
 
     # ---- the mechanism: plan, compile, drop, restore ---------------------------------------
     def member_infos(self) -> dict:
@@ -131,27 +137,64 @@ class ServingCluster(MechanismCluster):
                 num_pages=e.stage.num_pages, used_pages=e.allocator.num_used)
         return infos
 
-    def ladder_keys(self) -> list[tuple]:
+    def ladder_keys(self, all_shapes: bool = False) -> list[tuple]:
         """(executables, keys) of every ladder size on every instance: the first shapes' layer
-        executables and the page moves in and out of both pool sizes."""
+        executables (`all_shapes`: every shape's) and the page moves in and out of both pool sizes.
+        Only a layer's executable depends on the pool size; embedding and head are the instance's."""
         from kunjax.runtime.executables import keys_for, pool_keys
 
         out = []
         for e in self.engines:
             keys = []
             for p in self.ladder():
-                keys += [k for sh in e.first_shapes() for k in keys_for(sh, p, False, False)]
+                shapes = e.buckets.all_shapes() if all_shapes else e.first_shapes()
+                keys += [k for sh in shapes for k in keys_for(sh, p, False, False)]
                 keys += pool_keys(p, self.chunk_pages)
             keys += pool_keys(e.num_pages, self.chunk_pages)
             out.append((e.exes, list(dict.fromkeys(keys))))
         return out
 
-    def compile_ladder(self, background: bool = True) -> None:
-        """Compiles every ladder size (the launcher does so in the background after start-up)."""
-        for ex, keys in self.ladder_keys():
-            keys = [k for k in keys if not ex.is_ready(k)]
+    def compile_ladder(self, background: bool = True, all_shapes: bool = False) -> None:
+        """Compiles every ladder size (the launcher does so in the background after start-up);
+        `all_shapes`: then every shape at every ladder size (--group_shapes=all), after the first
+        shapes of every size, so a drop is possible as early as without it."""
+        for rnd in ((False, True) if all_shapes else (False,)):
+            for ex, keys in self.ladder_keys(rnd):
+                keys = [k for k in keys if not ex.is_ready(k)]
+                if keys:
+                    self.compiler.submit(ex, keys) if background else ex.compile(keys)
+
+    def group_shape_keys(self, group, shape) -> list[tuple]:
+        """(executables, keys) a step of `shape` needs on each stage of `group` at its page count,
+        the ones not compiled yet."""
+        from kunjax.runtime.executables import keys_for
+
+        out = []
+        for st in group.stages:
+            keys = [k for k in keys_for(shape, group.num_pages, st.embed is not None, st.head is not None)
+                    if not st.exes.is_ready(k)]
             if keys:
-                self.compiler.submit(ex, keys) if background else ex.compile(keys)
+                out.append((st.exes, keys))
+        return out
+
+    def compile_group_shape(self, group, shape) -> None:
+        """MechanismCluster.want_group_shape's device half, on each stage's own group compiler (a
+        stage's compile never waits for another's, nor for the start-up queue): a logged operation, so every process of
+        a multi-host cluster queues the same compiles on its own background compiler (a follower
+        that reaches a step before its compile is done compiles the shape there, in
+        PipelineGroup.execute, as for any shape the controller had ready first)."""
+        self.run_op(DeviceOp(COMPILE_GROUP_SHAPE, -1, {"group": group.id,
+                                                       "shape": [shape.rows, shape.query, shape.pages]}))
+
+    def _execute_compile_group_shape(self, op: DeviceOp) -> None:
+        from kunjax.control.batch import StepShape
+
+        group = self.group(int(op.args["group"]))
+        for ex, keys in self.group_shape_keys(group, StepShape(*op.args["shape"])):
+            self.group_compilers.setdefault(id(ex), BackgroundCompiler()).submit(ex, keys)
+
+    def compilers_idle(self) -> bool:
+        return all(c.idle() for c in [self.compiler, *self.group_compilers.values()])
 
     def plan_keys(self, plan, shapes=None) -> list[tuple]:
         """(executables, keys) every process needs before it can apply `plan`, serve grouped, and
@@ -243,7 +286,7 @@ class ServingCluster(MechanismCluster):
             "running": sum(s["running"] for s in units), "waiting": sum(s["waiting"] for s in units),
             "pages_total": sum(s["pages_total"] for s in units), "pages_free": sum(s["pages_free"] for s in units),
             "pages_used": sum(s["pages_used"] for s in units), "timing": self.timing.as_dict(),
-            "compiles": compile_stats.compile_count(), "compiling": not self.compiler.idle(),
+            "compiles": compile_stats.compile_count(), "compiling": not self.compilers_idle(),
             "transitions": [{"kind": t.report.kind, "groups": list(t.report.groups), "pieces": t.report.pieces,
                              "seconds": t.report.seconds} for t in self.transitions()],
             "transition_counts": dict(self.transition_counts),

@@ -104,6 +104,9 @@ class SimCluster(MechanismCluster):
         super().__init__(instances, SimFrontend(cfg, config.max_model_len, pages - 1, config.page_size),
                          DISPATCH_POLICIES[dispatch](), clock=clock)
         self.overlap_stages = calibration.overlap_stages
+        self.group_shapes = config.group_shapes
+        self.group_compile_s = config.group_compile_s
+        self.group_shape_ready_at: dict = {}  # (pool pages, shape) -> when its compile is done
         self.all_groups: list[SimGroup] = []
         self.drop_state: Optional[_DropState] = None
         self._landings: list = []  # heap of (end, seq, future)
@@ -126,7 +129,14 @@ class SimCluster(MechanismCluster):
                 for e in self.engines}
 
     def plan_ready(self, plan) -> tuple[int, int]:
-        return 1, 1  # nothing to compile in a simulation
+        return 1, 1  # the ladder's first shapes: compiled at start-up, before the burst
+
+    def compile_group_shape(self, group, shape) -> None:
+        """Each stage's group compiler (one per placement, as ServingCluster's) takes `group_compile_s`
+        for the shape after what it has queued; the shape is ready when every stage has it."""
+        for m in group.members:
+            m.compiler_free_at = max(self.clock(), m.compiler_free_at) + self.group_compile_s
+        self.group_shape_ready_at[(group.num_pages, shape)] = max(m.compiler_free_at for m in group.members)
 
     # ---- links -------------------------------------------------------------------------------
     def link(self, a: int, b: int) -> str:
