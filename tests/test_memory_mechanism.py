@@ -375,7 +375,7 @@ def test_a_padded_group_step_compiles_its_shape_in_the_background(host_model, re
     picks = []
     pick = group.pick
     group.pick = lambda needed, ready: picks.append((needed, pick(needed, ready))) or picks[-1][1]
-    c0 = compile_stats.compile_count()
+    c0, f0 = compile_stats.compile_count(), compile_stats.foreground_compile_count()
     assert [o.token_ids for o in cluster.generate(prompts, params)] == want
     wanted = list(cluster.wanted_group_shapes)
     assert wanted and all(p == group.num_pages for p, _ in wanted) and len(set(wanted)) == len(wanted)
@@ -384,6 +384,7 @@ def test_a_padded_group_step_compiles_its_shape_in_the_background(host_model, re
     compilers = list(cluster.group_compilers.values())
     assert len(compilers) == 2 and all(c.wait(300) for c in compilers) and not any(c.errors for c in compilers)
     assert compile_stats.compile_count() - c0 == sum(c.done for c in compilers) > 0  # all in the background
+    assert compile_stats.foreground_compile_count() == f0
     assert all(group.ready(shape) for _, shape in wanted)
     del picks[:]
     assert [o.token_ids for o in cluster.generate(prompts, params)] == want
