@@ -133,16 +133,16 @@ def test_a_padded_group_step_queues_its_shape_and_later_steps_run_it():
     the group's steps run the shape itself. With "first" nothing is queued and steps stay padded."""
     cl, group, picks = _grouped_sim("on_demand")
     wanted = cl.wanted_group_shapes
-    assert wanted and len(set(wanted)) == len(wanted) and {p for p, _ in wanted} == {group.num_pages}
-    for pages, shape in wanted:
-        ready_at = cl.group_shape_ready_at[(pages, shape)]
+    assert wanted and len(set(wanted)) == len(wanted) and {(m, p) for m, p, _ in wanted} == {((0, 1), group.num_pages)}
+    for _, _, shape in wanted:
+        ready_at = cl.group_shape_ready_at(group.plan, shape)
         before = [s for t, n, s in picks if n == shape and t < ready_at]
         after = [s for t, n, s in picks if n == shape and t >= ready_at]
         assert before and all(s != shape and s.covers(shape) for s in before)  # padded while compiling
         assert all(s == shape for s in after)  # exact once compiled
-    assert any(n == s and (group.num_pages, n) in wanted for _, n, s in picks)  # the second wave ran them
+    assert any(n == s and ((0, 1), group.num_pages, n) in wanted for _, n, s in picks)  # the second wave ran them
     # the compiles queue one after the other on each stage's compiler
-    ends = sorted(cl.group_shape_ready_at.values())
+    ends = sorted(cl.group_shape_ready_at(group.plan, shape) for _, _, shape in wanted)
     assert all(b - a >= 0.05 - 1e-9 for a, b in zip(ends, ends[1:]))
     first, _, fpicks = _grouped_sim("first")
     assert first.wanted_group_shapes == [] and any(n != s for _, n, s in fpicks)

@@ -73,8 +73,9 @@ class GroupCore(UnitCore):
         self.routing = None
         self.restored: set[int] = set()
         self.restoring: Optional[dict] = None  # the device side of a restore under way
-        # Called with (group, shape) when a micro-batch runs padded because `shape` is not compiled
-        # for this group's pools (the cluster queues it on its background compiler: configure).
+        # Called with (group, needed shape, shape run) when a micro-batch runs padded because the
+        # shape it needs is not compiled for this group's pools (the cluster compiles shapes in the
+        # background from what it hears: configure).
         self.on_padded = None
 
     @property
@@ -126,12 +127,12 @@ class GroupCore(UnitCore):
     def pick(self, needed: StepShape, ready) -> Optional[StepShape]:
         """The cheapest ready shape covering `needed` (batch.pick_shape). When that is not `needed`
         itself, the step runs padded: `on_padded` hears of the shape it wanted, so the cluster can
-        compile it in the background for later steps (a group's pools start with the pool
+        compile it (or one covering it and others) in the background for later steps (a group's pools start with the pool
         ladder's first shapes only, and padding a decode to the covering shape costs its largest
         batch over its longest context)."""
         shape = pick_shape(needed, self.buckets, ready)
         if shape != needed and self.on_padded is not None:
-            self.on_padded(self, needed)
+            self.on_padded(self, needed, shape)
         return shape
 
     def configure(self, cluster) -> None:

@@ -157,41 +157,55 @@ class ServingCluster(MechanismCluster):
     def compile_ladder(self, background: bool = True, all_shapes: bool = False) -> None:
         """Compiles every ladder size (the launcher does so in the background after start-up);
         `all_shapes`: then every shape at every ladder size (--group_shapes=all), after the first
-        shapes of every size, so a drop is possible as early as without it."""
+        shapes of every size, so a drop is possible as early as without it, and on each
+        placement's own group compiler, so the instances compile theirs side by side."""
         for rnd in ((False, True) if all_shapes else (False,)):
-            for ex, keys in self.ladder_keys(rnd):
+            for ex, keys in self.ladder_keys(all_shapes=rnd):
                 keys = [k for k in keys if not ex.is_ready(k)]
-                if keys:
-                    self.compiler.submit(ex, keys) if background else ex.compile(keys)
+                if not keys:
+                    continue
+                if not background:
+                    ex.compile(keys)
+                else:
+                    (self.group_compilers.setdefault(id(ex), BackgroundCompiler()) if rnd else self.compiler).submit(
+                        ex, keys)
 
-    def group_shape_keys(self, group, shape) -> list[tuple]:
-        """(executables, keys) a step of `shape` needs on each stage of `group` at its page count,
-        the ones not compiled yet."""
+    def group_shape_keys(self, gp, shape) -> list[tuple]:
+        """(executables, keys) a step of `shape` needs on each stage of the group of GroupPlan `gp`
+        at its page count (the stage's member's placement), the ones not compiled yet."""
         from kunjax.runtime.executables import keys_for
 
         out = []
-        for st in group.stages:
-            keys = [k for k in keys_for(shape, group.num_pages, st.embed is not None, st.head is not None)
-                    if not st.exes.is_ready(k)]
+        for st in gp.stages:
+            ex = self.engines[st.instance].exes
+            keys = [k for k in keys_for(shape, gp.num_pages, st.embed, st.head) if not ex.is_ready(k)]
             if keys:
-                out.append((st.exes, keys))
+                out.append((ex, keys))
         return out
 
-    def compile_group_shape(self, group, shape) -> None:
-        """MechanismCluster.want_group_shape's device half, on each stage's own group compiler (a
-        stage's compile never waits for another's, nor for the start-up queue): a logged operation, so every process of
-        a multi-host cluster queues the same compiles on its own background compiler (a follower
-        that reaches a step before its compile is done compiles the shape there, in
-        PipelineGroup.execute, as for any shape the controller had ready first)."""
-        self.run_op(DeviceOp(COMPILE_GROUP_SHAPE, -1, {"group": group.id,
+    def group_shape_ready(self, gp, shape) -> bool:
+        return not self.group_shape_keys(gp, shape)
+
+    def compile_group_shape(self, gp, shape) -> None:
+        """MechanismCluster's on-demand group shapes, device half: on each stage's own group compiler
+        (a stage's compile never waits for another's, nor for the start-up queue of `compiler`). A
+        logged operation, so every process of a multi-host cluster queues the same compiles on its
+        own compilers (a follower that reaches a step before its compile is done compiles the
+        shape there, in PipelineGroup.execute, as for any shape the controller had ready first)."""
+        self.run_op(DeviceOp(COMPILE_GROUP_SHAPE, -1, {"group_plan": gp.to_dict(),
                                                        "shape": [shape.rows, shape.query, shape.pages]}))
 
     def _execute_compile_group_shape(self, op: DeviceOp) -> None:
         from kunjax.control.batch import StepShape
+        from kunjax.control.plan import GroupPlan
 
-        group = self.group(int(op.args["group"]))
-        for ex, keys in self.group_shape_keys(group, StepShape(*op.args["shape"])):
+        gp = GroupPlan.from_dict(op.args["group_plan"])
+        for ex, keys in self.group_shape_keys(gp, StepShape(*op.args["shape"])):
             self.group_compilers.setdefault(id(ex), BackgroundCompiler()).submit(ex, keys)
+
+    def group_compiling(self, gp) -> bool:
+        return any(not c.idle() for c in (self.group_compilers.get(id(self.engines[i].exes)) for i in gp.instances)
+                   if c is not None)
 
     def compilers_idle(self) -> bool:
         return all(c.idle() for c in [self.compiler, *self.group_compilers.values()])

@@ -91,6 +91,7 @@ class SimInstance(UnitCore):
         self.cluster = cluster  # the controller: its pieces hold every dispatch (SimCluster.controller_free_at)
         self.free_at = 0.0
         self.compiler_free_at = 0.0  # its group compiler (on-demand group shapes): when its queue is done
+        self.group_ready_at: dict = {}  # (group pool pages, shape) -> when its layer executable is compiled here
         self.route = None  # set while a drop forms its group (UnitView.transitioning)
         self.kv_page_bytes = device.page_layer_bytes(self.page_size) * cfg.num_layers * self.tp  # all devices
         if policy.name == "swap":
@@ -188,12 +189,8 @@ class SimGroup(GroupCore):
         return DeviceOp(STEP, 0, {"micro_batches": mbs})
 
     def ready(self, shape: StepShape) -> bool:
-        """Compiled for this group's pools: the ladder's shapes, or one its cluster compiled on demand
-        that is done by now."""
-        if shape in self.members[0].group_compiled:
-            return True
-        at = self.cluster.group_shape_ready_at.get((self.num_pages, shape)) if self.cluster is not None else None
-        return at is not None and at <= self.clock()
+        """Compiled for this group's pools: the ladder's shapes, or one compiled on demand by now."""
+        return self.cluster.group_shape_ready(self.plan, shape)
 
     def stage_times(self, mb: dict) -> list[float]:
         """Seconds of one micro-batch on each stage (its layers; the head where the stage holds it)."""
