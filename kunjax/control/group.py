@@ -57,6 +57,13 @@ class GroupCore(UnitCore):
     # shape gathers its query bucket's pages or the most a sequence has), and the simulator measured
     # group prefill steps with cut rows at 3x their tokens padded and 2.9x the time of uncut ones.
     cut_prefill_rows = False
+    # With shapes compiled on demand (the cluster's group_shapes "on_demand"), a prefill micro-batch
+    # whose cheapest ready shape costs more than this many times its own waits for a later step
+    # (shaped_parts) instead of running padded: a prompt of two rows padded to the covering
+    # (16 x 4,096) shape computes 32-64x its tokens, seconds for a 70B model, while every decode of
+    # the group waits behind it.
+    max_prefill_padding = 4.0
+    defer_padded_prefill = False
 
     def __init__(self, group_id: int, plan: GroupPlan, members: Sequence, scheduler: Scheduler, eos_ids=()):
         """`members`: the instances in stage order (they hold the group's layer ranges now)."""
@@ -124,6 +131,30 @@ class GroupCore(UnitCore):
         step.rows = [r for _, rows in parts for r in rows]
         return [(j, rows, self.routing.tables_of(rows) if j >= 0 else None) for j, rows in parts]
 
+    def shaped_parts(self, step: ScheduledStep, ready) -> list[tuple[int, list[Row], Optional[dict], StepShape]]:
+        """`parts` with the shape each micro-batch runs at (`ready(shape, member)`: compiled for it).
+        With `defer_padded_prefill`, prefill micro-batches padded past `max_prefill_padding` leave
+        the step (their rows stay scheduled: the scheduler gives them to a later step, by when their
+        shape may be compiled), unless none would run, then the cheapest of them runs; decodes never
+        wait, nor does anything during a restore or when a request's rows span micro-batches.
+        `step.rows` follows what runs."""
+        out = []
+        for member, rows, tables in self.parts(step):
+            needed = self.buckets.needed(rows, step.prefill)
+            shape = self.pick(needed, lambda sh, m=member: ready(sh, m))
+            if shape is None:
+                raise RuntimeError(f"no compiled shape covers {needed} on every stage of group {self.id}; a drop "
+                                   f"waits for the covering shapes, so this is a bug")
+            out.append((member, rows, tables, shape, needed))
+        if step.prefill and self.defer_padded_prefill and self.routing is None and len(out) > 1:
+            ids = [r.request.request_id for p in out for r in p[1]]
+            run = [p for p in out if p[3].cost() <= self.max_prefill_padding * p[4].cost()]
+            if len(set(ids)) == len(ids) and len(run) < len(out):
+                run = run or [min(out, key=lambda p: p[3].cost())]
+                out = [p for p in out if any(p is q for q in run)]
+                step.rows = [r for p in out for r in p[1]]
+        return [p[:4] for p in out]
+
     def pick(self, needed: StepShape, ready) -> Optional[StepShape]:
         """The cheapest ready shape covering `needed` (batch.pick_shape). When that is not `needed`
         itself, the step runs padded: `on_padded` hears of the shape it wanted, so the cluster can
@@ -141,6 +172,7 @@ class GroupCore(UnitCore):
         self.cost_model = getattr(cluster, "cost_model", None)
         self.tpot_slo_ms = getattr(cluster, "tpot_slo_ms", None)
         self.on_padded = getattr(cluster, "want_group_shape", None)
+        self.defer_padded_prefill = getattr(cluster, "group_shapes", "first") == "on_demand"
 
     def group_status(self, instance_ids: Sequence[int]) -> dict:
         return {"id": self.id, "instances": list(instance_ids), "state": self.state, "num_pages": self.num_pages,

@@ -42,15 +42,10 @@ class PipelineGroup(GroupCore):
     def prepare(self, step: ScheduledStep) -> DeviceOp:
         """Micro-batches as data; during a restore one per target member (each with its page
         tables in both spaces), so a layer already restored runs on the member that now holds it.
-        A micro-batch whose shape is not compiled for the group runs padded and the shape is queued
-        for the background compiler (GroupCore.pick; the cluster's group_shapes)."""
+        A micro-batch whose shape is not compiled for the group runs padded (or, prefill, waits) and
+        the cluster hears of it (GroupCore.shaped_parts; the cluster's group_shapes)."""
         mbs, arrays = [], {}
-        for j, (member, rows, tables) in enumerate(self.parts(step)):
-            needed = self.buckets.needed(rows, step.prefill)
-            shape = self.pick(needed, lambda sh, m=member: self.shape_ready(sh, m))
-            if shape is None:
-                raise RuntimeError(f"no compiled shape covers {needed} on every stage of group {self.id}; a drop "
-                                   f"waits for the covering shapes, so this is a bug")
+        for j, (member, rows, tables, shape) in enumerate(self.shaped_parts(step, self.shape_ready)):
             for k, v in build_batch(rows, shape, self.page_size).items():
                 arrays[f"{j}/{k}"] = v
             if member >= 0:

@@ -182,8 +182,7 @@ class SimGroup(GroupCore):
 
     def prepare(self, step: ScheduledStep) -> DeviceOp:
         mbs = []
-        for member, rows, _tables in self.parts(step):
-            shape = self.pick(self.buckets.needed(rows, step.prefill), self.ready)
+        for member, rows, _tables, shape in self.shaped_parts(step, lambda sh, _m: self.ready(sh)):
             mbs.append({"shape": [shape.rows, shape.query, shape.pages], "rows": [(r.start, r.n) for r in rows],
                         "member": member})
         return DeviceOp(STEP, 0, {"micro_batches": mbs})
