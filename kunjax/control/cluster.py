@@ -71,8 +71,9 @@ class LeastLoaded:
     queued prompts) hold the request's prompt now, the one with the fewest waiting, then running,
     requests per instance it is made of, then the most free pages; where none can admit it, as
     FewestQueued. FewestQueued may queue a request where it cannot start while another unit could
-    start it now. In the simulator (docs/simulator.md) it is the better of the two without overload
-    and the worse under kunserve's, so the launcher's default stays fewest_queued."""
+    start it now. In the simulator (docs/simulator.md) it beats FewestQueued in five of nine settings
+    without overload and loses to it, for every policy, under a memory-bound one, so the launcher's
+    default stays fewest_queued."""
 
     def choose(self, views: Sequence[UnitView], num_tokens: int) -> int:
         fits = [v for v in views if v.pages_free - v.queued_pages >= pages_for(num_tokens, v.page_size)]

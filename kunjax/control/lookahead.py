@@ -11,7 +11,8 @@ are balanced on that:
 
     1. TPOT: decode rows always run (a running stream is never starved); prefill rows join in
        arrival order while the predicted round time, the time between a request's tokens when the
-       micro-batches of the step pass the pipeline, stays within `tpot_slo_ms`. A prefill row that
+       micro-batches of the step pass the pipeline (filling and draining it: round_time), stays
+       within `tpot_slo_ms`. A prefill row that
        does not fit whole is cut to the tokens that fit; the rest is `deferred` (the scheduler
        schedules it again: its computed count advances only by what ran).
     2. Decode rows dearest first onto the micro-batch with the least predicted cost (LPT); then the
@@ -63,11 +64,14 @@ def row_cost(cm: CostModel, row: Row, page_size: int, stage_layers: int) -> floa
 
 
 def round_time(batch_costs: Sequence[float], g: int) -> float:
-    """Time between a request's tokens: every stage passes every micro-batch once per round, and a
-    micro-batch needs g stage times to pass the pipeline."""
+    """Time of one group step, the time between a request's tokens: the host waits for every
+    micro-batch of a step before the next (kunjax.memory.group), so each step fills and drains the
+    pipeline: the stages pass every micro-batch once, and the last enters stage 1 only after the
+    others, then needs g - 1 more stage times (k balanced micro-batches: (k + g - 1) stage-times,
+    1.5x their work for k = g = 2)."""
     if not batch_costs:
         return 0.0
-    return max(sum(batch_costs), g * max(batch_costs))
+    return sum(batch_costs) + (g - 1) * max(batch_costs)
 
 
 def form_micro_batches(rows: Sequence[Row], g: int, cm: CostModel, page_size: int, stage_layers: int,
@@ -91,7 +95,8 @@ def form_micro_batches(rows: Sequence[Row], g: int, cm: CostModel, page_size: in
     decode = [r for r in rows if r.n == 1]
     prefill = [r for r in rows if r.n > 1]
     cost = {id(r): row_cost(cm, r, page_size, stage_layers) for r in decode}
-    budget = tpot_slo_ms / 1000.0 if tpot_slo_ms is not None else float("inf")
+    # the step's time once balanced is its work times (k + g - 1) / k (round_time)
+    budget = tpot_slo_ms / 1000.0 * k / (k + g - 1) if tpot_slo_ms is not None else float("inf")
     spent = k * step_fixed + sum(cost.values())
     taken, deferred = list(decode), []
     for r in prefill:
