@@ -419,13 +419,30 @@ def test_dispatch_policies_on_hand_made_views():
     assert set(DISPATCH_POLICIES) == {"most_free_pages", "fewest_queued", "least_loaded"}
 
 
-def test_launcher_dispatch_and_group_shapes_flags():
-    """--dispatch names a DISPATCH_POLICIES entry (default fewest_queued: the simulator's choice),
-    --group_shapes a MechanismCluster.group_shapes value (default on_demand); a bad value is refused
-    by the flag parser, naming the flag."""
+def test_launcher_dispatch_and_group_shapes_flags(monkeypatch):
+    """--dispatch names a DISPATCH_POLICIES entry (default fewest_queued: the simulator's choice) and
+    the cluster the launcher builds dispatches with it; --group_shapes a MechanismCluster.group_shapes
+    value (default on_demand), set on that cluster; a bad value is refused by the flag parser, naming
+    the flag."""
     from absl import flags
 
+    from kunjax.control.cluster import LeastLoaded
+    from kunjax.runtime.cluster import ServingCluster
     from serving import launch
+
+    built = {}
+
+    class Built:  # what build_cluster touches of the cluster it built
+        engines = []
+
+        def compile_in_background(self):
+            built["background"] = True
+
+    def build(model, config, num_instances=1, tp=1, devices=None, policy=None, oplog=None):
+        built["policy"] = policy
+        return built.setdefault("cluster", Built())
+
+    monkeypatch.setattr(ServingCluster, "build", build)
 
     try:
         launch.FLAGS.unparse_flags()
@@ -436,6 +453,10 @@ def test_launcher_dispatch_and_group_shapes_flags():
         launch.FLAGS(["launch", "--dispatch=least_loaded", "--group_shapes=all"])
         opts = launch.options_from_flags()
         assert (opts.cluster.dispatch, opts.cluster.group_shapes) == ("least_loaded", "all")
+        launch.FLAGS.unparse_flags()
+        launch.FLAGS(["launch", "--model=tiny", "--dispatch=least_loaded", "--group_shapes=all"])
+        cluster = launch.build_cluster(launch.options_from_flags())
+        assert isinstance(built["policy"], LeastLoaded) and cluster.group_shapes == "all" and built["background"]
         launch.FLAGS.unparse_flags()
         with pytest.raises(flags.IllegalFlagValueError, match="dispatch"):
             launch.FLAGS(["launch", "--dispatch=random"])
