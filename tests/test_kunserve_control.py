@@ -502,3 +502,32 @@ def test_bench_planner_prints_a_row_per_size(capsys):
     assert bench_planner.main(["8", "64"]) == 0
     rows = [l for l in capsys.readouterr().out.splitlines()[1:] if l.strip()]
     assert [int(l.split()[0]) for l in rows] == [8, 64] and all("pages for" in l for l in rows)
+
+
+def test_a_group_scheduler_logs_on_its_members_time_axis_and_its_counters_outlive_it():
+    """The group's overload events carry the members' event-log clock (Unix time when serving), not
+    their monotonic scheduling clock, so a preemption inside a group lands on the same timeline as
+    every other event; and its counters fold into its first member's when it splits."""
+    import types
+
+    from kunjax.control.group import group_scheduler
+
+    def sched(clock, event_clock):
+        return Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), PageAllocator(16), 16, 256,
+                         clock=clock, event_clock=event_clock)
+
+    members = [types.SimpleNamespace(config=types.SimpleNamespace(scheduler=SchedulerConfig(max_num_seqs=4)),
+                                     page_size=16, max_model_len=256,
+                                     scheduler=sched(lambda: 5.0, lambda: 1.7e9)) for _ in range(2)]
+    g = group_scheduler(members, types.SimpleNamespace(num_pages=32))
+    assert g.clock() == 5.0 and g.events.clock() == 1.7e9
+    req = Request("r", list(range(40)), SamplingParams(max_tokens=4))
+    g.add(req)
+    g.schedule()
+    g.preempt(req)
+    assert [e["time"] for e in g.events.after()] == [1.7e9]
+    before = members[0].scheduler.counters()
+    members[0].scheduler.absorb_counters(g)
+    after = members[0].scheduler.counters()
+    assert after["preemptions"] == before["preemptions"] + 1 == 1
+    assert after == {k: v + g.counters()[k] for k, v in before.items()}

@@ -35,7 +35,8 @@ def group_scheduler(members: Sequence, gp: GroupPlan) -> Scheduler:
     policy and clock, the group's page space."""
     m0 = members[0]
     return Scheduler(group_scheduler_config(m0.config.scheduler, len(members)), PageAllocator(gp.num_pages),
-                     m0.page_size, m0.max_model_len, m0.scheduler.policy, clock=m0.scheduler.clock)
+                     m0.page_size, m0.max_model_len, m0.scheduler.policy, clock=m0.scheduler.clock,
+                     event_clock=m0.scheduler.events.clock)
 
 
 class GroupCore(UnitCore):

@@ -59,11 +59,20 @@ class QueueFull(Exception):
     pass
 
 
+# The scheduler's cumulative overload counters, as Status names them -> the attribute holding each.
+COUNTERS = {"preemptions": "num_preemptions", "recomputed_tokens": "num_recomputed_tokens",
+            "swap_outs": "num_swap_outs", "swap_ins": "num_swap_ins", "migrations_out": "num_migrations_out",
+            "migrations_in": "num_migrations_in", "migrated_bytes": "migrated_bytes"}
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator, page_size: int, max_model_len: int,
-                 policy: Optional[OverloadPolicy] = None, clock: Optional[Clock] = None):
+                 policy: Optional[OverloadPolicy] = None, clock: Optional[Clock] = None,
+                 event_clock: Optional[Clock] = None):
         """`clock`: where every timestamp comes from (kunjax.control.clock; default the wall clock;
-        the overload event log then stamps Unix time, otherwise the same clock)."""
+        the overload event log then stamps Unix time, otherwise the same clock); `event_clock`: the
+        event log's own, when it differs (a group's scheduler takes its members' Unix-time log clock,
+        so its events land on the same time axis as theirs)."""
         self.config = config
         self.clock = clock or WALL
         self.policy = policy or RecomputePolicy()
@@ -85,7 +94,8 @@ class Scheduler:
         self.num_migrations_out = 0  # live migrations off / onto this unit (kunjax.control.migration)
         self.num_migrations_in = 0
         self.migrated_bytes = 0
-        self.events = EventLog(clock=clock or UNIX)  # one entry per overload decision (Admin.Status returns them)
+        # One entry per overload decision (Admin.Status returns them).
+        self.events = EventLog(clock=event_clock or clock or UNIX)
 
     # ---- admission -------------------------------------------------------------------------
     def max_tokens_fit(self, req: Request) -> bool:
@@ -141,6 +151,17 @@ class Scheduler:
             return True
         except OutOfPages:
             return False
+
+    # ---- counters --------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """The cumulative overload counters (COUNTERS' names)."""
+        return {name: int(getattr(self, attr)) for name, attr in COUNTERS.items()}
+
+    def absorb_counters(self, other: "Scheduler") -> None:
+        """Adds `other`'s cumulative counters to this one's: a pipeline group's, into its first
+        member's when the group splits, so the cluster's totals survive the group."""
+        for attr in COUNTERS.values():
+            setattr(self, attr, getattr(self, attr) + getattr(other, attr))
 
     def preempt(self, victim: Request) -> None:
         """Recompute preemption: the victim's pages are freed, its KV is forgotten."""

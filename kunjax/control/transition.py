@@ -371,6 +371,7 @@ def adopt_after_restore(cluster, group, routing: RestoreRouting, report: Transit
         cluster.move_requests([req.request_id], m)
     group.scheduler.running.clear()
     group.scheduler.waiting.clear()
+    members[0].scheduler.absorb_counters(group.scheduler)  # the group's preemptions etc. outlive it
     for m in members:
         m.scheduler.running.sort(key=lambda r: r.arrival_time)
     return failed_out

@@ -228,7 +228,4 @@ class UnitCore:
         s = self.scheduler
         return {"running": len(s.running), "waiting": len(s.waiting), "pages_total": s.allocator.num_usable,
                 "pages_free": s.allocator.num_free, "pages_used": s.allocator.num_used, "page_size": s.page_size,
-                "steps": self.num_steps, "preemptions": s.num_preemptions,
-                "recomputed_tokens": s.num_recomputed_tokens, "swap_outs": s.num_swap_outs, "swap_ins": s.num_swap_ins,
-                "swapped": len(s.swapped), "migrations_out": s.num_migrations_out,
-                "migrations_in": s.num_migrations_in, "migrated_bytes": s.migrated_bytes, "events": s.events}
+                "steps": self.num_steps, **s.counters(), "swapped": len(s.swapped), "events": s.events}

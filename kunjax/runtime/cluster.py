@@ -291,6 +291,9 @@ class ServingCluster(MechanismCluster):
         for i, e in enumerate(self.engines):
             g = group_of.get(i)
             host = (g[0] if g else e).host_status()
+            if g:  # a member's counters: its own, and the group's once (on its first member)
+                own = e.scheduler.counters()
+                host.update({k: v + host[k] for k, v in own.items()} if e is g[0].members[0] else own)
             st = e.stage
             inst.append({"id": i, "devices": [str(d) for d in e.devices], "tp": e.tp, **host,
                          "group": g[0].id if g else -1,

@@ -296,7 +296,8 @@ class SimCluster(MechanismCluster):
         return out + [(g.members[0].index, g.scheduler) for g in self.all_groups]
 
     def counters(self) -> dict:
-        s = [sch for _, sch in self.schedulers()]
+        # The instances and the live groups: a split group's counters went into its first member's.
+        s = [e.scheduler for e in self.engines] + [g.scheduler for g in self.groups()]
         return {"preemptions": sum(x.num_preemptions for x in s),
                 "recomputed_tokens": sum(x.num_recomputed_tokens for x in s),
                 "swap_outs": sum(x.num_swap_outs for x in s), "swap_ins": sum(x.num_swap_ins for x in s),
