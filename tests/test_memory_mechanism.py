@@ -400,4 +400,12 @@ def test_a_padded_group_step_compiles_its_shape_in_the_background(host_model, re
     del picks[:]
     assert [o.token_ids for o in cluster.generate(prompts, params)] == want
     assert any(s == n and n in shapes for n, s in picks)  # now exact
+    # --group_shapes=all: every shape's layer executable at every ladder size, beyond the first shapes'
+    from kunjax.runtime.executables import LAYER
+
+    first, every = cluster.ladder_keys(), cluster.ladder_keys(all_shapes=True)
+    for (ex, few), (ex2, keys) in zip(first, every):
+        assert ex is ex2 and set(few) < set(keys)
+        layer = {(k.rows, k.query, k.pages, k.pool_pages) for k in keys if k.kind == LAYER}
+        assert layer >= {(sh.rows, sh.query, sh.pages, p) for sh in group.buckets.all_shapes() for p in cluster.ladder()}
     cluster.close()
