@@ -55,8 +55,8 @@ class GroupCore(UnitCore):
     tpot_slo_ms: Optional[float] = None
     # Whether the lookahead may cut a prompt's chunk across micro-batches to even them out. Off: the
     # later piece starts past position 0, so it runs at the longest gathered context (a prefill
-    # shape gathers its query bucket's pages or the most a sequence has), and the simulator measured
-    # group prefill steps with cut rows at 3x their tokens padded and 2.9x the time of uncut ones.
+    # shape gathers its query bucket's pages or the most a sequence has): the simulator measured group
+    # prefill steps with cut rows at 3.1x their tokens padded and 2.5x the time of uncut ones.
     cut_prefill_rows = False
     # With shapes compiled on demand (the cluster's group_shapes "on_demand"), a prefill micro-batch
     # whose cheapest ready shape costs more than this many times its own waits for a later step
@@ -159,9 +159,9 @@ class GroupCore(UnitCore):
     def pick(self, needed: StepShape, ready) -> Optional[StepShape]:
         """The cheapest ready shape covering `needed` (batch.pick_shape). When that is not `needed`
         itself, the step runs padded: `on_padded` hears of the shape it wanted, so the cluster can
-        compile it (or one covering it and others) in the background for later steps (a group's pools start with the pool
-        ladder's first shapes only, and padding a decode to the covering shape costs its largest
-        batch over its longest context)."""
+        compile it (or one covering it and others) in the background for later steps (a group's
+        pools start with the pool ladder's first shapes only, and padding a decode to the covering
+        shape costs its largest batch over its longest context)."""
         shape = pick_shape(needed, self.buckets, ready)
         if shape != needed and self.on_padded is not None:
             self.on_padded(self, needed, shape)

@@ -59,9 +59,10 @@ class MechanismCluster(Cluster):
     max_group_size = 4  # the largest pipeline group the pool ladder is compiled for
     # The step shapes a pipeline group's pools get (GROUP_SHAPES): "first", the pool ladder's first
     # shapes only (a group step needing another runs padded to a covering one); "on_demand", as first,
-    # and a padded step queues the shape it needed on the background compiler, once per (pool size,
-    # shape), later steps running it when ready; "all", the ladder sizes compile every shape in the
-    # background from start-up (slow where compiling is: an hour on this CPU). The launcher's
+    # and padded steps make the cluster compile the shapes that save the most padded work, in the
+    # background, later steps running them when ready (want_group_shape); "all", the ladder sizes
+    # compile every shape in the background from start-up (slow where compiling is: an hour on this
+    # CPU). The launcher's
     # --group_shapes sets it (default on_demand); a cluster built in code pads, as it compiles nothing
     # in the background unless asked.
     group_shapes = "first"

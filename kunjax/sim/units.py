@@ -39,9 +39,9 @@ class InstanceConfig:
     swap_space_bytes: int = 1 << 30
     warmup: bool = True  # every shape compiled (the launcher's background compiler done); else only first_shapes
     # What a pipeline group's pools have compiled (MechanismCluster.group_shapes, the launcher's
-    # --group_shapes): the pool ladder's first shapes ("first"), those and each shape a padded step
-    # wanted, `group_compile_s` per stage after it was queued on the one background compiler
-    # ("on_demand"), or every shape from the start ("all").
+    # --group_shapes): the pool ladder's first shapes ("first"), those and each shape the control plane
+    # asks for, `group_compile_s` after each member's compiler gets to it ("on_demand"), or every
+    # shape from the start ("all").
     group_shapes: str = "first"
     group_compile_s: float = 2.0
     paged_attention: bool = False  # what-if: attention costs each row's own context (a paged kernel), not the gather's
