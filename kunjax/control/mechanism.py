@@ -84,6 +84,7 @@ class MechanismCluster(Cluster):
         self.wanted_group_shapes: list = []  # (instances, pool pages, StepShape) queued to compile, in order
         self._wanted = set()
         self._group_needs: dict = {}  # (instances, pool pages) -> {needed shape: steps that ran padded for it}
+        self._settled: set = set()  # (instances, pool pages) where no shape would save padded work now
 
     # ---- what a subclass knows of its devices -------------------------------------------------
     def member_infos(self) -> dict:
@@ -122,8 +123,10 @@ class MechanismCluster(Cluster):
             return
         key = (tuple(group.plan.instances), group.num_pages)
         needs = self._group_needs.setdefault(key, collections.Counter())
+        if needed not in needs:
+            self._settled.discard(key)  # a new need: a shape may save something again
         needs[needed] += 1
-        if not self.group_compiling(group.plan):
+        if key not in self._settled and not self.group_compiling(group.plan):
             self._queue_group_shapes(group.plan, needs, 1)
 
     def prewarm_group(self, gp) -> None:
@@ -150,7 +153,8 @@ class MechanismCluster(Cluster):
 
         for _ in range(k):
             shape = next_group_shape(needs, buckets, ready, queued)
-            if shape is None:
+            if shape is None:  # nothing saves anything: not asked again until a new need comes
+                self._settled.add(key)
                 break
             chosen.append(shape)
         for shape in chosen:
