@@ -396,7 +396,22 @@ def parse(argv: Optional[Sequence[str]]):
         extra = SMOKE_LAUNCH + extra
     if not any(a.startswith("--log_level") for a in extra):
         launch.append("--log_level=info")
+    for name in PINNED_FLAGS:  # recorded even when defaulted: a later default must not change what a run meant
+        if not any(a.startswith(f"--{name}=") for a in launch + extra):
+            launch.append(f"--{name}={launcher_default(name)}")
     return args, launch + extra
+
+
+# Launcher flags whose default changed (most_free_pages, first): every run records the value it used,
+# so tools.simulate --validate replays a run recorded before them with the old meaning
+# (tools.simulate.OLD_DEFAULTS).
+PINNED_FLAGS = ("dispatch", "group_shapes")
+
+
+def launcher_default(name: str) -> str:
+    from serving import launch
+
+    return str(launch.FLAGS[name].default)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

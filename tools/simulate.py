@@ -50,6 +50,8 @@ from typing import Optional, Sequence
 from tools import bench, load_gen
 
 SIM_METRICS = ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")
+# What the launcher did before --dispatch and --group_shapes existed (tools.bench records both since).
+OLD_DEFAULTS = {"dispatch": "most_free_pages", "group_shapes": "first"}
 
 
 def sim_parser() -> argparse.ArgumentParser:
@@ -230,7 +232,11 @@ def validate(sim, directory: str, out: Optional[str] = None) -> int:
     meta = real["meta"]
     args, _ = bench.parse(meta["argv"])
     args.argv, args.out = list(meta["argv"]), out
-    st = setting(sim, meta["launch"])
+    launch = list(meta["launch"])
+    for name, old in OLD_DEFAULTS.items():  # a run recorded before the flag existed ran its old default
+        if not any(x.startswith(f"--{name}=") for x in launch):
+            launch.append(f"--{name}={old}")
+    st = setting(sim, launch)
     measured = {m["policy"]: m for m in real["policies"] if m.get("completed")}
     _, runs, table = simulate(args, st, list(measured))
     print(f"\npredicted (simulated, {st.calibration.spec.name}) vs measured ({directory}); error = predicted / "
