@@ -39,6 +39,8 @@ from typing import Optional
 
 from absl import app, flags
 
+from kunjax.control.cluster import DISPATCH_POLICIES
+from kunjax.control.mechanism import GROUP_SHAPES
 from serving.options import ServerOptions
 
 FLAGS = flags.FLAGS
@@ -53,6 +55,16 @@ flags.DEFINE_integer("cpu_devices", None, "virtual CPU devices to create (sets X
                      "only the CPU backend is affected); default num_instances*tp (per process)")
 flags.DEFINE_list("devices", None, "ids of the devices to serve on, in order (default: all, in jax.devices() "
                   "order); instance i takes the i-th group of tp of them")
+flags.DEFINE_enum("dispatch", "fewest_queued", list(DISPATCH_POLICIES),
+                  "where a new request goes (kunjax.control.cluster.DISPATCH_POLICIES): the unit with the fewest "
+                  "waiting requests per instance it is made of, then the most free pages (fewest_queued); the most "
+                  "free KV pages after its queue (most_free_pages); or, among the units whose free pages hold the "
+                  "prompt now, the fewest requests per instance (least_loaded)")
+flags.DEFINE_enum("group_shapes", "on_demand", list(GROUP_SHAPES),
+                  "step shapes a pipeline group's pools get (kunserve): the pool ladder's first shapes (first); those, "
+                  "and each shape a group step ran padded for, compiled in the background once asked (on_demand); or "
+                  "every shape of every ladder size, compiled in the background from start-up (all: worth it on a GPU; "
+                  "on a CPU it takes about an hour)")
 # cache
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_integer("num_pages", None, "KV pages per instance (incl. the null page); default: from memory")
@@ -161,6 +173,8 @@ class ClusterOptions:
     tp: int
     cpu_devices: Optional[int]
     devices: Optional[tuple[int, ...]]
+    dispatch: str
+    group_shapes: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,7 +477,8 @@ def build_cluster(opts: LaunchOptions, oplog=None):
         raise LaunchError(f"cannot load model {opts.model.model}: {e}") from e
     startup_phase("warm-up: placing the instances, compiling the shapes that cover every step")
     cluster = ServingCluster.build(host, engine_config(opts), opts.cluster.num_instances, opts.cluster.tp,
-                                   devices=devices, oplog=oplog)
+                                   devices=devices, policy=DISPATCH_POLICIES[opts.cluster.dispatch](), oplog=oplog)
+    cluster.group_shapes = opts.cluster.group_shapes
     # Every instance placed its own replica; the host copy of the weights is no longer needed (a
     # restore brings dropped layers back from the peers that kept them, never from the host).
     host.params = None
@@ -476,7 +491,7 @@ def build_cluster(opts: LaunchOptions, oplog=None):
     if cluster.engines and len(cluster.engines) > 1:
         # The group pool sizes a drop may use, compiled in the background: no drop waits a compile.
         cluster.max_group_size = opts.memory.max_group_size
-        cluster.compile_ladder(background=True)
+        cluster.compile_ladder(background=True, all_shapes=opts.cluster.group_shapes == "all")
     if opts.memory.overload_policy == "kunserve":
         t = time.monotonic()
         cost_model = cluster.calibrate()

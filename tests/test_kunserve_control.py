@@ -379,6 +379,91 @@ def test_lookahead_keeps_the_round_within_the_tpot_slo():
         assert ran.get(r.request.request_id, 0) + r.n == 512 and r.start == ran.get(r.request.request_id, 0)
 
 
+def test_uncut_lookahead_runs_every_prefill_row_whole_in_one_micro_batch():
+    """cut_rows=False (a pipeline group's setting): no prompt chunk is split across micro-batches nor
+    cut at the TPOT bound (a cut piece would gather the longest context); rows past the bound wait
+    whole, the step's first prefill row runs whatever its cost, decodes always run."""
+    cm = cost_model()
+    rows = [Row(req(f"d{i}", 500), 499, 1) for i in range(6)]
+    rows += [Row(req(f"p{i}", n), 0, n) for i, n in enumerate((900, 64, 300, 40))]
+    cut = form_micro_batches(rows, 2, cm, 16, L // 2)
+    assert any(r.n not in (1, 900, 64, 300, 40) for r in cut.rows), "the cutting lookahead cuts the 900-token row"
+    whole = form_micro_batches(rows, 2, cm, 16, L // 2, cut_rows=False)
+    assert sorted(r.n for r in whole.rows) == sorted(r.n for r in rows) and whole.deferred == ()
+    assert len(whole.batches) == 2 and all(r.start == 0 for r in whole.rows if r.n > 1)
+    tight = form_micro_batches(rows, 2, cm, 16, L // 2, tpot_slo_ms=1e-3, cut_rows=False)
+    assert sum(1 for r in tight.rows if r.n == 1) == 6  # decodes never wait
+    ran = [r for r in tight.rows if r.n > 1]
+    assert [(r.request.request_id, r.start, r.n) for r in ran] == [("p0", 0, 900)]  # the first, whole
+    assert [(r.start, r.n) for r in tight.deferred] == [(0, 64), (0, 300), (0, 40)]  # the rest wait whole
+
+
+def test_dispatch_policies_on_hand_made_views():
+    """least_loaded: memory decides where a request can go now, load per instance where among them;
+    most_free_pages sends it to the group just formed; fewest_queued ignores that the emptiest queue
+    cannot hold the prompt."""
+    from kunjax.control.cluster import DISPATCH_POLICIES, FewestQueued, LeastLoaded, MostFreePages
+
+    views = [dataclasses.replace(group_view(0, 7, (0, 1), used=100, total=1900, base=2 * PAGES), waiting=4,
+                                 running=60),
+             dataclasses.replace(instance_view(1, used=PAGES - 20), waiting=0, running=30),  # 20 free: no room
+             dataclasses.replace(instance_view(2, used=100), waiting=1, running=10),
+             dataclasses.replace(instance_view(3, used=90), waiting=1, running=20)]
+    prompt = 40 * 16  # 40 pages
+    assert MostFreePages().choose(views, prompt) == 0
+    assert FewestQueued().choose(views, prompt) == 1
+    assert LeastLoaded().choose(views, prompt) == 2  # fits; 1 waiting and 10 running per instance beats 3's 20
+    assert LeastLoaded().choose(views, 10 * 16) == 1  # 10 pages fit the emptiest queue: it goes there
+    full = [dataclasses.replace(v, pages_free=5) for v in views]
+    assert LeastLoaded().choose(full, prompt) == FewestQueued().choose(full, prompt) == 1  # nowhere fits now
+    assert set(DISPATCH_POLICIES) == {"most_free_pages", "fewest_queued", "least_loaded"}
+
+
+def test_launcher_dispatch_and_group_shapes_flags(monkeypatch):
+    """--dispatch names a DISPATCH_POLICIES entry (default fewest_queued: the simulator's choice) and
+    the cluster the launcher builds dispatches with it; --group_shapes a MechanismCluster.group_shapes
+    value (default on_demand), set on that cluster; a bad value is refused by the flag parser, naming
+    the flag."""
+    from absl import flags
+
+    from kunjax.control.cluster import LeastLoaded
+    from kunjax.runtime.cluster import ServingCluster
+    from serving import launch
+
+    built = {}
+
+    class Built:  # what build_cluster touches of the cluster it built
+        engines = []
+
+        def compile_in_background(self):
+            built["background"] = True
+
+    def build(model, config, num_instances=1, tp=1, devices=None, policy=None, oplog=None):
+        built["policy"] = policy
+        return built.setdefault("cluster", Built())
+
+    monkeypatch.setattr(ServingCluster, "build", build)
+
+    try:
+        launch.FLAGS.unparse_flags()
+        launch.FLAGS(["launch"])
+        opts = launch.options_from_flags()
+        assert (opts.cluster.dispatch, opts.cluster.group_shapes) == ("fewest_queued", "on_demand")
+        launch.FLAGS.unparse_flags()
+        launch.FLAGS(["launch", "--dispatch=least_loaded", "--group_shapes=all"])
+        opts = launch.options_from_flags()
+        assert (opts.cluster.dispatch, opts.cluster.group_shapes) == ("least_loaded", "all")
+        launch.FLAGS.unparse_flags()
+        launch.FLAGS(["launch", "--model=tiny", "--dispatch=least_loaded", "--group_shapes=all"])
+        cluster = launch.build_cluster(launch.options_from_flags())
+        assert isinstance(built["policy"], LeastLoaded) and cluster.group_shapes == "all" and built["background"]
+        launch.FLAGS.unparse_flags()
+        with pytest.raises(flags.IllegalFlagValueError, match="dispatch"):
+            launch.FLAGS(["launch", "--dispatch=random"])
+    finally:
+        launch.FLAGS.unparse_flags()
+
+
 # ---- launcher flags -----------------------------------------------------------------------------
 def test_launch_flags_build_the_kunserve_config_and_name_a_bad_one():
     from absl import app

@@ -356,3 +356,56 @@ def test_lookahead_micro_batches_keep_a_group_token_exact(host_model, reference)
     assert [o.token_ids for o in outs] == want
     assert max(splits) == 2
     cluster.restore()
+
+
+def test_a_padded_group_step_compiles_its_shape_in_the_background(host_model, reference):
+    """group_shapes=on_demand on a real group: a step whose shape the group's pools lack (the plan
+    compiled only the covering shapes) runs padded, or for a prefill micro-batch waits for a later
+    step, and the cluster queues a shape on every stage's background compiler, once; nothing
+    compiles on the request path; the same wave again runs those shapes exact; both waves
+    token-exact with an unloaded run."""
+    prompts = prompts_for(3, seed=41)  # 3 prompts: 2 prefill micro-batches (2 rows + 1), decodes of 3 rows
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [o.token_ids for o in reference.generate(prompts, params)]
+    cluster = ServingCluster.build(host_model, CONFIG, num_instances=2, tp=1)
+    cluster.group_shapes = "on_demand"
+    plan = cluster.plan_drop(2)
+    cluster.compile_plan(plan, background=False)
+    cluster.drop(plan)
+    [group] = cluster.groups()
+    group.max_prefill_padding = 1.5  # the one-row prefill micro-batch runs at 2 rows: it waits instead
+    picks, deferred = [], []
+    pick, shaped = group.pick, group.shaped_parts
+    group.pick = lambda needed, ready: picks.append((needed, pick(needed, ready))) or picks[-1][1]
+
+    def shaped_parts(step, ready):
+        n = len(step.rows)
+        out = shaped(step, ready)
+        deferred.append(n - len(step.rows))
+        return out
+
+    group.shaped_parts = shaped_parts
+    c0, f0 = compile_stats.compile_count(), compile_stats.foreground_compile_count()
+    assert [o.token_ids for o in cluster.generate(prompts, params)] == want
+    assert any(deferred), "a padded prefill micro-batch waited for a later step"
+    wanted = list(cluster.wanted_group_shapes)
+    assert wanted and all(k[:2] == ((0, 1), group.num_pages) for k in wanted) and len(set(wanted)) == len(wanted)
+    shapes = {k[2] for k in wanted}
+    assert all(s != n for n, s in picks if n in shapes)  # ran padded (or waited) the first time
+    compilers = list(cluster.group_compilers.values())
+    assert len(compilers) == 2 and all(c.wait(300) for c in compilers) and not any(c.errors for c in compilers)
+    assert compile_stats.compile_count() - c0 == sum(c.done for c in compilers) > 0  # all in the background
+    assert compile_stats.foreground_compile_count() == f0
+    assert all(group.ready(shape) for shape in shapes)
+    del picks[:]
+    assert [o.token_ids for o in cluster.generate(prompts, params)] == want
+    assert any(s == n and n in shapes for n, s in picks)  # now exact
+    # --group_shapes=all: every shape's layer executable at every ladder size, beyond the first shapes'
+    from kunjax.runtime.executables import LAYER
+
+    first, every = cluster.ladder_keys(), cluster.ladder_keys(all_shapes=True)
+    for (ex, few), (ex2, keys) in zip(first, every):
+        assert ex is ex2 and set(few) < set(keys)
+        layer = {(k.rows, k.query, k.pages, k.pool_pages) for k in keys if k.kind == LAYER}
+        assert layer >= {(sh.rows, sh.query, sh.pages, p) for sh in group.buckets.all_shapes() for p in cluster.ladder()}
+    cluster.close()

@@ -94,3 +94,55 @@ def test_the_simulator_imports_no_jax():
             "print('ok', rc)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok 0" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def _grouped_sim(group_shapes: str, compile_s: float = 0.05):
+    """Two tiny simulated instances merged into one pipeline group; the same wave of requests twice,
+    the second once the first is done and `compile_s` has passed. Returns (cluster, group, the
+    group's (time, needed shape, shape run) per micro-batch)."""
+    import dataclasses
+
+    from kunjax.control.request import SamplingParams
+
+    inst = dataclasses.replace(INST, group_shapes=group_shapes, group_compile_s=compile_s)
+    cl = sim_cluster.build(tiny_config(), Calibration(SPEC, EFF), inst, 2, 1, "recompute", num_pages=48)
+    cl.drop(cl.plan_drop(2))
+    [group] = cl.groups()
+    picks = []
+    pick = group.pick
+
+    def recording(needed, ready):
+        shape = pick(needed, ready)
+        picks.append((cl.clock(), needed, shape))
+        return shape
+
+    group.pick = recording
+    for wave in range(2):
+        cl.advance_to(cl.clock() + compile_s)
+        for i in range(6):
+            cl.add_request([11] * (20 + 7 * i), SamplingParams(max_tokens=12, ignore_eos=True))
+        while cl.has_unfinished():
+            cl.poll()
+            cl.advance_to(cl.next_landing() if cl.next_landing() is not None else cl.controller_free_at)
+    return cl, group, picks
+
+
+def test_a_padded_group_step_queues_its_shape_and_later_steps_run_it():
+    """group_shapes=on_demand: a group step whose shape its pools lack runs padded and queues that
+    shape once per (pool size, shape), on every stage's compiler; once the compile time has passed
+    the group's steps run the shape itself. With "first" nothing is queued and steps stay padded."""
+    cl, group, picks = _grouped_sim("on_demand")
+    wanted = cl.wanted_group_shapes
+    assert wanted and len(set(wanted)) == len(wanted) and {(m, p) for m, p, _ in wanted} == {((0, 1), group.num_pages)}
+    for _, _, shape in wanted:
+        ready_at = cl.group_shape_ready_at(group.plan, shape)
+        before = [s for t, n, s in picks if n == shape and t < ready_at]
+        after = [s for t, n, s in picks if n == shape and t >= ready_at]
+        assert before and all(s != shape and s.covers(shape) for s in before)  # padded while compiling
+        assert all(s == shape for s in after)  # exact once compiled
+    assert any(n == s and ((0, 1), group.num_pages, n) in wanted for _, n, s in picks)  # the second wave ran them
+    # the compiles queue one after the other on each stage's compiler
+    ends = sorted(cl.group_shape_ready_at(group.plan, shape) for _, _, shape in wanted)
+    assert all(b - a >= 0.05 - 1e-9 for a, b in zip(ends, ends[1:]))
+    first, _, fpicks = _grouped_sim("first")
+    assert first.wanted_group_shapes == [] and any(n != s for _, n, s in fpicks)

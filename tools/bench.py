@@ -58,7 +58,8 @@ SHAREGPT = os.path.join(load_gen.DATA_DIR, "sharegpt_v3_filtered_500.json")
 # Launcher flags the benchmark passes through (the same cluster shape for every policy).
 SERVER_FLAGS = {"model": str, "dtype": str, "num_instances": int, "tp": int, "cpu_devices": int, "hbm_bytes": int,
                 "num_pages": int, "page_size": int, "max_model_len": int, "max_num_seqs": int,
-                "max_num_batched_tokens": int, "max_prefill_rows": int, "swap_space_bytes": int}
+                "max_num_batched_tokens": int, "max_prefill_rows": int, "swap_space_bytes": int, "dispatch": str,
+                "group_shapes": str}
 # --smoke: one small instance (few shapes to compile: --nowarmup compiles only those that cover every
 # step) whose pool a burst of the Azure code trace overloads.
 SMOKE = dict(model="tiny", dtype="float32", num_instances=1, tp=1, cpu_devices=1, num_pages=24, page_size=16,
@@ -395,7 +396,22 @@ def parse(argv: Optional[Sequence[str]]):
         extra = SMOKE_LAUNCH + extra
     if not any(a.startswith("--log_level") for a in extra):
         launch.append("--log_level=info")
+    for name in PINNED_FLAGS:  # recorded even when defaulted: a later default must not change what a run meant
+        if not any(a.startswith(f"--{name}=") for a in launch + extra):
+            launch.append(f"--{name}={launcher_default(name)}")
     return args, launch + extra
+
+
+# Launcher flags whose default changed (most_free_pages, first): every run records the value it used,
+# so tools.simulate --validate replays a run recorded before them with the old meaning
+# (tools.simulate.OLD_DEFAULTS).
+PINNED_FLAGS = ("dispatch", "group_shapes")
+
+
+def launcher_default(name: str) -> str:
+    from serving import launch
+
+    return str(launch.FLAGS[name].default)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

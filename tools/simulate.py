@@ -13,10 +13,12 @@ Every flag of `tools.bench` means the same here (`--trace`, `--trace_offset`, `-
 `--time_scale`, `--sample`, `--len_scale`, `--max_input_len`, `--max_output_len`, `--policies`,
 `--ttft_slo_ms`, `--tpot_slo_ms`, `--out`, the cluster shape `--num_instances`, `--tp`,
 `--num_pages`, `--page_size`, `--max_model_len`, `--max_num_seqs`, `--max_num_batched_tokens`,
-`--max_prefill_rows`, `--swap_space_bytes`, `--hbm_bytes`, and launcher flags after `--`, e.g.
+`--max_prefill_rows`, `--swap_space_bytes`, `--hbm_bytes`, `--dispatch`, `--group_shapes`, and launcher
+flags after `--`, e.g.
 `-- --drop_dwell_s=0.2`): they are read by the benchmark's and the launcher's own parsers. Added:
 `--gpu` (a preset of kunjax.sim.hardware: h100-sxm, h200, a100-80gb), `--num_gpus` (instances =
-num_gpus / tp), `--calibration=FILE` (a fitted device instead of a preset), `--markdown=FILE`.
+num_gpus / tp), `--calibration=FILE` (a fitted device instead of a preset), `--markdown=FILE`,
+`--group_compile_s` (how long an on-demand group shape takes to compile, per stage).
 
 The policies run through the serving code unchanged (kunjax.sim.cluster): dispatch, the schedulers,
 recompute / swap / migrate, the kunserve monitor, planner, plan.py, the drop and restore tasks,
@@ -48,6 +50,8 @@ from typing import Optional, Sequence
 from tools import bench, load_gen
 
 SIM_METRICS = ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")
+# What the launcher did before --dispatch and --group_shapes existed (tools.bench records both since).
+OLD_DEFAULTS = {"dispatch": "most_free_pages", "group_shapes": "first"}
 
 
 def sim_parser() -> argparse.ArgumentParser:
@@ -62,16 +66,16 @@ def sim_parser() -> argparse.ArgumentParser:
                     "a GPU preset, the calibration's otherwise)")
     ap.add_argument("--link_scale", type=float, default=1.0, help="multiply the bandwidth of the links bulk copies "
                     "take by this (a drop, a restore, a swap, a migration; not a step's TP all-reduces)")
-    ap.add_argument("--group_shapes", choices=("first", "all"), default="first",
-                    help="shapes a pipeline group has compiled: the launcher's (first: its ladder compiles "
-                    "first_shapes) or every shape (as compile_plan(all_shapes=True) would)")
+    ap.add_argument("--group_compile_s", type=float, default=2.0,
+                    help="--group_shapes=on_demand: seconds the background compiler takes for one step shape on one "
+                    "stage of a pipeline group (its layer executable at the group's page count); shapes queue one "
+                    "after the other on each member's compiler. Default 2: kunjax's Llama-3-70B tp4 layer "
+                    "executable compiled in 1.9-2.2 s with XLA:CPU here (docs/simulator.md)")
     ap.add_argument("--no_server", action="store_true", help="--calibrate: skip timing the serving path "
                     "(a server with the same flags, lone requests through the client)")
     ap.add_argument("--attention", choices=("gather", "paged"), default="gather",
                     help="how attention is costed: as kunjax computes it (every row over the step's gathered "
                     "pages, gathered first) or, as a what-if, as a paged-attention kernel would (each row its own context)")
-    ap.add_argument("--dispatch", default="most_free_pages", help="the cluster's dispatch policy "
-                    "(kunjax.control.cluster.DISPATCH_POLICIES: most_free_pages, the launcher's; fewest_queued)")
     ap.add_argument("--log_level", default="warning", help="the control plane's log (info: every overload "
                     "decision, each drop and restore)")
     ap.add_argument("--calibrate_requests", type=int, default=48, help="--calibrate: requests served and timed")
@@ -142,10 +146,12 @@ def setting(sim, launch: Sequence[str]) -> Setting:
     c = opts.cache
     max_len = min(c.max_model_len or 4096, cfg.max_position_embeddings)
     dtype = sim.dtype_bytes or cal.fit.get("dtype_bytes") or 2
+    if not sim.group_compile_s >= 0:
+        raise ValueError(f"group_compile_s must be >= 0, got {sim.group_compile_s}")
     inst = InstanceConfig(sched, c.page_size, max_len, opts.memory.swap_space_bytes, opts.scheduler.warmup,
-                          sim.group_shapes == "all", sim.attention == "paged")
-    return Setting(opts.model.model, cfg, cal, inst,
-                   n, tp, c.num_pages, c.hbm_bytes, int(dtype), kunserve_config(opts.memory), list(launch), sim.dispatch)
+                          opts.cluster.group_shapes, sim.group_compile_s, sim.attention == "paged")
+    return Setting(opts.model.model, cfg, cal, inst, n, tp, c.num_pages, c.hbm_bytes, int(dtype),
+                   kunserve_config(opts.memory), list(launch), opts.cluster.dispatch)
 
 
 def arrivals_for(args, max_model_len: int) -> list:
@@ -226,7 +232,11 @@ def validate(sim, directory: str, out: Optional[str] = None) -> int:
     meta = real["meta"]
     args, _ = bench.parse(meta["argv"])
     args.argv, args.out = list(meta["argv"]), out
-    st = setting(sim, meta["launch"])
+    launch = list(meta["launch"])
+    for name, old in OLD_DEFAULTS.items():  # a run recorded before the flag existed ran its old default
+        if not any(x.startswith(f"--{name}=") for x in launch):
+            launch.append(f"--{name}={old}")
+    st = setting(sim, launch)
     measured = {m["policy"]: m for m in real["policies"] if m.get("completed")}
     _, runs, table = simulate(args, st, list(measured))
     print(f"\npredicted (simulated, {st.calibration.spec.name}) vs measured ({directory}); error = predicted / "

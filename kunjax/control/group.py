@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 from typing import Optional, Sequence
 
-from kunjax.control.batch import Row, ScheduledStep
+from kunjax.control.batch import Row, ScheduledStep, StepShape, pick_shape
 from kunjax.control.pages import PageAllocator
 from kunjax.control.plan import GroupPlan
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
@@ -53,6 +53,18 @@ class GroupCore(UnitCore):
     # (prefill beyond it is deferred to a later step); without one, rows are split evenly by count.
     cost_model = None
     tpot_slo_ms: Optional[float] = None
+    # Whether the lookahead may cut a prompt's chunk across micro-batches to even them out. Off: the
+    # later piece starts past position 0, so it runs at the longest gathered context (a prefill
+    # shape gathers its query bucket's pages or the most a sequence has): the simulator measured group
+    # prefill steps with cut rows at 3.1x their tokens padded and 2.5x the time of uncut ones.
+    cut_prefill_rows = False
+    # With shapes compiled on demand (the cluster's group_shapes "on_demand"), a prefill micro-batch
+    # whose cheapest ready shape costs more than this many times its own waits for a later step
+    # (shaped_parts) instead of running padded: a prompt of two rows padded to the covering
+    # (16 x 4,096) shape computes 32-64x its tokens, seconds for a 70B model, while every decode of
+    # the group waits behind it.
+    max_prefill_padding = 4.0
+    defer_padded_prefill = False
 
     def __init__(self, group_id: int, plan: GroupPlan, members: Sequence, scheduler: Scheduler, eos_ids=()):
         """`members`: the instances in stage order (they hold the group's layer ranges now)."""
@@ -69,6 +81,10 @@ class GroupCore(UnitCore):
         self.routing = None
         self.restored: set[int] = set()
         self.restoring: Optional[dict] = None  # the device side of a restore under way
+        # Called with (group, needed shape, shape run) when a micro-batch runs padded because the
+        # shape it needs is not compiled for this group's pools (the cluster compiles shapes in the
+        # background from what it hears: configure).
+        self.on_padded = None
 
     @property
     def num_pages(self) -> int:
@@ -100,7 +116,7 @@ class GroupCore(UnitCore):
 
             plan = form_micro_batches(rows, len(self.members), self.cost_model, self.page_size,
                                       max(st.num_layers for st in self.plan.stages), self.tpot_slo_ms,
-                                      num_batches=k, max_rows=cap)
+                                      num_batches=k, max_rows=cap, cut_rows=self.cut_prefill_rows)
             if plan.batches and all(len(b) <= cap for b in plan.batches):
                 return [list(b) for b in plan.batches]
         size = -(-len(rows) // k)
@@ -116,10 +132,48 @@ class GroupCore(UnitCore):
         step.rows = [r for _, rows in parts for r in rows]
         return [(j, rows, self.routing.tables_of(rows) if j >= 0 else None) for j, rows in parts]
 
+    def shaped_parts(self, step: ScheduledStep, ready) -> list[tuple[int, list[Row], Optional[dict], StepShape]]:
+        """`parts` with the shape each micro-batch runs at (`ready(shape, member)`: compiled for it).
+        With `defer_padded_prefill`, prefill micro-batches padded past `max_prefill_padding` leave
+        the step (their rows stay scheduled: the scheduler gives them to a later step, by when their
+        shape may be compiled), unless none would run, then the cheapest of them runs; decodes never
+        wait, nor does anything during a restore or when a request's rows span micro-batches.
+        `step.rows` follows what runs."""
+        out = []
+        for member, rows, tables in self.parts(step):
+            needed = self.buckets.needed(rows, step.prefill)
+            shape = self.pick(needed, lambda sh, m=member: ready(sh, m))
+            if shape is None:
+                raise RuntimeError(f"no compiled shape covers {needed} on every stage of group {self.id}; a drop "
+                                   f"waits for the covering shapes, so this is a bug")
+            out.append((member, rows, tables, shape, needed))
+        if step.prefill and self.defer_padded_prefill and self.routing is None and len(out) > 1:
+            ids = [r.request.request_id for p in out for r in p[1]]
+            run = [p for p in out if p[3].cost() <= self.max_prefill_padding * p[4].cost()]
+            if len(set(ids)) == len(ids) and len(run) < len(out):
+                run = run or [min(out, key=lambda p: p[3].cost())]
+                out = [p for p in out if any(p is q for q in run)]
+                step.rows = [r for p in out for r in p[1]]
+        return [p[:4] for p in out]
+
+    def pick(self, needed: StepShape, ready) -> Optional[StepShape]:
+        """The cheapest ready shape covering `needed` (batch.pick_shape). When that is not `needed`
+        itself, the step runs padded: `on_padded` hears of the shape it wanted, so the cluster can
+        compile it (or one covering it and others) in the background for later steps (a group's
+        pools start with the pool ladder's first shapes only, and padding a decode to the covering
+        shape costs its largest batch over its longest context)."""
+        shape = pick_shape(needed, self.buckets, ready)
+        if shape != needed and self.on_padded is not None:
+            self.on_padded(self, needed, shape)
+        return shape
+
     def configure(self, cluster) -> None:
-        """Takes the cluster's cost model and TPOT bound (lookahead micro-batches) where it has them."""
+        """Takes the cluster's cost model and TPOT bound (lookahead micro-batches) where it has them,
+        and its wish list of group shapes (`want_group_shape`: compiled on demand)."""
         self.cost_model = getattr(cluster, "cost_model", None)
         self.tpot_slo_ms = getattr(cluster, "tpot_slo_ms", None)
+        self.on_padded = getattr(cluster, "want_group_shape", None)
+        self.defer_padded_prefill = getattr(cluster, "group_shapes", "first") == "on_demand"
 
     def group_status(self, instance_ids: Sequence[int]) -> dict:
         return {"id": self.id, "instances": list(instance_ids), "state": self.state, "num_pages": self.num_pages,

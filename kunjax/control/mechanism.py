@@ -11,11 +11,13 @@ executables are compiled; a simulator's always are).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import Optional, Sequence
 
 from kunjax.control.clock import UNIX
+from kunjax.control.batch import StepShape, pick_shape
 from kunjax.control.cluster import Cluster
 from kunjax.control.events import EventLog
 from kunjax.control.group import GroupCore
@@ -26,10 +28,44 @@ from kunjax.control.transition import DropError, DropTask, RestoreError, Restore
 
 log = logging.getLogger(__name__)
 
+GROUP_SHAPES = ("first", "on_demand", "all")  # MechanismCluster.group_shapes, the launcher's --group_shapes
+
+
+def next_group_shape(needs: dict, buckets, ready, exclude=()) -> Optional[StepShape]:
+    """The shape to compile next for a group: among the buckets' shapes neither ready nor in
+    `exclude`, the one that saves the most padded work over the group's needs (`needs`: needed
+    shape -> steps that ran padded for it; StepShape.cost the measure of work): for every need it
+    covers more cheaply than the cheapest ready shape does, those steps x the cost saved. A shape a
+    little larger than one need can save more by covering several (a growing decode batch); None
+    when nothing would save anything."""
+    cur = {}
+    for n in needs:
+        if not ready(n):
+            cover = pick_shape(n, buckets, ready)
+            if cover is not None:
+                cur[n] = cover.cost()
+    best, gain = None, 0
+    for s in buckets.all_shapes():
+        if s in exclude or ready(s):
+            continue
+        g = sum(needs[n] * (c - s.cost()) for n, c in cur.items() if s.cost() < c and s.covers(n))
+        if g > gain:
+            best, gain = s, g
+    return best
+
 
 class MechanismCluster(Cluster):
     chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
     max_group_size = 4  # the largest pipeline group the pool ladder is compiled for
+    # The step shapes a pipeline group's pools get (GROUP_SHAPES): "first", the pool ladder's first
+    # shapes only (a group step needing another runs padded to a covering one); "on_demand", as first,
+    # and padded steps make the cluster compile the shapes that save the most padded work, in the
+    # background, later steps running them when ready (want_group_shape); "all", the ladder sizes
+    # compile every shape in the background from start-up (slow where compiling is: an hour on this
+    # CPU). The launcher's
+    # --group_shapes sets it (default on_demand); a cluster built in code pads, as it compiles nothing
+    # in the background unless asked.
+    group_shapes = "first"
 
     def __init__(self, engines: Sequence, frontend, policy=None, oplog=None, clock=None):
         super().__init__(engines, frontend, policy, oplog, clock)
@@ -45,6 +81,10 @@ class MechanismCluster(Cluster):
         # rolled_back), beside each unit's overload log in Admin.Status, so a benchmark sees when an
         # overload was acted on and when the memory it freed became usable.
         self.events = EventLog(clock=UNIX if clock is None else clock)
+        self.wanted_group_shapes: list = []  # (instances, pool pages, StepShape) queued to compile, in order
+        self._wanted = set()
+        self._group_needs: dict = {}  # (instances, pool pages) -> {needed shape: steps that ran padded for it}
+        self._settled: set = set()  # (instances, pool pages) where no shape would save padded work now
 
     # ---- what a subclass knows of its devices -------------------------------------------------
     def member_infos(self) -> dict:
@@ -54,6 +94,75 @@ class MechanismCluster(Cluster):
     def plan_ready(self, plan) -> tuple[int, int]:
         """(ready, total) executables of the plan."""
         raise NotImplementedError
+
+    def compile_group_shape(self, gp, shape) -> None:
+        """Queues what a step of `shape` needs on every stage of the group of GroupPlan `gp` at its
+        page count on the background compilers (never on the request path)."""
+        raise NotImplementedError
+
+    def group_compiling(self, gp) -> bool:
+        """A shape compile for the members of GroupPlan `gp` is under way."""
+        raise NotImplementedError
+
+    def group_shape_ready(self, gp, shape) -> bool:
+        """A step of `shape` can run on the group of GroupPlan `gp` (before the group exists too)."""
+        raise NotImplementedError
+
+    # ---- group shapes on demand ----------------------------------------------------------------
+    prewarm_shapes = 8  # shapes compiled for a group as its drop starts, from its members' steps
+
+    def want_group_shape(self, group, needed, padded) -> None:
+        """A micro-batch of `group` needing `needed` ran padded to `padded` (GroupCore.pick). With
+        group_shapes "on_demand" the cluster counts, per (members, group pool size), the steps each
+        needed shape ran padded, and whenever the group's compilers are idle queues the one shape
+        that saves the most padded work over those needs (next_group_shape); the group's later
+        steps take it once it is ready (pick_shape prefers the cheapest ready covering shape).
+        Executables belong to a placement, so another group of the same size on other instances
+        needs its own."""
+        if self.group_shapes != "on_demand":
+            return
+        key = (tuple(group.plan.instances), group.num_pages)
+        needs = self._group_needs.setdefault(key, collections.Counter())
+        if needed not in needs:
+            self._settled.discard(key)  # a new need: a shape may save something again
+        needs[needed] += 1
+        if key not in self._settled and not self.group_compiling(group.plan):
+            self._queue_group_shapes(group.plan, needs, 1)
+
+    def prewarm_group(self, gp) -> None:
+        """As a drop starts (on_demand): the group it forms will first serve its members' requests,
+        so the shapes that save the most padded work over the steps its members ran (their
+        `shape_counts`) are queued for it now, `prewarm_shapes` of them; the drop's pieces take
+        seconds, in which the first of them compile."""
+        if self.group_shapes != "on_demand":
+            return
+        needs = collections.Counter()
+        for i in gp.instances:
+            needs.update(getattr(self.engines[i], "shape_counts", {}))
+        self._group_needs[(tuple(gp.instances), gp.num_pages)] = needs
+        self._queue_group_shapes(gp, needs, self.prewarm_shapes)
+
+    def _queue_group_shapes(self, gp, needs, k: int) -> None:
+        key = (tuple(gp.instances), gp.num_pages)
+        buckets = self.engines[gp.instances[0]].buckets
+        chosen: list = []
+        queued = {w[2] for w in self._wanted if w[:2] == key}
+
+        def ready(s) -> bool:
+            return s in chosen or self.group_shape_ready(gp, s)
+
+        for _ in range(k):
+            shape = next_group_shape(needs, buckets, ready, queued)
+            if shape is None:  # nothing saves anything: not asked again until a new need comes
+                self._settled.add(key)
+                break
+            chosen.append(shape)
+        for shape in chosen:
+            self._wanted.add((*key, shape))
+            self.wanted_group_shapes.append((*key, shape))
+            log.info("pipeline group of instances %s (%d pages): compiling %s in the background", list(gp.instances),
+                     gp.num_pages, shape)
+            self.compile_group_shape(gp, shape)
 
     # ---- units and groups ------------------------------------------------------------------
     def next_group_id(self) -> int:
@@ -157,6 +266,8 @@ class MechanismCluster(Cluster):
                                     f"they are back")
         task = DropTask(self, plan)
         self.start_task(task)
+        for gp in plan.groups:
+            self.prewarm_group(gp)
         return task
 
     def start_restore(self, group_ids: Optional[Sequence[int]] = None) -> list:

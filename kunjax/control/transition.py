@@ -79,7 +79,7 @@ class TransitionReport:
     live_before: dict[str, int] = dataclasses.field(default_factory=dict)
     peak_live: dict[str, int] = dataclasses.field(default_factory=dict)  # sampled at every layer
     live_after: dict[str, int] = dataclasses.field(default_factory=dict)
-    compiles: int = 0
+    compiles: int = 0  # compilations while it ran, the background compilers' excluded (compile_stats)
     failed_pages: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # group -> page ids lost
     state: str = "running"  # running | done | rolled_back
     error: str = ""

@@ -17,6 +17,7 @@ scheduling and bookkeeping.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Optional, Protocol, Sequence
 
@@ -92,6 +93,9 @@ class UnitCore:
         self.num_steps = 0
         self.last_wait_s = 0.0  # how long `finish` of the last step waited for the device
         self.typical_output: Optional[float] = None  # moving average of finished requests' output tokens
+        # Steps per needed shape (a unit with `buckets`): what a pipeline group these instances form is
+        # likely to need first (MechanismCluster compiles those for it as its drop starts).
+        self.shape_counts: collections.Counter = collections.Counter()
 
     @property
     def allocator(self):
@@ -128,7 +132,11 @@ class UnitCore:
         return self.scheduler.has_work()
 
     def schedule(self) -> Optional[ScheduledStep]:
-        return self.scheduler.schedule()
+        step = self.scheduler.schedule()
+        buckets = getattr(self, "buckets", None)
+        if step is not None and buckets is not None:
+            self.shape_counts[buckets.needed(step.rows, step.prefill)] += 1
+        return step
 
     def apply(self, step: ScheduledStep, tokens: Sequence[int], logprobs: Optional[tuple] = None) -> list[RequestOutput]:
         """Applies a step's sampled tokens: appends, finishes, detokenizes. `logprobs`: the penalty

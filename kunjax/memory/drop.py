@@ -101,7 +101,7 @@ def execute_drop_begin(cluster, op: DeviceOp) -> TransitionReport:
     report.live_before = _live(devices)
     report.peak_live = dict(report.live_before)
     cluster.drop_state = DropState(plan, groups, [set() for _ in groups], report, devices,
-                                   compile_stats.compile_count())
+                                   compile_stats.foreground_compile_count())
     for gp, members in zip(plan.groups, groups):
         for st_plan, m in zip(gp.stages, members):  # first room: the embedding and head copies
             freed = _drop_embed_head(m.stage, st_plan)
@@ -241,7 +241,7 @@ def execute_drop_finish(cluster, op: DeviceOp) -> TransitionReport:
         cluster.replace_units(members, [group])
     _sample_peak(report, state.devices)
     report.live_after = _live(state.devices)
-    report.compiles = compile_stats.compile_count() - state.c0
+    report.compiles = compile_stats.foreground_compile_count() - state.c0
     report.state = "done"
     cluster.last_transition = report
     cluster.drop_state = None
@@ -279,7 +279,7 @@ def execute_drop_rollback(cluster, op: DeviceOp) -> TransitionReport:
     report.state = "rolled_back"
     report.error = op.args.get("error", "")
     report.live_after = _live(state.devices)
-    report.compiles = compile_stats.compile_count() - state.c0
+    report.compiles = compile_stats.foreground_compile_count() - state.c0
     cluster.last_transition = report
     cluster.drop_state = None
     return report

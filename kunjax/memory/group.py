@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from kunjax.control.batch import ScheduledStep, StepShape, build_batch, pick_shape
+from kunjax.control.batch import ScheduledStep, StepShape, build_batch
 from kunjax.control.group import GroupCore, group_scheduler_config  # noqa: F401
 from kunjax.control.ops import STEP, DeviceOp
 from kunjax.control.request import RequestOutput
@@ -41,14 +41,11 @@ class PipelineGroup(GroupCore):
     # ---- the step-unit interface -----------------------------------------------------------
     def prepare(self, step: ScheduledStep) -> DeviceOp:
         """Micro-batches as data; during a restore one per target member (each with its page
-        tables in both spaces), so a layer already restored runs on the member that now holds it."""
+        tables in both spaces), so a layer already restored runs on the member that now holds it.
+        A micro-batch whose shape is not compiled for the group runs padded (or, prefill, waits) and
+        the cluster hears of it (GroupCore.shaped_parts; the cluster's group_shapes)."""
         mbs, arrays = [], {}
-        for j, (member, rows, tables) in enumerate(self.parts(step)):
-            needed = self.buckets.needed(rows, step.prefill)
-            shape = pick_shape(needed, self.buckets, lambda sh, m=member: self.shape_ready(sh, m))
-            if shape is None:
-                raise RuntimeError(f"no compiled shape covers {needed} on every stage of group {self.id}; a drop "
-                                   f"waits for the covering shapes, so this is a bug")
+        for j, (member, rows, tables, shape) in enumerate(self.shaped_parts(step, self.shape_ready)):
             for k, v in build_batch(rows, shape, self.page_size).items():
                 arrays[f"{j}/{k}"] = v
             if member >= 0:

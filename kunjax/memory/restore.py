@@ -49,7 +49,7 @@ def execute_restore_begin(cluster, op: DeviceOp) -> TransitionReport:
     report = TransitionReport("restore", [group.id])
     report.live_before = _live(devices)
     report.peak_live = dict(report.live_before)
-    group.restoring = {"report": report, "devices": devices, "c0": compile_stats.compile_count(),
+    group.restoring = {"report": report, "devices": devices, "c0": compile_stats.foreground_compile_count(),
                        "chunk": int(op.args["chunk"]), "lost": {j: set() for j in range(len(group.members))}}
     group.restored = set()
     group.state = "restoring"
@@ -117,7 +117,7 @@ def execute_restore_finish(cluster, op: DeviceOp) -> TransitionReport:
             report.failed_pages[cluster.engines.index(members[j])] = sorted(pages_lost)
     cluster.replace_units([group], members)
     report.live_after = _live(devices)
-    report.compiles = compile_stats.compile_count() - st8["c0"]
+    report.compiles = compile_stats.foreground_compile_count() - st8["c0"]
     report.state = "done"
     group.state = "split"
     group.restoring = None

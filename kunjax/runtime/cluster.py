@@ -31,6 +31,7 @@ from kunjax.runtime.executables import BackgroundCompiler
 log = logging.getLogger(__name__)
 
 COMPILE_PLAN = "compile_plan"
+COMPILE_GROUP_SHAPE = "compile_group_shape"
 
 
 class ServingCluster(MechanismCluster):
@@ -44,13 +45,17 @@ class ServingCluster(MechanismCluster):
         super().__init__(engines, engines[0], policy, oplog)
         self.engines: list[LLMEngine]
         self.compiler = BackgroundCompiler()
+        # One more per placement for the group shapes steps ask for (compile_group_shape): they do not
+        # wait behind the start-up queue of `compiler`, and a group's stages compile side by side.
+        self.group_compilers: dict[int, BackgroundCompiler] = {}
         self.drop_state = None  # the device side of a drop under way (kunjax.memory.drop.DropState)
         for kind, fn in ((drop.DROP_BEGIN, drop.execute_drop_begin), (drop.DROP_LAYERS, drop.execute_drop_layers),
                          (drop.DROP_FINISH, drop.execute_drop_finish), (drop.DROP_ROLLBACK, drop.execute_drop_rollback),
                          (restore.RESTORE_BEGIN, restore.execute_restore_begin),
                          (restore.RESTORE_LAYERS, restore.execute_restore_layers),
                          (restore.RESTORE_FINISH, restore.execute_restore_finish),
-                         (COMPILE_PLAN, ServingCluster._execute_compile_plan)):
+                         (COMPILE_PLAN, ServingCluster._execute_compile_plan),
+                         (COMPILE_GROUP_SHAPE, ServingCluster._execute_compile_group_shape)):
             self.register_op(kind, fn)
 
     @classmethod
@@ -106,7 +111,8 @@ class ServingCluster(MechanismCluster):
     def close(self) -> None:
         """Before the process exits: stops the background compiler (queued work dropped, the compile
         in progress finished)."""
-        self.compiler.shutdown()
+        for c in [self.compiler, *self.group_compilers.values()]:
+            c.shutdown()
 
     # ---- the mechanism: plan, compile, drop, restore ---------------------------------------
     def member_infos(self) -> dict:
@@ -131,27 +137,78 @@ class ServingCluster(MechanismCluster):
                 num_pages=e.stage.num_pages, used_pages=e.allocator.num_used)
         return infos
 
-    def ladder_keys(self) -> list[tuple]:
+    def ladder_keys(self, all_shapes: bool = False) -> list[tuple]:
         """(executables, keys) of every ladder size on every instance: the first shapes' layer
-        executables and the page moves in and out of both pool sizes."""
+        executables (`all_shapes`: every shape's) and the page moves in and out of both pool sizes.
+        Only a layer's executable depends on the pool size; embedding and head are the instance's."""
         from kunjax.runtime.executables import keys_for, pool_keys
 
         out = []
         for e in self.engines:
             keys = []
             for p in self.ladder():
-                keys += [k for sh in e.first_shapes() for k in keys_for(sh, p, False, False)]
+                shapes = e.buckets.all_shapes() if all_shapes else e.first_shapes()
+                keys += [k for sh in shapes for k in keys_for(sh, p, False, False)]
                 keys += pool_keys(p, self.chunk_pages)
             keys += pool_keys(e.num_pages, self.chunk_pages)
             out.append((e.exes, list(dict.fromkeys(keys))))
         return out
 
-    def compile_ladder(self, background: bool = True) -> None:
-        """Compiles every ladder size (the launcher does so in the background after start-up)."""
-        for ex, keys in self.ladder_keys():
-            keys = [k for k in keys if not ex.is_ready(k)]
+    def compile_ladder(self, background: bool = True, all_shapes: bool = False) -> None:
+        """Compiles every ladder size (the launcher does so in the background after start-up);
+        `all_shapes`: then every shape at every ladder size (--group_shapes=all), after the first
+        shapes of every size, so a drop is possible as early as without it, and on each
+        placement's own group compiler, so the instances compile theirs side by side."""
+        for rnd in ((False, True) if all_shapes else (False,)):
+            for ex, keys in self.ladder_keys(all_shapes=rnd):
+                keys = [k for k in keys if not ex.is_ready(k)]
+                if not keys:
+                    continue
+                if not background:
+                    ex.compile(keys)
+                else:
+                    (self.group_compilers.setdefault(id(ex), BackgroundCompiler()) if rnd else self.compiler).submit(
+                        ex, keys)
+
+    def group_shape_keys(self, gp, shape) -> list[tuple]:
+        """(executables, keys) a step of `shape` needs on each stage of the group of GroupPlan `gp`
+        at its page count (the stage's member's placement), the ones not compiled yet."""
+        from kunjax.runtime.executables import keys_for
+
+        out = []
+        for st in gp.stages:
+            ex = self.engines[st.instance].exes
+            keys = [k for k in keys_for(shape, gp.num_pages, st.embed, st.head) if not ex.is_ready(k)]
             if keys:
-                self.compiler.submit(ex, keys) if background else ex.compile(keys)
+                out.append((ex, keys))
+        return out
+
+    def group_shape_ready(self, gp, shape) -> bool:
+        return not self.group_shape_keys(gp, shape)
+
+    def compile_group_shape(self, gp, shape) -> None:
+        """MechanismCluster's on-demand group shapes, device half: on each stage's own group compiler
+        (a stage's compile never waits for another's, nor for the start-up queue of `compiler`). A
+        logged operation, so every process of a multi-host cluster queues the same compiles on its
+        own compilers (a follower that reaches a step before its compile is done compiles the
+        shape there, in PipelineGroup.execute, as for any shape the controller had ready first)."""
+        self.run_op(DeviceOp(COMPILE_GROUP_SHAPE, -1, {"group_plan": gp.to_dict(),
+                                                       "shape": [shape.rows, shape.query, shape.pages]}))
+
+    def _execute_compile_group_shape(self, op: DeviceOp) -> None:
+        from kunjax.control.batch import StepShape
+        from kunjax.control.plan import GroupPlan
+
+        gp = GroupPlan.from_dict(op.args["group_plan"])
+        for ex, keys in self.group_shape_keys(gp, StepShape(*op.args["shape"])):
+            self.group_compilers.setdefault(id(ex), BackgroundCompiler()).submit(ex, keys)
+
+    def group_compiling(self, gp) -> bool:
+        return any(not c.idle() for c in (self.group_compilers.get(id(self.engines[i].exes)) for i in gp.instances)
+                   if c is not None)
+
+    def compilers_idle(self) -> bool:
+        return all(c.idle() for c in [self.compiler, *self.group_compilers.values()])
 
     def plan_keys(self, plan, shapes=None) -> list[tuple]:
         """(executables, keys) every process needs before it can apply `plan`, serve grouped, and
@@ -246,7 +303,7 @@ class ServingCluster(MechanismCluster):
             "running": sum(s["running"] for s in units), "waiting": sum(s["waiting"] for s in units),
             "pages_total": sum(s["pages_total"] for s in units), "pages_free": sum(s["pages_free"] for s in units),
             "pages_used": sum(s["pages_used"] for s in units), "timing": self.timing.as_dict(),
-            "compiles": compile_stats.compile_count(), "compiling": not self.compiler.idle(),
+            "compiles": compile_stats.compile_count(), "compiling": not self.compilers_idle(),
             "transitions": [{"kind": t.report.kind, "groups": list(t.report.groups), "pieces": t.report.pieces,
                              "seconds": t.report.seconds} for t in self.transitions()],
             "transition_counts": dict(self.transition_counts),

@@ -16,8 +16,12 @@ import jax
 _EVENT = "/jax/core/compile/backend_compile_duration"
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+# The name of kunjax.runtime.executables.BackgroundCompiler's thread: compiles there are off the
+# request path (a server's cheaper shapes, the pool ladder, the shapes a pipeline group asked for).
+BACKGROUND_THREAD = "kunjax-compile"
 _lock = threading.Lock()
 _count = 0
+_background = 0
 _seconds = 0.0
 _traces = 0
 _lowerings = 0
@@ -25,10 +29,12 @@ _installed = False
 
 
 def _listener(event: str, duration: float, **_kwargs) -> None:
-    global _count, _seconds, _traces, _lowerings
+    global _count, _seconds, _traces, _lowerings, _background
     if event == _EVENT:
+        background = threading.current_thread().name == BACKGROUND_THREAD  # JAX reports on the compiling thread
         with _lock:
             _count += 1
+            _background += background
             _seconds += duration
     elif event == _TRACE:
         with _lock:
@@ -49,6 +55,14 @@ def install() -> None:
 def compile_count() -> int:
     install()
     return _count
+
+
+def foreground_compile_count() -> int:
+    """Compilations on any thread but the background compilers': what the request path (or a drop,
+    a restore) compiled itself."""
+    install()
+    with _lock:
+        return _count - _background
 
 
 def compile_seconds() -> float:

@@ -104,6 +104,8 @@ class SimCluster(MechanismCluster):
         super().__init__(instances, SimFrontend(cfg, config.max_model_len, pages - 1, config.page_size),
                          DISPATCH_POLICIES[dispatch](), clock=clock)
         self.overlap_stages = calibration.overlap_stages
+        self.group_shapes = config.group_shapes
+        self.group_compile_s = config.group_compile_s
         self.all_groups: list[SimGroup] = []
         self.drop_state: Optional[_DropState] = None
         self._landings: list = []  # heap of (end, seq, future)
@@ -126,7 +128,32 @@ class SimCluster(MechanismCluster):
                 for e in self.engines}
 
     def plan_ready(self, plan) -> tuple[int, int]:
-        return 1, 1  # nothing to compile in a simulation
+        return 1, 1  # the ladder's first shapes: compiled at start-up, before the burst
+
+    def group_compiling(self, gp) -> bool:
+        return any(self.engines[i].compiler_free_at > self.clock() for i in gp.instances)
+
+    def group_shape_ready(self, gp, shape) -> bool:
+        return self.group_shape_ready_at(gp, shape) <= self.clock()
+
+    def group_shape_ready_at(self, gp, shape) -> float:
+        """When `shape` is compiled for GroupPlan `gp`'s pools on every member (0: the pool ladder's
+        shapes, compiled at start-up; inf: not asked for)."""
+        members = [self.engines[i] for i in gp.instances]
+        if shape in members[0].group_compiled:
+            return 0.0
+        return max(m.group_ready_at.get((gp.num_pages, shape), float("inf")) for m in members)
+
+    def compile_group_shape(self, gp, shape) -> None:
+        """Each stage's group compiler (one per placement, as ServingCluster's) takes `group_compile_s`
+        for the shape's layer executable at the group's page count, after what it has queued, unless
+        that member has it already (from an earlier group of the same size)."""
+        key = (gp.num_pages, shape)
+        for i in gp.instances:
+            m = self.engines[i]
+            if key not in m.group_ready_at:
+                m.compiler_free_at = max(self.clock(), m.compiler_free_at) + self.group_compile_s
+                m.group_ready_at[key] = m.compiler_free_at
 
     # ---- links -------------------------------------------------------------------------------
     def link(self, a: int, b: int) -> str:

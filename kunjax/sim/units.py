@@ -38,7 +38,12 @@ class InstanceConfig:
     max_model_len: int
     swap_space_bytes: int = 1 << 30
     warmup: bool = True  # every shape compiled (the launcher's background compiler done); else only first_shapes
-    group_all_shapes: bool = False  # a group's pools get every shape (compile_plan(all_shapes=True)); else first_shapes
+    # What a pipeline group's pools have compiled (MechanismCluster.group_shapes, the launcher's
+    # --group_shapes): the pool ladder's first shapes ("first"), those and each shape the control plane
+    # asks for, `group_compile_s` after each member's compiler gets to it ("on_demand"), or every
+    # shape from the start ("all").
+    group_shapes: str = "first"
+    group_compile_s: float = 2.0
     paged_attention: bool = False  # what-if: attention costs each row's own context (a paged kernel), not the gather's
 
 
@@ -76,7 +81,8 @@ class SimInstance(UnitCore):
         # The shapes compiled: every one once the launcher's background compiler is done (warmup), else
         # those the launcher compiles before serving (first_shapes; a group's pools get only these).
         self.compiled = set(self.buckets.all_shapes() if config.warmup else self.buckets.first_shapes())
-        self.group_compiled = set(self.buckets.all_shapes() if config.group_all_shapes else self.buckets.first_shapes())
+        self.group_compiled = set(self.buckets.all_shapes() if config.group_shapes == "all"
+                                  else self.buckets.first_shapes())
         self.num_pages = num_pages  # pages of its pools now (a group's count while it is a member)
         self.kept_layers = (0, cfg.num_layers)  # the layers it holds (a member of a group: its stage's)
         super().__init__(Scheduler(sc, PageAllocator(num_pages), self.page_size, self.max_model_len, policy,
@@ -84,6 +90,8 @@ class SimInstance(UnitCore):
         self.clock = clock
         self.cluster = cluster  # the controller: its pieces hold every dispatch (SimCluster.controller_free_at)
         self.free_at = 0.0
+        self.compiler_free_at = 0.0  # its group compiler (on-demand group shapes): when its queue is done
+        self.group_ready_at: dict = {}  # (group pool pages, shape) -> when its layer executable is compiled here
         self.route = None  # set while a drop forms its group (UnitView.transitioning)
         self.kv_page_bytes = device.page_layer_bytes(self.page_size) * cfg.num_layers * self.tp  # all devices
         if policy.name == "swap":
@@ -174,12 +182,14 @@ class SimGroup(GroupCore):
 
     def prepare(self, step: ScheduledStep) -> DeviceOp:
         mbs = []
-        ready = self.members[0].group_compiled.__contains__
-        for member, rows, _tables in self.parts(step):
-            shape = pick_shape(self.buckets.needed(rows, step.prefill), self.buckets, ready)
+        for member, rows, _tables, shape in self.shaped_parts(step, lambda sh, _m: self.ready(sh)):
             mbs.append({"shape": [shape.rows, shape.query, shape.pages], "rows": [(r.start, r.n) for r in rows],
                         "member": member})
         return DeviceOp(STEP, 0, {"micro_batches": mbs})
+
+    def ready(self, shape: StepShape) -> bool:
+        """Compiled for this group's pools: the ladder's shapes, or one compiled on demand by now."""
+        return self.cluster.group_shape_ready(self.plan, shape)
 
     def stage_times(self, mb: dict) -> list[float]:
         """Seconds of one micro-batch on each stage (its layers; the head where the stage holds it)."""
