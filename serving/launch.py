@@ -40,7 +40,7 @@ from typing import Optional
 from absl import app, flags
 
 from kunjax.control.cluster import DISPATCH_POLICIES
-from kunjax.control.mechanism import GROUP_SHAPES
+from kunjax.control.mechanism import GROUP_SHAPES, resolve_group_shapes
 from serving.options import ServerOptions
 
 FLAGS = flags.FLAGS
@@ -60,8 +60,10 @@ flags.DEFINE_enum("dispatch", "fewest_queued", list(DISPATCH_POLICIES),
                   "waiting requests per instance it is made of, then the most free pages (fewest_queued); the most "
                   "free KV pages after its queue (most_free_pages); or, among the units whose free pages hold the "
                   "prompt now, the fewest requests per instance (least_loaded)")
-flags.DEFINE_enum("group_shapes", "on_demand", list(GROUP_SHAPES),
-                  "step shapes a pipeline group's pools get (kunserve): the pool ladder's first shapes (first); those, "
+flags.DEFINE_enum("group_shapes", "auto", ["auto", *GROUP_SHAPES],
+                  "step shapes a pipeline group's pools get (kunserve): auto is on_demand on GPU/TPU devices and "
+                  "first on CPU devices, where a background compile takes the cores the instances step on "
+                  "(kunjax.control.mechanism.resolve_group_shapes); the pool ladder's first shapes (first); those, "
                   "and each shape a group step ran padded for, compiled in the background once asked (on_demand); or "
                   "every shape of every ladder size, compiled in the background from start-up (all: worth it on a GPU; "
                   "on a CPU it takes about an hour)")
@@ -478,7 +480,8 @@ def build_cluster(opts: LaunchOptions, oplog=None):
     startup_phase("warm-up: placing the instances, compiling the shapes that cover every step")
     cluster = ServingCluster.build(host, engine_config(opts), opts.cluster.num_instances, opts.cluster.tp,
                                    devices=devices, policy=DISPATCH_POLICIES[opts.cluster.dispatch](), oplog=oplog)
-    cluster.group_shapes = opts.cluster.group_shapes
+    cluster.group_shapes = resolve_group_shapes(opts.cluster.group_shapes,
+                                                accelerator=any(d.platform != "cpu" for d in cluster.devices()))
     # Every instance placed its own replica; the host copy of the weights is no longer needed (a
     # restore brings dropped layers back from the peers that kept them, never from the host).
     host.params = None
@@ -491,7 +494,7 @@ def build_cluster(opts: LaunchOptions, oplog=None):
     if cluster.engines and len(cluster.engines) > 1:
         # The group pool sizes a drop may use, compiled in the background: no drop waits a compile.
         cluster.max_group_size = opts.memory.max_group_size
-        cluster.compile_ladder(background=True, all_shapes=opts.cluster.group_shapes == "all")
+        cluster.compile_ladder(background=True, all_shapes=cluster.group_shapes == "all")
     if opts.memory.overload_policy == "kunserve":
         t = time.monotonic()
         cost_model = cluster.calibrate()

@@ -422,8 +422,11 @@ def test_dispatch_policies_on_hand_made_views():
 def test_launcher_dispatch_and_group_shapes_flags(monkeypatch):
     """--dispatch names a DISPATCH_POLICIES entry (default fewest_queued: the simulator's choice) and
     the cluster the launcher builds dispatches with it; --group_shapes a MechanismCluster.group_shapes
-    value (default on_demand), set on that cluster; a bad value is refused by the flag parser, naming
-    the flag."""
+    value (default auto: first on these CPU devices, on_demand on accelerators), set on that cluster; a
+    bad value is refused by the flag parser, naming the flag."""
+    import types
+
+    from kunjax.control.mechanism import resolve_group_shapes
     from absl import flags
 
     from kunjax.control.cluster import LeastLoaded
@@ -434,6 +437,10 @@ def test_launcher_dispatch_and_group_shapes_flags(monkeypatch):
 
     class Built:  # what build_cluster touches of the cluster it built
         engines = []
+        platform = "cpu"
+
+        def devices(self):
+            return [types.SimpleNamespace(platform=self.platform)]
 
         def compile_in_background(self):
             built["background"] = True
@@ -448,7 +455,7 @@ def test_launcher_dispatch_and_group_shapes_flags(monkeypatch):
         launch.FLAGS.unparse_flags()
         launch.FLAGS(["launch"])
         opts = launch.options_from_flags()
-        assert (opts.cluster.dispatch, opts.cluster.group_shapes) == ("fewest_queued", "on_demand")
+        assert (opts.cluster.dispatch, opts.cluster.group_shapes) == ("fewest_queued", "auto")
         launch.FLAGS.unparse_flags()
         launch.FLAGS(["launch", "--dispatch=least_loaded", "--group_shapes=all"])
         opts = launch.options_from_flags()
@@ -457,6 +464,15 @@ def test_launcher_dispatch_and_group_shapes_flags(monkeypatch):
         launch.FLAGS(["launch", "--model=tiny", "--dispatch=least_loaded", "--group_shapes=all"])
         cluster = launch.build_cluster(launch.options_from_flags())
         assert isinstance(built["policy"], LeastLoaded) and cluster.group_shapes == "all" and built["background"]
+        launch.FLAGS.unparse_flags()
+        launch.FLAGS(["launch", "--model=tiny"])
+        assert launch.build_cluster(launch.options_from_flags()).group_shapes == "first"  # auto on CPU devices
+        built.pop("cluster")
+        Built.platform = "gpu"
+        assert launch.build_cluster(launch.options_from_flags()).group_shapes == "on_demand"  # auto on GPUs
+        assert resolve_group_shapes("all", accelerator=False) == "all"
+        with pytest.raises(ValueError, match="group_shapes"):
+            resolve_group_shapes("sometimes", accelerator=True)
         launch.FLAGS.unparse_flags()
         with pytest.raises(flags.IllegalFlagValueError, match="dispatch"):
             launch.FLAGS(["launch", "--dispatch=random"])

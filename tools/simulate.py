@@ -121,6 +121,7 @@ def launcher_options(launch: Sequence[str]):
 
 
 def setting(sim, launch: Sequence[str]) -> Setting:
+    from kunjax.control.mechanism import resolve_group_shapes
     from kunjax.control.scheduler import SchedulerConfig
     from kunjax.sim.hardware import Calibration, preset
     from kunjax.sim.models import model_config
@@ -149,7 +150,8 @@ def setting(sim, launch: Sequence[str]) -> Setting:
     if not sim.group_compile_s >= 0:
         raise ValueError(f"group_compile_s must be >= 0, got {sim.group_compile_s}")
     inst = InstanceConfig(sched, c.page_size, max_len, opts.memory.swap_space_bytes, opts.scheduler.warmup,
-                          opts.cluster.group_shapes, sim.group_compile_s, sim.attention == "paged")
+                          resolve_group_shapes(opts.cluster.group_shapes, accelerator=not cal.shared_devices),
+                          sim.group_compile_s, sim.attention == "paged")
     return Setting(opts.model.model, cfg, cal, inst, n, tp, c.num_pages, c.hbm_bytes, int(dtype),
                    kunserve_config(opts.memory), list(launch), opts.cluster.dispatch)
 
