@@ -11,6 +11,7 @@ executables are compiled; a simulator's always are).
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import logging
@@ -68,7 +69,7 @@ def next_group_shape(needs: dict, buckets, ready, exclude=()) -> Optional[StepSh
     return best
 
 
-class MechanismCluster(Cluster):
+class MechanismCluster(Cluster, abc.ABC):
     chunk_pages = 64  # pages moved per compiled gather / scatter call during a KV exchange
     max_group_size = 4  # the largest pipeline group the pool ladder is compiled for
     # The step shapes a pipeline group's pools get (GROUP_SHAPES): "first", the pool ladder's first
@@ -100,27 +101,27 @@ class MechanismCluster(Cluster):
         self._group_needs: dict = {}  # (instances, pool pages) -> {needed shape: steps that ran padded for it}
         self._settled: set = set()  # (instances, pool pages) where no shape would save padded work now
 
-    # ---- what a subclass knows of its devices -------------------------------------------------
+    # ---- what a subclass knows of its devices (the runtime's ServingCluster, the simulator's SimCluster)
+    @abc.abstractmethod
     def member_infos(self) -> dict:
         """Instance index -> kunjax.control.plan.MemberInfo (per device, as measured or modelled)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def plan_ready(self, plan) -> tuple[int, int]:
         """(ready, total) executables of the plan."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def compile_group_shape(self, gp, shape) -> None:
         """Queues what a step of `shape` needs on every stage of the group of GroupPlan `gp` at its
         page count on the background compilers (never on the request path)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def group_compiling(self, gp) -> bool:
         """A shape compile for the members of GroupPlan `gp` is under way."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def group_shape_ready(self, gp, shape) -> bool:
         """A step of `shape` can run on the group of GroupPlan `gp` (before the group exists too)."""
-        raise NotImplementedError
 
     # ---- group shapes on demand ----------------------------------------------------------------
     prewarm_shapes = 8  # shapes compiled for a group as its drop starts, from its members' steps
