@@ -21,6 +21,8 @@ i are i*tp .. i*tp+tp-1, `devices_per_node` a node).
 
 from __future__ import annotations
 
+import collections
+
 import concurrent.futures
 import dataclasses
 import heapq
@@ -296,14 +298,15 @@ class SimCluster(MechanismCluster):
         return out + [(g.members[0].index, g.scheduler) for g in self.all_groups]
 
     def counters(self) -> dict:
-        # The instances and the live groups: a split group's counters went into its first member's.
-        s = [e.scheduler for e in self.engines] + [g.scheduler for g in self.groups()]
-        return {"preemptions": sum(x.num_preemptions for x in s),
-                "recomputed_tokens": sum(x.num_recomputed_tokens for x in s),
-                "swap_outs": sum(x.num_swap_outs for x in s), "swap_ins": sum(x.num_swap_ins for x in s),
+        """The schedulers' counters (Scheduler.counters), summed over the instances and the live
+        groups (a split group's went into its first member's), and the bytes the swaps moved."""
+        total = collections.Counter()
+        for sch in [e.scheduler for e in self.engines] + [g.scheduler for g in self.groups()]:
+            total.update(sch.counters())
+        return {**{k: total[k] for k in ("preemptions", "recomputed_tokens", "swap_outs", "swap_ins",
+                                          "migrations_out", "migrated_bytes")},
                 "swapped_out_bytes": sum(e.swapped_out_bytes for e in self.engines),
-                "swapped_in_bytes": sum(e.swapped_in_bytes for e in self.engines),
-                "migrations_out": sum(x.num_migrations_out for x in s), "migrated_bytes": sum(x.migrated_bytes for x in s)}
+                "swapped_in_bytes": sum(e.swapped_in_bytes for e in self.engines)}
 
     def event_rows(self, after: int = 0) -> list[dict]:
         """Every unit's overload log and the cluster's own (decisions, drops, restores), in order."""
