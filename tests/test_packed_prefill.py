@@ -7,7 +7,7 @@ import pytest
 from kunjax.control.pages import PageAllocator
 from kunjax.control.request import Request, SamplingParams
 from kunjax.control.scheduler import Scheduler, SchedulerConfig
-from kunjax.runtime.engine import offline_kv_pages
+from kunjax.runtime.engine import OFFLINE_MIN_POOL, offline_kv_pages
 
 
 def _segments(step):
@@ -49,11 +49,15 @@ def test_alternation_and_one_row_per_prompt_without_segments():
     assert not sched.schedule().prefill  # r0 decodes before r1's last chunk
 
 
-def test_offline_kv_pages_holds_the_longest_runnable_at_once():
+def test_offline_kv_pages_holds_the_longest_runnable_at_once_in_a_shared_pool_size():
     # pages of 4 tokens: 10 -> 3, 4 -> 1, 17 -> 5, 8 -> 2; two run at once: the two longest + null page
-    assert offline_kv_pages([10, 4, 17, 8], max_running=2, page_size=4) == 1 + 5 + 3
-    assert offline_kv_pages([10, 4, 17, 8], max_running=8, page_size=4) == 1 + 11
-    assert offline_kv_pages([], max_running=8, page_size=4) == 2  # the smallest pool an engine takes
+    # (9 pages), rounded up to a power of two of at least OFFLINE_MIN_POOL
+    assert offline_kv_pages([10, 4, 17, 8], max_running=2, page_size=4) == max(16, OFFLINE_MIN_POOL)
+    lengths = [130] * 40  # 33 pages each
+    assert offline_kv_pages(lengths, max_running=8, page_size=4) == 512  # 1 + 264 pages
+    assert offline_kv_pages(lengths, max_running=15, page_size=4) == 512  # 1 + 495: the same executables
+    assert offline_kv_pages(lengths, max_running=16, page_size=4) == 1024  # 1 + 528 does not fit 512
+    assert offline_kv_pages([], max_running=8, page_size=4) == OFFLINE_MIN_POOL
 
 
 def test_offline_rows_never_exceed_the_step_budget():

@@ -69,6 +69,19 @@ def test_batch_generate_tiny_rows_and_errors(tmp_path):
     assert summary["errors"] == 6 and summary["generated_tokens"] == 8 + 3 + 8
 
 
+def test_batch_generate_a_new_input_of_similar_size_compiles_nothing(tmp_path):
+    """The offline KV pool is sized to the input, rounded to a power of two (offline_kv_pages): the
+    pool size keys every layer executable, so an exact count made every new input file compile anew."""
+    summaries = []
+    for n, lens in enumerate([[20, 40, 33], [25, 47, 30, 12]]):  # 9 and 13 pages of KV at once
+        inp, out = tmp_path / f"in{n}.jsonl", tmp_path / f"out{n}.jsonl"
+        write_jsonl(inp, [{"id": i, "prompt_token_ids": list(range(3, 3 + k)), "max_new_tokens": 8}
+                          for i, k in enumerate(lens)])
+        summaries.append(batch_generate.run("tiny", str(inp), str(out), flags(num_pages=None), progress=False))
+    assert summaries[0]["errors"] == summaries[1]["errors"] == 0
+    assert summaries[1]["compilations"] == 0, summaries
+
+
 def test_batch_generate_flags():
     """Default model smollm2-135m; --dtype takes float32 | bfloat16 (or auto) and nothing else."""
     from absl import flags as absl_flags

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from kunjax.control.batch import Buckets, ScheduledStep, StepShape, build_batch
+from kunjax.control.batch import Buckets, ScheduledStep, StepShape, build_batch, pow2_bucket
 from kunjax.control.cluster import run_to_completion
 from kunjax.control.ops import STEP, DeviceOp
 from kunjax.control.overload import OverloadPolicy, unit_policy
@@ -65,6 +65,9 @@ OFFLINE_COMPILE = (4, {True: 2, False: 32})
 # smallest query bucket (Buckets.min_chunk), so a prompt pads at most 31 tokens.
 OFFLINE_SEGMENT = 32
 
+# The smallest KV pool an offline run sizes for itself (offline_kv_pages), in pages.
+OFFLINE_MIN_POOL = 16
+
 
 def offline_scheduler_config(sc: SchedulerConfig) -> SchedulerConfig:
     """A scheduler config for throughput (generate, the batch tool): packed prefill, every prompt
@@ -76,9 +79,12 @@ def offline_scheduler_config(sc: SchedulerConfig) -> SchedulerConfig:
 
 def offline_kv_pages(lengths: Sequence[int], max_running: int, page_size: int) -> int:
     """KV pages (with the null page) that hold the `max_running` longest of these sequences (prompt +
-    max tokens) at once: all an offline run of them can use, so none is ever preempted."""
+    max tokens) at once, so none is ever preempted, rounded up to a power of two (at least
+    OFFLINE_MIN_POOL): the pool size is part of every layer executable's key, so an exact count would
+    make each new input file a cold start; with the rounding, workloads within 2x of each other share
+    their executables (and the store's), for at most twice the pages' zero-fill."""
     need = sorted((pages_for(n, page_size) for n in lengths), reverse=True)[:max_running]
-    return 1 + max(1, sum(need))
+    return pow2_bucket(1 + max(1, sum(need)), OFFLINE_MIN_POOL, 1 << 62)
 
 
 @dataclasses.dataclass(frozen=True)
