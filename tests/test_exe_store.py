@@ -112,3 +112,35 @@ def test_corrupted_entry_rejected_and_recompiled(host_model, store_dir, damage):
     embed = jax.device_put(host_model.params["embed"], exes.embed_sh)
     np.testing.assert_array_equal(np.asarray(exes.get(KEY)(embed, jax.device_put(tokens, exes.rep))),
                                   np.asarray(host_model.params["embed"])[tokens])
+
+
+def test_background_compiler_shutdown_waits_for_one_executable_not_the_whole_job():
+    """A job can hold dozens of keys (a pool ladder's shapes); a SIGTERM'd server waited 17 s for
+    one to finish. Shutdown now waits only for the executable being compiled."""
+    import threading
+
+    from kunjax.runtime.executables import BackgroundCompiler
+
+    started, release = threading.Event(), threading.Event()
+    compiled = []
+
+    class SlowExes:  # compiles one key at a time, the first only when released
+        def compile(self, keys):
+            started.set()
+            release.wait(10)
+            compiled.extend(keys)
+            return len(keys)
+
+    done = []
+    bg = BackgroundCompiler()
+    bg.submit(SlowExes(), list(range(50)), on_done=lambda: done.append(True))
+    bg.submit(SlowExes(), list(range(50, 60)))
+    assert started.wait(10)
+    stopper = threading.Thread(target=bg.shutdown)
+    stopper.start()
+    stopper.join(0.2)
+    assert stopper.is_alive()  # the executable compiling now is waited for
+    release.set()
+    stopper.join(10)
+    assert not stopper.is_alive() and bg.idle()
+    assert compiled == [0] and not done  # the rest of the job and the queued one dropped, no on_done
