@@ -49,8 +49,10 @@ def host_bandwidth(sharding, nbytes: int = 16 << 20, repeats: int = 3) -> float:
     return nbytes / best
 
 
-def served_steps(engine, num_requests: int, seed: int, record: bool = True) -> list:
-    """Serves waves of requests on `engine` step by step; the timed steps (MeasuredStep)."""
+def served_steps(engine, num_requests: int, seed: int, record: bool = True, tag: str = "cal") -> list:
+    """Serves waves of requests on `engine` step by step; the timed steps (MeasuredStep). The same
+    seed serves the same waves in the same steps (the scheduler decides from them alone); `tag`
+    keeps the request ids of two such runs apart."""
     from kunjax.control.batch import StepShape
     from kunjax.control.request import Request, SamplingParams
     from kunjax.sim.hardware import MeasuredStep
@@ -65,7 +67,7 @@ def served_steps(engine, num_requests: int, seed: int, record: bool = True) -> l
             prompt = int(rng.integers(4, max(5, max_len // 4)))
             out = int(rng.integers(1, max(2, min(64, max_len - prompt))))
             ids = rng.integers(10, 250, size=prompt).tolist()
-            engine.add(Request(f"cal-{seed}-{k}", ids, SamplingParams(max_tokens=out, ignore_eos=True)))
+            engine.add(Request(f"{tag}-{seed}-{k}", ids, SamplingParams(max_tokens=out, ignore_eos=True)))
             k += 1
         while engine.has_unfinished():
             t = time.perf_counter()
@@ -75,8 +77,41 @@ def served_steps(engine, num_requests: int, seed: int, record: bool = True) -> l
             op = engine.prepare(step)
             engine.finish(step, engine.execute(op))
             if record:
-                steps.append(MeasuredStep(StepShape(*op.args["shape"]), time.perf_counter() - t))
+                steps.append(MeasuredStep(StepShape(*op.args["shape"]), time.perf_counter() - t, t))
     return steps
+
+
+def concurrent_steps(engines: list, num_requests: int, seed: int) -> tuple[list, int]:
+    """Steps timed alone and side by side on the shared cores: each engine serves its seeded waves
+    alone (one engine after the other), then all engines serve the same waves again at once, one
+    thread each (as the serving controller's steps run: the devices execute together, the host
+    halves take turns on the GIL). Returns (start, seconds alone, seconds side by side) of every
+    step that ran at the same shape both times (kunjax.sim.sharing.fit_capacity's input), and how
+    many did not."""
+    import threading
+
+    lone = [served_steps(e, num_requests, seed + i, tag="lone") for i, e in enumerate(engines)]
+    together: list = [None] * len(engines)
+    barrier = threading.Barrier(len(engines))
+
+    def serve(i: int) -> None:
+        barrier.wait()
+        together[i] = served_steps(engines[i], num_requests, seed + i, tag="together")
+
+    threads = [threading.Thread(target=serve, args=(i,), name=f"calibrate-{i}") for i in range(len(engines))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out, mismatched = [], 0
+    for alone, side in zip(lone, together):
+        for a, b in zip(alone, side):
+            if a.shape == b.shape:
+                out.append((b.start, a.seconds, b.seconds))
+            else:
+                mismatched += 1
+        mismatched += abs(len(alone) - len(side))
+    return out, mismatched
 
 
 def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 64) -> dict:
@@ -143,6 +178,7 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
     from kunjax.runtime.calibrate import bandwidth
     from kunjax.runtime.engine import EngineConfig, LLMEngine
     from kunjax.sim.hardware import Calibration, DeviceSpec, fit_efficiency
+    from kunjax.sim.sharing import fit_capacity
 
     dtype = parse_dtype(opts.model.dtype)
     model = load_model(opts.model.model, dtype)
@@ -171,6 +207,18 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
                              "copy's bandwidth, a 16 MiB device-to-device move and device-to-host read)")
     dtype_bytes = int(np.dtype(engine.dtype).itemsize)
     eff, fit = fit_efficiency(engine.cfg, spec, steps, engine.page_size, engine.tp, dtype_bytes)
+    cpu = devs[0].platform == "cpu"
+    capacity = None
+    if cpu:  # the virtual devices share the cores: how much two concurrent steps slow each other
+        if len(devs) < 2:
+            raise ValueError("calibrate: timing concurrent steps needs two CPU devices")
+        other = LLMEngine(model, cfg, device=devs[1])
+        served_steps(other, max(8, num_requests // 4), seed + 2, record=False)
+        pairs, mismatched = concurrent_steps([engine, other], num_requests, seed + 3)
+        capacity, share = fit_capacity(pairs, max_capacity=2.0)
+        fit["host_sharing"] = {**share, "mismatched_steps": mismatched,
+                               "slowdown_median": float(np.median([m / lone for _, lone, m in pairs]))}
+        del other
     eff = dataclasses.replace(eff, link=1.0)  # the links' bandwidths are measured, not peaks
     if launch is not None:
         lat = serving_latency(engine, launch)
@@ -180,5 +228,4 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
                                   step_overhead_s=eff.step_overhead_s + lat["token_latency_s"])
     fit.update({"dtype_bytes": dtype_bytes, "model": opts.model.model, "compile_s": round(compile_s, 1),
                 "load_average": list(os.getloadavg()), "seconds_of_steps": round(sum(x.seconds for x in steps), 2)})
-    cpu = devs[0].platform == "cpu"
-    return Calibration(spec, eff, fit, overlap_stages=not cpu, shared_devices=cpu)
+    return Calibration(spec, eff, fit, overlap_stages=not cpu, host_capacity=capacity)

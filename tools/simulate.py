@@ -222,6 +222,12 @@ def calibrate(sim, args, launch: Sequence[str]) -> int:
           f"{fit['mean_abs_pct_error']:.1f}% (P90 {fit['p90_abs_pct_error']:.1f}%), held out "
           f"{fit['held_out_mean_abs_pct_error']:.1f}% (P90 {fit['held_out_p90_abs_pct_error']:.1f}%); "
           f"efficiency {dataclasses.asdict(cal.efficiency)}; wrote {args.out}")
+    share = fit.get("host_sharing")
+    if share:
+        print(f"shared cores: host capacity {share['host_capacity']:.2f} lone steps (each of k concurrent steps at "
+              f"min(1, C/k) of its lone speed), fitted on {share['concurrent_steps']} steps of two instances at once "
+              f"(median slowdown {share['slowdown_median']:.2f}x): mean abs error {share['mean_abs_pct_error']:.1f}% "
+              f"(C = 1: {share['mean_abs_pct_error_c1']:.1f}%, parallel: {share['mean_abs_pct_error_parallel']:.1f}%)")
     return 0
 
 
