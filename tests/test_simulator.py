@@ -156,12 +156,19 @@ def test_steps_sharing_the_cores_land_as_the_processor_sharing_model_says():
     from kunjax.sim.sharing import HostShare, fit_capacity, shared_ends
 
     a, b = 0.010, 0.025
-    assert shared_ends(1.5, [(0.0, a), (0.0, b)]) == pytest.approx([a / 0.75, a / 0.75 + (b - a)], rel=1e-12)
-    assert shared_ends(2.0, [(0.0, a), (0.0, b)]) == pytest.approx([a, b])  # parallel
-    assert shared_ends(1.0, [(0.0, a), (a / 2, a)]) == pytest.approx([1.5 * a, 2.0 * a])  # half done alone
+
+    def ends(c, threads):
+        return [e for th in shared_ends(c, threads) for _, e in th]
+
+    assert ends(1.5, [[(0.0, a)], [(0.0, b)]]) == pytest.approx([a / 0.75, a / 0.75 + (b - a)], rel=1e-12)
+    assert ends(2.0, [[(0.0, a)], [(0.0, b)]]) == pytest.approx([a, b])  # parallel
+    assert ends(1.0, [[(0.0, a)], [(a / 2, a)]]) == pytest.approx([1.5 * a, 2.0 * a])  # half done alone
+    # a thread's next step starts its gap after the last one landed
+    assert ends(1.0, [[(0.0, a), (0.0, a)], [(0.0, a)]]) == pytest.approx([2 * a, 3 * a, 2 * a])
     # a capacity is recovered from steps it produced
-    starts = [(0.004 * i, 0.003 + 0.002 * (i % 3)) for i in range(12)]
-    measured = [(s, lone, e - s) for (s, lone), e in zip(starts, shared_ends(1.37, starts))]
+    threads = [[(0.001 * (i % 2), 0.003 + 0.002 * ((i + j) % 3)) for i in range(8)] for j in range(2)]
+    measured = [[(s, lone, e - s) for (_, lone), (s, e) in zip(th, en)]
+                for th, en in zip(threads, shared_ends(1.37, threads))]
     c, fit = fit_capacity(measured, max_capacity=2.0)
     assert c == pytest.approx(1.37) and fit["mean_abs_pct_error"] < 1e-6 < fit["mean_abs_pct_error_c1"]
     with pytest.raises(ValueError, match="host_capacity"):

@@ -49,26 +49,39 @@ def host_bandwidth(sharding, nbytes: int = 16 << 20, repeats: int = 3) -> float:
     return nbytes / best
 
 
-def served_steps(engine, num_requests: int, seed: int, record: bool = True, tag: str = "cal") -> list:
-    """Serves waves of requests on `engine` step by step; the timed steps (MeasuredStep). The same
-    seed serves the same waves in the same steps (the scheduler decides from them alone); `tag`
-    keeps the request ids of two such runs apart."""
-    from kunjax.control.batch import StepShape
+def waves(engine, num_requests: int, seed: int, tag: str):
+    """The calibration's seeded waves of requests for `engine` (lists of Requests): half a lone
+    request (one-row prefills, as most arrive), half a batch of them. `tag` keeps the request ids of
+    two runs of the same seed apart."""
     from kunjax.control.request import Request, SamplingParams
-    from kunjax.sim.hardware import MeasuredStep
 
     rng = np.random.default_rng(seed)
     max_len = engine.max_model_len
-    steps, k = [], 0
+    k = 0
     while k < num_requests:
-        # half the waves a lone request (one-row prefills, as most arrive), half a batch of them
-        wave = 1 if rng.random() < 0.5 else int(rng.integers(2, engine.config.scheduler.max_num_seqs + 1))
-        for _ in range(min(wave, num_requests - k)):
-            prompt = int(rng.integers(4, max(5, max_len // 4)))
-            out = int(rng.integers(1, max(2, min(64, max_len - prompt))))
+        size = 1 if rng.random() < 0.5 else int(rng.integers(2, engine.config.scheduler.max_num_seqs + 1))
+        wave = []
+        for _ in range(min(size, num_requests - k)):
+            # prompts log-uniform up to half the context (short ones are most; long ones make the
+            # large prefill chunks), outputs up to 128 tokens: decodes over contexts up to ~max_len / 2
+            prompt = int(np.exp(rng.uniform(np.log(4), np.log(max(5, max_len // 2)))))
+            out = int(rng.integers(1, max(2, min(128, max_len - prompt))))
             ids = rng.integers(10, 250, size=prompt).tolist()
-            engine.add(Request(f"{tag}-{seed}-{k}", ids, SamplingParams(max_tokens=out, ignore_eos=True)))
+            wave.append(Request(f"{tag}-{seed}-{k}", ids, SamplingParams(max_tokens=out, ignore_eos=True)))
             k += 1
+        yield wave
+
+
+def served_steps(engine, num_requests: int, seed: int, record: bool = True, tag: str = "cal") -> list:
+    """Serves `waves` on `engine` step by step, one wave after the other; the timed steps
+    (MeasuredStep: scheduling to tokens on the host)."""
+    from kunjax.control.batch import StepShape
+    from kunjax.sim.hardware import MeasuredStep
+
+    steps = []
+    for wave in waves(engine, num_requests, seed, tag):
+        for r in wave:
+            engine.add(r)
         while engine.has_unfinished():
             t = time.perf_counter()
             step = engine.schedule()
@@ -81,37 +94,60 @@ def served_steps(engine, num_requests: int, seed: int, record: bool = True, tag:
     return steps
 
 
+def cluster_dispatches(engines: list, busy, num_requests: int, seed: int, tag: str) -> dict:
+    """The serving control plane's own loop (kunjax.control.cluster.Cluster: one controller thread
+    schedules, dispatches and finishes every unit's steps, waiter threads wait for the devices)
+    over `engines`, the engines in `busy` serving their `waves` (engine i seed + i), the others
+    idle. Returns, per busy engine, (when each step was dispatched, its shape)."""
+    from kunjax.control.batch import StepShape
+    from kunjax.control.cluster import Cluster
+
+    cluster = Cluster(engines, engines[0])
+    log: dict = {i: [] for i in busy}
+
+    def recording(i, execute):
+        def run(op):
+            log[i].append((time.perf_counter(), StepShape(*op.args["shape"])))
+            return execute(op)
+        return run
+
+    todo = {i: waves(engines[i], num_requests, seed + i, tag) for i in busy}
+    for i in busy:
+        engines[i].execute = recording(i, engines[i].execute)
+    try:
+        while todo or cluster.has_unfinished():
+            for i in list(todo):
+                if not engines[i].has_unfinished():
+                    wave = next(todo[i], None)
+                    if wave is None:
+                        del todo[i]
+                    for r in wave or ():
+                        engines[i].add(r)
+            cluster.poll(timeout=0.05)
+    finally:
+        for i in busy:
+            del engines[i].execute  # the class's own again
+        cluster.close_waiters()
+    return log
+
+
 def concurrent_steps(engines: list, num_requests: int, seed: int) -> tuple[list, int]:
-    """Steps timed alone and side by side on the shared cores: each engine serves its seeded waves
-    alone (one engine after the other), then all engines serve the same waves again at once, one
-    thread each (as the serving controller's steps run: the devices execute together, the host
-    halves take turns on the GIL). Returns (start, seconds alone, seconds side by side) of every
-    step that ran at the same shape both times (kunjax.sim.sharing.fit_capacity's input), and how
-    many did not."""
-    import threading
-
-    lone = [served_steps(e, num_requests, seed + i, tag="lone") for i, e in enumerate(engines)]
-    together: list = [None] * len(engines)
-    barrier = threading.Barrier(len(engines))
-
-    def serve(i: int) -> None:
-        barrier.wait()
-        together[i] = served_steps(engines[i], num_requests, seed + i, tag="together")
-
-    threads = [threading.Thread(target=serve, args=(i,), name=f"calibrate-{i}") for i in range(len(engines))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out, mismatched = [], 0
-    for alone, side in zip(lone, together):
-        for a, b in zip(alone, side):
-            if a.shape == b.shape:
-                out.append((b.start, a.seconds, b.seconds))
-            else:
-                mismatched += 1
-        mismatched += abs(len(alone) - len(side))
-    return out, mismatched
+    """Step cycles (dispatch to the unit's next dispatch: everything a served step costs, the
+    controller's host work included) on the shared cores, in the serving control plane's loop:
+    each engine serves its seeded waves alone (the others idle), then every engine serves the same
+    waves at once. Returns, per engine, (dispatch, cycle alone, cycle side by side) of its steps
+    while every step ran at the same shape both times (kunjax.sim.sharing.fit_capacity's input:
+    steps back to back, as a simulated unit's are), and how many steps were left out."""
+    lone = [cluster_dispatches(engines, [i], num_requests, seed, "lone")[i] for i in range(len(engines))]
+    together = cluster_dispatches(engines, range(len(engines)), num_requests, seed, "together")
+    out, left = [], 0
+    for i, alone in enumerate(lone):
+        side = together[i]
+        k = next((n for n, (a, b) in enumerate(zip(alone, side)) if a[1] != b[1]), min(len(alone), len(side)))
+        k = max(0, k - 1)  # the last paired dispatch has no next one to end its cycle
+        out.append([(side[n][0], alone[n + 1][0] - alone[n][0], side[n + 1][0] - side[n][0]) for n in range(k)])
+        left += max(len(alone), len(side)) - k
+    return out, left
 
 
 def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 64) -> dict:
@@ -216,8 +252,9 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
         served_steps(other, max(8, num_requests // 4), seed + 2, record=False)
         pairs, mismatched = concurrent_steps([engine, other], num_requests, seed + 3)
         capacity, share = fit_capacity(pairs, max_capacity=2.0)
-        fit["host_sharing"] = {**share, "mismatched_steps": mismatched,
-                               "slowdown_median": float(np.median([m / lone for _, lone, m in pairs]))}
+        fit["host_sharing"] = {**share, "unpaired_steps": mismatched,
+                               "slowdown_median": float(np.median([m / lone for th in pairs for _, lone, m in th])),
+                               "samples": [[[round(x, 6) for x in step] for step in th] for th in pairs]}
         del other
     eff = dataclasses.replace(eff, link=1.0)  # the links' bandwidths are measured, not peaks
     if launch is not None:

@@ -99,41 +99,59 @@ class HostShare:
             j.remaining -= dt * r
 
 
-def shared_ends(capacity: float, steps: Sequence[tuple[float, float]]) -> list[float]:
-    """When each step of (start, lone seconds) lands on a host of `capacity` (the starts are given,
-    as measured: nothing waits for a landing)."""
+def shared_ends(capacity: float, threads: Sequence[Sequence[tuple[float, float]]]) -> list[list[float]]:
+    """When each step lands on a host of `capacity`, for threads that each run their steps one
+    after the other (as an instance does: its next step starts once the last has landed): a thread
+    is a list of (gap, lone seconds), the gap the host time before the step (for the first step,
+    from time 0). Returns each thread's (start, end) per step."""
     host = HostShare(capacity)
-    ends = [0.0] * len(steps)
-    for i, (start, seconds) in sorted(enumerate(steps), key=lambda x: x[1][0]):
-        for key, end in host.advance(start):
-            ends[key] = end
-        host.add(i, start, seconds)
-    for key, end in host.advance(float("inf")):
-        ends[key] = end
-    return ends
+    out: list[list] = [[None] * len(th) for th in threads]
+    for j, th in enumerate(threads):
+        if th:
+            host.add((j, 0), th[0][0], th[0][1])
+            out[j][0] = th[0][0]
+    while len(host):
+        for (j, i), end in host.advance(host.next_event()):
+            out[j][i] = (out[j][i], end)
+            if i + 1 < len(threads[j]):
+                gap, lone = threads[j][i + 1]
+                host.add((j, i + 1), end + gap, lone)
+                out[j][i + 1] = end + gap
+    return out
 
 
-def capacity_error(capacity: float, steps: Sequence[tuple[float, float, float]]) -> float:
-    """Mean absolute % error of the shared model's step times against measured ones, for steps of
-    (start, lone seconds, measured seconds)."""
-    ends = shared_ends(capacity, [(s, lone) for s, lone, _ in steps])
-    return 100.0 * sum(abs((e - s) - m) / m for e, (s, _, m) in zip(ends, steps)) / len(steps)
+def capacity_error(capacity: float, threads: Sequence[Sequence[tuple[float, float, float]]]) -> float:
+    """Mean absolute % error of the shared model's step times against measured ones; each thread a
+    list of (start, lone seconds, measured seconds) of the steps it ran one after the other (starts
+    on one clock). The model replays each thread's steps after one another with the measured gaps
+    between them, so a step it predicts slower delays the thread's next ones, as it did for real."""
+    t0 = min(th[0][0] for th in threads if th)
+    model = []
+    for th in threads:
+        prev_end, steps = t0, []
+        for start, lone, measured in th:
+            steps.append((max(0.0, start - prev_end), lone))
+            prev_end = start + measured
+        model.append(steps)
+    ends = shared_ends(capacity, model)
+    errs = [abs((e - s) - m) / m for th, en in zip(threads, ends) for (_, _, m), (s, e) in zip(th, en)]
+    return 100.0 * sum(errs) / len(errs)
 
 
-def fit_capacity(steps: Sequence[tuple[float, float, float]], max_capacity: float,
+def fit_capacity(threads: Sequence[Sequence[tuple[float, float, float]]], max_capacity: float,
                  resolution: float = 0.01) -> tuple[float, dict]:
-    """The capacity C in [1, max_capacity] that predicts concurrently measured steps best (steps of
-    (start, lone seconds, measured seconds); least mean absolute % error on a grid of `resolution`),
-    and the fit's figures: its error, and the error of the two extremes (C = 1: the lone work
-    shared; C = max: fully parallel)."""
-    if not steps:
+    """The capacity C in [1, max_capacity] that predicts concurrently measured steps best (each
+    thread: (start, lone seconds, measured seconds) of its steps; least mean absolute % error on a
+    grid of `resolution`), and the fit's figures: its error, and the error of the two extremes
+    (C = 1: one lone step's work at a time, shared; C = max: fully parallel)."""
+    if not any(threads):
         raise ValueError("steps: no concurrently timed steps to fit the host capacity to")
     if not max_capacity >= 1.0:
         raise ValueError(f"max_capacity must be >= 1, got {max_capacity}")
     n = int(round((max_capacity - 1.0) / resolution))
-    grid = [1.0 + i * resolution for i in range(n + 1)] or [1.0]
-    errs = [capacity_error(c, steps) for c in grid]
+    grid = [1.0 + i * resolution for i in range(n + 1)]
+    errs = [capacity_error(c, threads) for c in grid]
     best = min(range(len(grid)), key=errs.__getitem__)
-    return grid[best], {"host_capacity": grid[best], "concurrent_steps": len(steps),
+    return grid[best], {"host_capacity": grid[best], "concurrent_steps": sum(len(th) for th in threads),
                         "mean_abs_pct_error": errs[best], "mean_abs_pct_error_c1": errs[0],
                         "mean_abs_pct_error_parallel": errs[-1]}
