@@ -1,15 +1,21 @@
 """`python -m tools.simulate --calibrate`: the simulator's device model fitted to real steps here.
 
-One instance of the model runs on this machine's first device with the step shapes a server has
-compiled (every one once its background compiler is done; with the launcher flag --nowarmup only
-those it compiles before serving, so the steps run padded as that server's do), serving waves of requests of varied prompt and output
-lengths; each step is timed from scheduling to its tokens on the host (what a served step costs:
-host scheduling, batch building, the device, postprocessing). The device's peaks are measured in the
-same run (numpy matmul FLOP/s, a large copy's bandwidth), as are its links (a device-to-device move
-to the second device, device to host); kunjax.sim.hardware.fit_efficiency fits the efficiencies and
-overheads to the steps. Imports JAX (the only part of the simulator that does).
+Instances of the model run on this machine's devices with the step shapes a server has compiled
+(every one once its background compiler is done; with the launcher flag --nowarmup only those it
+compiles before serving, so the steps run padded as that server's do), serving seeded waves of
+requests of varied prompt and output lengths in the serving control plane's own loop
+(kunjax.control.cluster.Cluster: one controller thread schedules, dispatches and finishes every
+unit's steps, waiter threads wait for the devices). A step's time is its cycle in that loop, from
+its dispatch to its unit's next one: what a served step costs, the controller's host work included,
+and what a simulated unit's step stands for (its next one starts when it lands). The device's peaks
+are measured in the same run (numpy matmul FLOP/s, a large copy's bandwidth), as are its links (a
+device-to-device move to the second device, device to host); kunjax.sim.hardware.fit_efficiency
+fits the efficiencies and overheads to the steps timed alone. On virtual CPU devices, which share
+the cores, two instances then serve the same waves at once, alternating with alone, and
+kunjax.sim.sharing.fit_capacity fits the host's capacity to how much they slowed each other. A
+server with the same flags times lone requests through the client (what the serving path adds to
+a first token). Imports JAX (the only part of the simulator that does).
 """
-
 from __future__ import annotations
 
 import os
@@ -131,23 +137,35 @@ def cluster_dispatches(engines: list, busy, num_requests: int, seed: int, tag: s
     return log
 
 
-def concurrent_steps(engines: list, num_requests: int, seed: int) -> tuple[list, int]:
+def concurrent_steps(engines: list, num_requests: int, seed: int, rounds: int = 2) -> tuple[list, int]:
     """Step cycles (dispatch to the unit's next dispatch: everything a served step costs, the
     controller's host work included) on the shared cores, in the serving control plane's loop:
     each engine serves its seeded waves alone (the others idle), then every engine serves the same
-    waves at once. Returns, per engine, (dispatch, cycle alone, cycle side by side) of its steps
-    while every step ran at the same shape both times (kunjax.sim.sharing.fit_capacity's input:
-    steps back to back, as a simulated unit's are), and how many steps were left out."""
-    lone = [cluster_dispatches(engines, [i], num_requests, seed, "lone")[i] for i in range(len(engines))]
-    together = cluster_dispatches(engines, range(len(engines)), num_requests, seed, "together")
-    out, left = [], 0
-    for i, alone in enumerate(lone):
-        side = together[i]
-        k = next((n for n, (a, b) in enumerate(zip(alone, side)) if a[1] != b[1]), min(len(alone), len(side)))
-        k = max(0, k - 1)  # the last paired dispatch has no next one to end its cycle
-        out.append([(side[n][0], alone[n + 1][0] - alone[n][0], side[n + 1][0] - side[n][0]) for n in range(k)])
-        left += max(len(alone), len(side)) - k
-    return out, left
+    waves at once; `rounds` times over, alternating, so that a drift of the machine's speed weighs
+    on both sides alike. Returns, per engine and round, (dispatch, cycle alone, cycle side by side)
+    of its steps while every step ran at the same shape both times (kunjax.sim.sharing.fit_capacity's
+    input: steps back to back, as a simulated unit's are), how many steps were left out, and every
+    step timed alone (`cycles`: what the device model is fitted to)."""
+    out, left, alone_steps = [], 0, []
+    for r in range(rounds):
+        lone = [cluster_dispatches(engines, [i], num_requests, seed + r, f"lone{r}")[i] for i in range(len(engines))]
+        together = cluster_dispatches(engines, range(len(engines)), num_requests, seed + r, f"together{r}")
+        for i, alone in enumerate(lone):
+            alone_steps += cycles(alone)
+            side = together[i]
+            k = next((n for n, (a, b) in enumerate(zip(alone, side)) if a[1] != b[1]), min(len(alone), len(side)))
+            k = max(0, k - 1)  # the last paired dispatch has no next one to end its cycle
+            out.append([(side[n][0], alone[n + 1][0] - alone[n][0], side[n + 1][0] - side[n][0]) for n in range(k)])
+            left += max(len(alone), len(side)) - k
+    return out, left, alone_steps
+
+
+def cycles(log: list) -> list:
+    """MeasuredSteps of one unit's (dispatch, shape) log: a step's seconds from its dispatch to the
+    unit's next one (the last step, with no next, is left out)."""
+    from kunjax.sim.hardware import MeasuredStep
+
+    return [MeasuredStep(shape, b - t, t) for (t, shape), (b, _) in zip(log, log[1:])]
 
 
 def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 64) -> dict:
@@ -228,7 +246,21 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
     engine = LLMEngine(model, cfg, device=devs[0])
     compile_s = time.perf_counter() - t
     served_steps(engine, max(8, num_requests // 4), seed + 1, record=False)  # first runs off the clock
-    steps = served_steps(engine, num_requests, seed)
+    cpu = devs[0].platform == "cpu"
+    capacity, share = None, None
+    if cpu:  # the virtual devices share the cores: how much two concurrent steps slow each other
+        if len(devs) < 2:
+            raise ValueError("calibrate: timing concurrent steps needs two CPU devices")
+        other = LLMEngine(model, cfg, device=devs[1])
+        served_steps(other, max(8, num_requests // 4), seed + 2, record=False)
+        pairs, unpaired, steps = concurrent_steps([engine, other], num_requests, seed + 3)
+        capacity, share = fit_capacity(pairs, max_capacity=2.0)
+        share.update({"unpaired_steps": unpaired,
+                      "slowdown_median": float(np.median([m / lone for th in pairs for _, lone, m in th])),
+                      "samples": [[[round(x, 6) for x in step] for step in th] for th in pairs]})
+        del other
+    else:
+        steps = cycles(cluster_dispatches([engine], [0], num_requests, seed, "cal")[0])
     rep = engine.stage.exes.rep
     peer = None
     if len(devs) > 1:
@@ -243,19 +275,8 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
                              "copy's bandwidth, a 16 MiB device-to-device move and device-to-host read)")
     dtype_bytes = int(np.dtype(engine.dtype).itemsize)
     eff, fit = fit_efficiency(engine.cfg, spec, steps, engine.page_size, engine.tp, dtype_bytes)
-    cpu = devs[0].platform == "cpu"
-    capacity = None
-    if cpu:  # the virtual devices share the cores: how much two concurrent steps slow each other
-        if len(devs) < 2:
-            raise ValueError("calibrate: timing concurrent steps needs two CPU devices")
-        other = LLMEngine(model, cfg, device=devs[1])
-        served_steps(other, max(8, num_requests // 4), seed + 2, record=False)
-        pairs, mismatched = concurrent_steps([engine, other], num_requests, seed + 3)
-        capacity, share = fit_capacity(pairs, max_capacity=2.0)
-        fit["host_sharing"] = {**share, "unpaired_steps": mismatched,
-                               "slowdown_median": float(np.median([m / lone for th in pairs for _, lone, m in th])),
-                               "samples": [[[round(x, 6) for x in step] for step in th] for th in pairs]}
-        del other
+    if share is not None:
+        fit["host_sharing"] = share
     eff = dataclasses.replace(eff, link=1.0)  # the links' bandwidths are measured, not peaks
     if launch is not None:
         lat = serving_latency(engine, launch)
