@@ -168,13 +168,47 @@ def cycles(log: list) -> list:
     return [MeasuredStep(shape, b - t, t) for (t, shape), (b, _) in zip(log, log[1:])]
 
 
-def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 64) -> dict:
+def served_tpots(target: str, streams: int, prompt_len: int, max_tokens: int) -> list:
+    """Client TPOTs of `streams` requests sent at once, one client each (threads); None for a
+    request that shared its instance with another (each should get its own: the dispatch spreads
+    them)."""
+    import threading
+
+    from serving.client import Client
+
+    out: list = [None] * streams
+    where: list = [None] * streams
+    barrier = threading.Barrier(streams)
+
+    def one(i: int) -> None:
+        with Client(target) as c:
+            barrier.wait()
+            stamps = []
+            for chunk in c.generate(prompt_token_ids=[11] * prompt_len, max_tokens=max_tokens, ignore_eos=True,
+                                    timeout=120):
+                stamps.append(time.perf_counter())
+                if chunk.finish_reason:
+                    where[i] = chunk.usage.instance
+            out[i] = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out if len(set(where)) == streams else [None] * streams
+
+
+def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 64, shared: bool = False) -> dict:
     """What the serving path adds to a token beyond its step: a server with the same launcher flags
     answers lone requests (one at a time: no queueing) of `prompt_len` tokens through the client
     library; the same prompt's prefill step is timed on `engine`. The difference of the medians is
     the first token's latency from the request's send to the step and from the step to the client
     (the executor, gRPC); later tokens' extra gap is the median client TPOT over the engine's lone
-    decode step."""
+    decode step. `shared` (instances on shared cores, at least two of them): also one request
+    alone and two at once (one an instance), alternating; the TPOT ratio is how much two
+    instances' decodes slow each other on the serving path (server threads and client included),
+    2 x alone / together the host capacity it implies (`served_capacity`, in [1, 2])."""
     import statistics
     import tempfile
 
@@ -208,12 +242,21 @@ def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 
                                                                        ignore_eos=True, timeout=120)]
                 ttft.append(stamps[0])
                 tpot.append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1))
+        alone, together = [], []
+        for _ in range(requests // 2 if shared else 0):
+            alone += served_tpots(srv.target, 1, prompt_len, 32)
+            together += [x for x in served_tpots(srv.target, 2, prompt_len, 32) if x is not None]
     finally:
         srv.stop()
-    return {"first_token_latency_s": max(0.0, statistics.median(ttft) - prefill),
-            "token_latency_s": max(0.0, statistics.median(tpot) - decode),
-            "serving_ttft_s": statistics.median(ttft), "engine_prefill_s": prefill,
-            "serving_tpot_s": statistics.median(tpot), "engine_decode_s": decode}
+    out = {"first_token_latency_s": max(0.0, statistics.median(ttft) - prefill),
+           "token_latency_s": max(0.0, statistics.median(tpot) - decode),
+           "serving_ttft_s": statistics.median(ttft), "engine_prefill_s": prefill,
+           "serving_tpot_s": statistics.median(tpot), "engine_decode_s": decode}
+    if alone and together:
+        a, b = statistics.median(alone), statistics.median(together)
+        out.update({"served_tpot_alone_s": a, "served_tpot_two_at_once_s": b, "served_pairs": len(together) // 2,
+                    "served_capacity": min(2.0, max(1.0, 2 * a / b))})
+    return out
 
 
 def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] = None):
@@ -279,8 +322,13 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
         fit["host_sharing"] = share
     eff = dataclasses.replace(eff, link=1.0)  # the links' bandwidths are measured, not peaks
     if launch is not None:
-        lat = serving_latency(engine, launch)
+        lat = serving_latency(engine, launch, shared=cpu and opts.cluster.num_instances > 1)
         fit["serving"] = lat
+        if "served_capacity" in lat:
+            # what the simulator predicts is a served run: the capacity the serving path leaves the
+            # steps (its server threads and the client on the same cores), not the bare loop's
+            fit["host_sharing"]["loop_capacity"] = capacity
+            capacity = lat["served_capacity"]
         # the serving loop's own cost per step (executor, streaming) joins the step's overhead
         eff = dataclasses.replace(eff, first_token_latency_s=lat["first_token_latency_s"],
                                   step_overhead_s=eff.step_overhead_s + lat["token_latency_s"])

@@ -222,12 +222,18 @@ def calibrate(sim, args, launch: Sequence[str]) -> int:
           f"{fit['mean_abs_pct_error']:.1f}% (P90 {fit['p90_abs_pct_error']:.1f}%), held out "
           f"{fit['held_out_mean_abs_pct_error']:.1f}% (P90 {fit['held_out_p90_abs_pct_error']:.1f}%); "
           f"efficiency {dataclasses.asdict(cal.efficiency)}; wrote {args.out}")
-    share = fit.get("host_sharing")
+    share, served = fit.get("host_sharing"), fit.get("serving", {})
     if share:
-        print(f"shared cores: host capacity {share['host_capacity']:.2f} lone steps (each of k concurrent steps at "
-              f"min(1, C/k) of its lone speed), fitted on {share['concurrent_steps']} steps of two instances at once "
-              f"(median slowdown {share['slowdown_median']:.2f}x): mean abs error {share['mean_abs_pct_error']:.1f}% "
-              f"(C = 1: {share['mean_abs_pct_error_c1']:.1f}%, parallel: {share['mean_abs_pct_error_parallel']:.1f}%)")
+        print(f"shared cores: the serving loop's steps, two instances at once: host capacity {share['host_capacity']:.2f} "
+              f"lone steps (each of k concurrent steps at min(1, C/k) of its lone speed), fitted on "
+              f"{share['concurrent_steps']} steps (median slowdown {share['slowdown_median']:.2f}x): mean abs error "
+              f"{share['mean_abs_pct_error']:.1f}% (C = 1: {share['mean_abs_pct_error_c1']:.1f}%, parallel: "
+              f"{share['mean_abs_pct_error_parallel']:.1f}%)")
+    if "served_capacity" in served:
+        print(f"served (server and client on the same cores): TPOT alone {1e3 * served['served_tpot_alone_s']:.2f} ms, "
+              f"two at once {1e3 * served['served_tpot_two_at_once_s']:.2f} ms over {served['served_pairs']} pairs: "
+              f"capacity {served['served_capacity']:.2f}, the one used")
+    print(f"host capacity: {cal.host_capacity}")
     return 0
 
 
