@@ -199,13 +199,16 @@ def served_tpots(target: str, streams: int, prompt_len: int, max_tokens: int) ->
     return out if len(set(where)) == streams else [None] * streams
 
 
-def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 64, shared: bool = False) -> dict:
+def serving_latency(engine, launch: list, model_step, requests: int = 16, prompt_len: int = 64,
+                    shared: bool = False) -> dict:
     """What the serving path adds to a token beyond its step: a server with the same launcher flags
     answers lone requests (one at a time: no queueing) of `prompt_len` tokens through the client
-    library; the same prompt's prefill step is timed on `engine`. The difference of the medians is
-    the first token's latency from the request's send to the step and from the step to the client
-    (the executor, gRPC); later tokens' extra gap is the median client TPOT over the engine's lone
-    decode step. `shared` (instances on shared cores, at least two of them): also one request
+    library. Its median TTFT less the fitted model's time for that prompt's prefill step (`model_step`:
+    StepShape -> seconds; the shape `engine` runs it at) is the first token's latency from the
+    request's send to the step and from the step to the client (the executor, gRPC): what the
+    simulator adds, so that a lone served request's first token is where it was measured. Later
+    tokens' extra gap is the median client TPOT less the model's lone decode step (both at least 0).
+    The engine's own timings of the two steps are reported beside them. `shared` (instances on shared cores, at least two of them): also one request
     alone and two at once (one an instance), alternating; the TPOT ratio is how much two
     instances' decodes slow each other on the serving path (server threads and client included),
     2 x alone / together the host capacity it implies (`served_capacity`, in [1, 2])."""
@@ -216,6 +219,10 @@ def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 
     from serving.client import Client
     from tools import bench, launcher
 
+    from kunjax.control.batch import StepShape
+
+    shapes = []
+
     def lone(max_tokens: int) -> tuple[float, float]:
         engine.add(Request(f"lat-{time.perf_counter_ns()}", [11] * prompt_len,
                            SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
@@ -223,11 +230,14 @@ def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 
         while engine.has_unfinished():
             t = time.perf_counter()
             step = engine.schedule()
-            engine.finish(step, engine.execute(engine.prepare(step)))
+            op = engine.prepare(step)
+            engine.finish(step, engine.execute(op))
             times.append(time.perf_counter() - t)
+            shapes.append(StepShape(*op.args["shape"]))
         return times[0], statistics.median(times[1:]) if len(times) > 1 else 0.0
 
     engine_steps = [lone(8) for _ in range(requests)]
+    prefill_shape, decode_shape = shapes[0], shapes[1]
     prefill = statistics.median(x[0] for x in engine_steps)
     decode = statistics.median(x[1] for x in engine_steps)
     log = os.path.join(tempfile.mkdtemp(prefix="kunjax-calibrate-"), "server.log")
@@ -248,10 +258,11 @@ def serving_latency(engine, launch: list, requests: int = 16, prompt_len: int = 
             together += [x for x in served_tpots(srv.target, 2, prompt_len, 32) if x is not None]
     finally:
         srv.stop()
-    out = {"first_token_latency_s": max(0.0, statistics.median(ttft) - prefill),
-           "token_latency_s": max(0.0, statistics.median(tpot) - decode),
-           "serving_ttft_s": statistics.median(ttft), "engine_prefill_s": prefill,
-           "serving_tpot_s": statistics.median(tpot), "engine_decode_s": decode}
+    out = {"first_token_latency_s": max(0.0, statistics.median(ttft) - model_step(prefill_shape)),
+           "token_latency_s": max(0.0, statistics.median(tpot) - model_step(decode_shape)),
+           "serving_ttft_s": statistics.median(ttft), "model_prefill_s": model_step(prefill_shape),
+           "engine_prefill_s": prefill, "serving_tpot_s": statistics.median(tpot),
+           "model_decode_s": model_step(decode_shape), "engine_decode_s": decode}
     if alone and together:
         a, b = statistics.median(alone), statistics.median(together)
         out.update({"served_tpot_alone_s": a, "served_tpot_two_at_once_s": b, "served_pairs": len(together) // 2,
@@ -274,7 +285,7 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
     from kunjax.io.loader import load_model, parse_dtype
     from kunjax.runtime.calibrate import bandwidth
     from kunjax.runtime.engine import EngineConfig, LLMEngine
-    from kunjax.sim.hardware import Calibration, DeviceSpec, fit_efficiency
+    from kunjax.sim.hardware import Calibration, DeviceModel, DeviceSpec, fit_efficiency
     from kunjax.sim.sharing import fit_capacity
 
     dtype = parse_dtype(opts.model.dtype)
@@ -322,7 +333,9 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
         fit["host_sharing"] = share
     eff = dataclasses.replace(eff, link=1.0)  # the links' bandwidths are measured, not peaks
     if launch is not None:
-        lat = serving_latency(engine, launch, shared=cpu and opts.cluster.num_instances > 1)
+        model = DeviceModel(engine.cfg, Calibration(spec, eff), engine.tp, dtype_bytes)
+        lat = serving_latency(engine, launch, lambda shape: model.step_time(shape, engine.page_size),
+                              shared=cpu and opts.cluster.num_instances > 1)
         fit["serving"] = lat
         if "served_capacity" in lat:
             # what the simulator predicts is a served run: the capacity the serving path leaves the
