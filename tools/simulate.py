@@ -26,11 +26,15 @@ lookahead micro-batches. `--out DIR` writes what `tools.bench --out` writes (req
 events.csv, timeline.csv, summary.json, the plots), through the benchmark's own writers, so a
 simulated run and a real one compare with the same script; times are simulated seconds.
 
-`--calibrate` (imports JAX) runs real steps of `--model` on one instance (every shape compiled, as a
-server once its background compiler is done), times each from scheduling to its tokens on the host,
-measures the device's peaks (numpy matmul FLOP/s, copy bandwidth) and its links, fits the
-efficiency factors and overheads (kunjax.sim.hardware.fit_efficiency) and reports the fit's error,
-on the steps and held out. `--validate=DIR` reads a real `tools.bench --out DIR` run (its recorded
+`--calibrate` (imports JAX) runs real steps of `--model` (every shape compiled, as a server once its
+background compiler is done) in the serving control plane's loop, times each as its cycle there
+(dispatch to its unit's next dispatch), measures the device's peaks (numpy matmul FLOP/s, copy
+bandwidth) and its links, fits the efficiency factors and overheads
+(kunjax.sim.hardware.fit_efficiency) and reports the fit's error, on the steps and held out; on
+virtual CPU devices it also fits how much two instances' steps slow each other on the shared cores
+(the host capacity of kunjax.sim.sharing), in the bare loop and through a server with the same
+flags, whose lone requests also give what the serving path adds to a first token.
+`--validate=DIR` reads a real `tools.bench --out DIR` run (its recorded
 argv and launch flags), simulates the same slice, cluster and policies, and prints predicted
 against measured P50 / P99 TTFT and TPOT.
 """
