@@ -6,11 +6,11 @@ of them, so two concurrent steps overlap partly: neither one at a time nor fully
 model: the host has a capacity C in lone-step units (1 <= C <= the number of steps that can run at
 once); while k steps are in flight each progresses at min(1, C / k) of its lone speed (a step's
 lone time is the device model's). A step's landing is therefore only known once nothing else starts
-or ends before it: `HostShare` recomputes the landings whenever a step starts or ends. C = 1 is one
-lone step's worth of work at a time, shared between the steps in flight (what the cores of a machine
-running a single-threaded step each would give); C >= k, every step at its lone speed (parallel).
+or ends before it: `HostShare` recomputes the landings whenever a step starts or ends. C = 1: the
+steps in flight share one lone step's speed (together they do the work of one step alone, the
+throughput of running them one at a time); C >= k: every step at its lone speed (parallel).
 `python -m tools.simulate --calibrate` fits C from steps timed with one and with two instances
-stepping at once (`fit_capacity`).
+stepping at once, in the serving loop (`fit_capacity`) and through a server (tools.sim_calibrate).
 """
 
 from __future__ import annotations
