@@ -146,3 +146,65 @@ def test_a_padded_group_step_queues_its_shape_and_later_steps_run_it():
     assert all(b - a >= 0.05 - 1e-9 for a, b in zip(ends, ends[1:]))
     first, _, fpicks = _grouped_sim("first")
     assert first.wanted_group_shapes == [] and any(n != s for _, n, s in fpicks)
+
+
+def test_steps_sharing_the_cores_land_as_the_processor_sharing_model_says():
+    """Host capacity C = 1.5: two steps of lone times a < b started together each run at 0.75 of
+    their lone speed, so the first lands at a / 0.75 and the other, alone from then on, b - a later.
+    Checked on the model itself and through the simulated cluster (two instances, one one-token
+    request each: one prefill step apiece)."""
+    from kunjax.sim.sharing import HostShare, fit_capacity, shared_ends
+
+    a, b = 0.010, 0.025
+
+    def ends(c, threads):
+        return [e for th in shared_ends(c, threads) for _, e in th]
+
+    assert ends(1.5, [[(0.0, a)], [(0.0, b)]]) == pytest.approx([a / 0.75, a / 0.75 + (b - a)], rel=1e-12)
+    assert ends(2.0, [[(0.0, a)], [(0.0, b)]]) == pytest.approx([a, b])  # parallel
+    assert ends(1.0, [[(0.0, a)], [(a / 2, a)]]) == pytest.approx([1.5 * a, 2.0 * a])  # half done alone
+    # a thread's next step starts its gap after the last one landed
+    assert ends(1.0, [[(0.0, a), (0.0, a)], [(0.0, a)]]) == pytest.approx([2 * a, 3 * a, 2 * a])
+    # a capacity is recovered from steps it produced
+    threads = [[(0.001 * (i % 2), 0.003 + 0.002 * ((i + j) % 3)) for i in range(8)] for j in range(2)]
+    measured = [[(s, lone, e - s) for (_, lone), (s, e) in zip(th, en)]
+                for th, en in zip(threads, shared_ends(1.37, threads))]
+    c, fit = fit_capacity(measured, max_capacity=2.0)
+    assert c == pytest.approx(1.37) and fit["mean_abs_pct_error"] < 1e-6 < fit["mean_abs_pct_error_c1"]
+    with pytest.raises(ValueError, match="host_capacity"):
+        HostShare(0.5)
+
+    cfg = tiny_config()
+    dm = DeviceModel(cfg, Calibration(SPEC, EFF), tp=1, dtype_bytes=2)
+    ta, tb = dm.step_time(StepShape(1, 32, 2), 16), dm.step_time(StepShape(1, 64, 4), 16)  # the shapes they run at
+    assert ta < tb
+    cal = Calibration(SPEC, EFF, host_capacity=1.5)
+    cl = sim_cluster.build(cfg, cal, INST, 2, 1, "recompute", num_pages=32, dtype_bytes=2, dispatch="fewest_queued")
+    results, _, _ = sim_cluster.replay(cl, [Arrival(0.0, 32, 1), Arrival(0.0, 64, 1)])
+    assert {r.instance for r in results} == {0, 1}
+    assert results[0].ttft == pytest.approx(ta / 0.75, rel=1e-9)
+    assert results[1].ttft == pytest.approx(ta / 0.75 + (tb - ta), rel=1e-9)
+
+
+def test_a_calibration_file_from_before_host_capacity_loads_as_capacity_one():
+    """A file with shared_devices true and no host_capacity (what --calibrate wrote on a CPU before)
+    means one step's work at a time on the shared cores: capacity 1, under which two equal steps
+    started together both land after twice a step's time (the same total as when they queued); a
+    file without shared_devices runs steps in parallel; a capacity below 1 is refused by name."""
+    import dataclasses
+
+    old = {"spec": dataclasses.asdict(SPEC), "efficiency": dataclasses.asdict(EFF), "fit": {}, "overlap_stages": False,
+           "shared_devices": True}
+    cal = Calibration.from_json(old)
+    assert cal.host_capacity == 1.0 and cal.shared_devices and not cal.overlap_stages
+    assert Calibration.from_json(cal.to_json()) == cal
+    assert Calibration.from_json({**old, "shared_devices": False}).host_capacity is None
+    assert Calibration.from_json({**old, "host_capacity": 1.25}).host_capacity == 1.25
+    with pytest.raises(ValueError, match="host_capacity"):
+        Calibration.from_json({**old, "host_capacity": 0.5})
+    t = DeviceModel(tiny_config(), cal, tp=1, dtype_bytes=2).step_time(StepShape(1, 32, 2), 16)
+    for c, ends in ((cal, [2 * t, 2 * t]), (Calibration(SPEC, EFF), [t, t])):
+        cl = sim_cluster.build(tiny_config(), c, INST, 2, 1, "recompute", num_pages=32, dtype_bytes=2,
+                               dispatch="fewest_queued")
+        results, _, _ = sim_cluster.replay(cl, [Arrival(0.0, 32, 1), Arrival(0.0, 32, 1)])
+        assert [r.ttft for r in results] == pytest.approx(ends, rel=1e-9)

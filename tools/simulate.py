@@ -26,11 +26,15 @@ lookahead micro-batches. `--out DIR` writes what `tools.bench --out` writes (req
 events.csv, timeline.csv, summary.json, the plots), through the benchmark's own writers, so a
 simulated run and a real one compare with the same script; times are simulated seconds.
 
-`--calibrate` (imports JAX) runs real steps of `--model` on one instance (every shape compiled, as a
-server once its background compiler is done), times each from scheduling to its tokens on the host,
-measures the device's peaks (numpy matmul FLOP/s, copy bandwidth) and its links, fits the
-efficiency factors and overheads (kunjax.sim.hardware.fit_efficiency) and reports the fit's error,
-on the steps and held out. `--validate=DIR` reads a real `tools.bench --out DIR` run (its recorded
+`--calibrate` (imports JAX) runs real steps of `--model` (every shape compiled, as a server once its
+background compiler is done) in the serving control plane's loop, times each as its cycle there
+(dispatch to its unit's next dispatch), measures the device's peaks (numpy matmul FLOP/s, copy
+bandwidth) and its links, fits the efficiency factors and overheads
+(kunjax.sim.hardware.fit_efficiency) and reports the fit's error, on the steps and held out; on
+virtual CPU devices it also fits how much two instances' steps slow each other on the shared cores
+(the host capacity of kunjax.sim.sharing), in the bare loop and through a server with the same
+flags, whose lone requests also give what the serving path adds to a first token.
+`--validate=DIR` reads a real `tools.bench --out DIR` run (its recorded
 argv and launch flags), simulates the same slice, cluster and policies, and prints predicted
 against measured P50 / P99 TTFT and TPOT.
 """
@@ -222,6 +226,18 @@ def calibrate(sim, args, launch: Sequence[str]) -> int:
           f"{fit['mean_abs_pct_error']:.1f}% (P90 {fit['p90_abs_pct_error']:.1f}%), held out "
           f"{fit['held_out_mean_abs_pct_error']:.1f}% (P90 {fit['held_out_p90_abs_pct_error']:.1f}%); "
           f"efficiency {dataclasses.asdict(cal.efficiency)}; wrote {args.out}")
+    share, served = fit.get("host_sharing"), fit.get("serving", {})
+    if share:
+        print(f"shared cores: the serving loop's steps, two instances at once: host capacity {share['host_capacity']:.2f} "
+              f"lone steps (each of k concurrent steps at min(1, C/k) of its lone speed), fitted on "
+              f"{share['concurrent_steps']} steps (median slowdown {share['slowdown_median']:.2f}x): mean abs error "
+              f"{share['mean_abs_pct_error']:.1f}% (C = 1: {share['mean_abs_pct_error_c1']:.1f}%, parallel: "
+              f"{share['mean_abs_pct_error_parallel']:.1f}%)")
+    if "served_capacity" in served:
+        print(f"served (server and client on the same cores): TPOT alone {1e3 * served['served_tpot_alone_s']:.2f} ms, "
+              f"two at once {1e3 * served['served_tpot_two_at_once_s']:.2f} ms over {served['served_pairs']} pairs: "
+              f"capacity {served['served_capacity']:.2f}, the one used")
+    print(f"host capacity: {cal.host_capacity}")
     return 0
 
 

@@ -44,6 +44,7 @@ from kunjax.control.transition import (DROP_BEGIN, DROP_FINISH, DROP_LAYERS, DRO
                                        RESTORE_FINISH, RESTORE_LAYERS, TransitionReport, check_members)
 from kunjax.model.config import ModelConfig
 from kunjax.sim.hardware import Calibration, DeviceModel
+from kunjax.sim.sharing import HostShare
 from kunjax.sim.units import InstanceConfig, SimGroup, SimInstance, instance_pages
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,8 @@ class SimCluster(MechanismCluster):
         self.reserve = self.device.reserve_bytes(sc.max_num_batched_tokens, max(sc.max_num_seqs, sc.max_prefill_rows))
         pages = instance_pages(self.device, config, self.budget, self.reserve, num_pages)
         self.controller_free_at = 0.0
-        self.shared_devices = calibration.shared_devices
-        self.shared_free_at = 0.0  # shared_devices: when the cores are next free
+        # Virtual CPU devices: every step shares the host's cores with those in flight with it.
+        self.host = HostShare(calibration.host_capacity) if calibration.shared_devices else None
         instances = [SimInstance(i, cfg, self.device, config, pages, unit_policy(policy), clock, self)
                      for i in range(num_instances)]
         if dispatch not in DISPATCH_POLICIES:
@@ -278,11 +279,17 @@ class SimCluster(MechanismCluster):
     # ---- the loop ------------------------------------------------------------------------------
     def _watch(self, unit, handle) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        heapq.heappush(self._landings, (handle.end, next(self._seq), fut))
+        if handle.end is None:  # on the shared cores: the host lands it
+            self.host.add((unit, fut), handle.start, handle.seconds)
+        else:
+            heapq.heappush(self._landings, (handle.end, next(self._seq), fut))
         return fut
 
     def next_landing(self) -> Optional[float]:
-        return self._landings[0][0] if self._landings else None
+        """When the next step lands (or, on shared cores, the next start that changes the landings)."""
+        times = [self._landings[0][0]] if self._landings else []
+        shared = self.host.next_event() if self.host is not None else None
+        return min(times + ([] if shared is None else [shared]), default=None)
 
     def advance_to(self, t: float) -> None:
         """Moves the clock to `t` and lands every step that ends by then."""
@@ -290,6 +297,10 @@ class SimCluster(MechanismCluster):
         while self._landings and self._landings[0][0] <= self.clock():
             end, _, fut = heapq.heappop(self._landings)
             fut.set_result(end)
+        if self.host is not None:
+            for (unit, fut), end in self.host.advance(self.clock()):
+                unit.free_at = max(unit.free_at, end)
+                fut.set_result(end)
 
     # ---- what the benchmark's files show ---------------------------------------------------------
     def schedulers(self) -> list:

@@ -112,17 +112,32 @@ class Calibration:
     efficiency: Efficiency
     fit: dict = dataclasses.field(default_factory=dict)  # how well it predicts the steps it was fitted on
     overlap_stages: bool = True  # a pipeline group's stages run at the same time (False: virtual CPU devices)
-    shared_devices: bool = False  # the devices share one set of cores (virtual CPU devices): one step at a time
+    # The devices share one set of cores (virtual CPU devices): steps in flight at once share a host
+    # of this capacity in lone-step units (kunjax.sim.sharing: each at min(1, C / k) of its lone speed
+    # while k run). None: every instance has its own devices (GPUs), its steps run in parallel.
+    host_capacity: Optional[float] = None
+
+    @property
+    def shared_devices(self) -> bool:
+        return self.host_capacity is not None
 
     def to_json(self) -> dict:
         return {"spec": dataclasses.asdict(self.spec), "efficiency": dataclasses.asdict(self.efficiency),
-                "fit": self.fit, "overlap_stages": self.overlap_stages, "shared_devices": self.shared_devices}
+                "fit": self.fit, "overlap_stages": self.overlap_stages, "shared_devices": self.shared_devices,
+                "host_capacity": self.host_capacity}
 
     @classmethod
     def from_json(cls, d: dict) -> "Calibration":
+        """A calibration file; one written before host_capacity existed with shared_devices true
+        meant one step's work at a time on the shared cores: capacity 1."""
         try:
+            cap = d.get("host_capacity")
+            if cap is None and d.get("shared_devices", False):
+                cap = 1.0
+            if cap is not None and not float(cap) >= 1.0:
+                raise ValueError(f"host_capacity must be >= 1, got {cap}")
             return cls(DeviceSpec(**d["spec"]), Efficiency(**d["efficiency"]), d.get("fit", {}),
-                       bool(d.get("overlap_stages", True)), bool(d.get("shared_devices", False)))
+                       bool(d.get("overlap_stages", True)), None if cap is None else float(cap))
         except (KeyError, TypeError) as e:
             raise ValueError(f"calibration: not a calibration file ({e})") from None
 
@@ -252,10 +267,12 @@ class DeviceModel:
 # ---- fitting the efficiencies to measured steps ------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class MeasuredStep:
-    """One real step: the padded shape it ran at and its seconds (scheduling to tokens on the host)."""
+    """One real step: the padded shape it ran at and its seconds (scheduling to tokens on the host);
+    `start`: when it started (host seconds; steps timed side by side share one clock)."""
 
     shape: StepShape
     seconds: float
+    start: float = 0.0
 
 
 def fit_efficiency(cfg: ModelConfig, spec: DeviceSpec, steps: Sequence[MeasuredStep], page_size: int, tp: int = 1,

@@ -49,10 +49,13 @@ class InstanceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SimHandle:
-    """A step in flight: when it started and when it lands (simulated seconds)."""
+    """A step in flight: when it starts, its seconds run alone, and when it lands (simulated
+    seconds); `end` None while it shares the host's cores with other steps (SimCluster.host), which
+    decides its landing as the steps around it start and end."""
 
     start: float
-    end: float
+    seconds: float
+    end: Optional[float]
 
 
 def shape_of(op_args: dict) -> StepShape:
@@ -112,8 +115,7 @@ class SimInstance(UnitCore):
 
     def start_time(self) -> float:
         c = self.cluster
-        return max(self.clock(), self.free_at, c.controller_free_at if c is not None else 0.0,
-                   c.shared_free_at if c is not None else 0.0)
+        return max(self.clock(), self.free_at, c.controller_free_at if c is not None else 0.0)
 
     def execute(self, op: DeviceOp) -> SimHandle:
         t = self.device.step_time(shape_of(op.args), self.page_size, rows=real_rows(self.config, op.args))
@@ -121,13 +123,15 @@ class SimInstance(UnitCore):
         return self.occupy(t)
 
     def occupy(self, seconds: float) -> SimHandle:
-        """The device works `seconds` from when it is next free (a step, a copy)."""
+        """The device works `seconds` (alone) from when it is next free (a step, a copy). On shared
+        cores the cluster's host lands it and then sets `free_at`."""
         start = self.start_time()
-        self.free_at = start + seconds
         self.busy_s += seconds
-        if self.cluster is not None and self.cluster.shared_devices:  # one set of cores runs every device
-            self.cluster.shared_free_at = self.free_at
-        return SimHandle(start, self.free_at)
+        if self.cluster is not None and self.cluster.host is not None:
+            self.free_at = start
+            return SimHandle(start, seconds, None)
+        self.free_at = start + seconds
+        return SimHandle(start, seconds, self.free_at)
 
     def _moves_time(self, moves) -> float:
         """Swaps the scheduler decided, carried out before the step: pages over the host link."""
