@@ -520,15 +520,17 @@ def scrape(port):
             for fam in text_string_to_metric_families(text) for smp in fam.samples}
 
 
-def test_launcher_subprocess(reference):
+def test_launcher_subprocess(reference, tmp_path):
+    """The launcher as a user starts it: JAX probes every backend (no JAX_PLATFORMS), yet a CPU-only
+    host logs no "Unable to initialize backend 'tpu'" noise (libtpu is absent); then serving, metrics
+    and the two-step SIGTERM."""
     port, mport = portpicker.pick_unused_port(), portpicker.pick_unused_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.launch", "--model=tiny", "--dtype=float32", "--num_instances=2", "--tp=1",
          "--cpu_devices=2", "--num_pages=64", "--max_model_len=1024", "--max_num_seqs=4",
          "--max_num_batched_tokens=64", "--nowarmup", f"--port={port}", f"--metrics_port={mport}",
-         "--shutdown_grace_s=60", "--log_level=warning"],
+         "--shutdown_grace_s=60", "--log_level=info", f"--compilation_cache_dir={tmp_path}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -537,6 +539,9 @@ def test_launcher_subprocess(reference):
             if "kunjax serving" in line:
                 break
         assert proc.poll() is None, "".join(lines)
+        out = "".join(lines)
+        assert "devices: [CpuDevice" in out, out
+        assert "Unable to initialize backend" not in out, out
         want = reference.generate(["launched"], SamplingParams(max_tokens=5))[0]
         with Client(f"localhost:{port}") as c:
             r = c.complete("launched", max_tokens=5)
