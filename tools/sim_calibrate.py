@@ -78,28 +78,6 @@ def waves(engine, num_requests: int, seed: int, tag: str):
         yield wave
 
 
-def served_steps(engine, num_requests: int, seed: int, record: bool = True, tag: str = "cal") -> list:
-    """Serves `waves` on `engine` step by step, one wave after the other; the timed steps
-    (MeasuredStep: scheduling to tokens on the host)."""
-    from kunjax.control.batch import StepShape
-    from kunjax.sim.hardware import MeasuredStep
-
-    steps = []
-    for wave in waves(engine, num_requests, seed, tag):
-        for r in wave:
-            engine.add(r)
-        while engine.has_unfinished():
-            t = time.perf_counter()
-            step = engine.schedule()
-            if step is None:
-                break
-            op = engine.prepare(step)
-            engine.finish(step, engine.execute(op))
-            if record:
-                steps.append(MeasuredStep(StepShape(*op.args["shape"]), time.perf_counter() - t, t))
-    return steps
-
-
 def cluster_dispatches(engines: list, busy, num_requests: int, seed: int, tag: str) -> dict:
     """The serving control plane's own loop (kunjax.control.cluster.Cluster: one controller thread
     schedules, dispatches and finishes every unit's steps, waiter threads wait for the devices)
@@ -137,7 +115,7 @@ def cluster_dispatches(engines: list, busy, num_requests: int, seed: int, tag: s
     return log
 
 
-def concurrent_steps(engines: list, num_requests: int, seed: int, rounds: int = 2) -> tuple[list, int]:
+def concurrent_steps(engines: list, num_requests: int, seed: int, rounds: int = 2) -> tuple[list, int, list]:
     """Step cycles (dispatch to the unit's next dispatch: everything a served step costs, the
     controller's host work included) on the shared cores, in the serving control plane's loop:
     each engine serves its seeded waves alone (the others idle), then every engine serves the same
@@ -299,14 +277,14 @@ def calibrate_device(opts, num_requests: int, seed: int, launch: Optional[list] 
     t = time.perf_counter()
     engine = LLMEngine(model, cfg, device=devs[0])
     compile_s = time.perf_counter() - t
-    served_steps(engine, max(8, num_requests // 4), seed + 1, record=False)  # first runs off the clock
+    cluster_dispatches([engine], [0], max(8, num_requests // 4), seed + 1, "warm")  # first runs off the clock
     cpu = devs[0].platform == "cpu"
     capacity, share = None, None
     if cpu:  # the virtual devices share the cores: how much two concurrent steps slow each other
         if len(devs) < 2:
             raise ValueError("calibrate: timing concurrent steps needs two CPU devices")
         other = LLMEngine(model, cfg, device=devs[1])
-        served_steps(other, max(8, num_requests // 4), seed + 2, record=False)
+        cluster_dispatches([other], [0], max(8, num_requests // 4), seed + 2, "warm")
         pairs, unpaired, steps = concurrent_steps([engine, other], num_requests, seed + 3)
         capacity, share = fit_capacity(pairs, max_capacity=2.0)
         share.update({"unpaired_steps": unpaired,

@@ -99,7 +99,7 @@ class HostShare:
             j.remaining -= dt * r
 
 
-def shared_ends(capacity: float, threads: Sequence[Sequence[tuple[float, float]]]) -> list[list[float]]:
+def shared_ends(capacity: float, threads: Sequence[Sequence[tuple[float, float]]]) -> list[list[tuple[float, float]]]:
     """When each step lands on a host of `capacity`, for threads that each run their steps one
     after the other (as an instance does: its next step starts once the last has landed): a thread
     is a list of (gap, lone seconds), the gap the host time before the step (for the first step,
