@@ -214,6 +214,59 @@ def test_drop_planner_without_devices():
     assert assign_requests({"a": 7}, {0: 6, 1: 6}) is None
 
 
+def test_drop_pieces_move_one_layer_where_memory_allows_and_whole_rounds_where_not():
+    """A drop's pieces are single layers when every state between them (the members step there,
+    activation reserve kept) and every transient fits; a round without that room stays whole; the
+    end state is the same either way."""
+    from kunjax.control.plan import MemberInfo, drop_pieces, layer_rounds, memory_limit, plan_drop, simulate_drop
+
+    mib = 1 << 20
+
+    def infos(embed):  # tied; each instance's KV pools fill its budget, as at start-up
+        pages = (200 * mib - mib - 32 * mib - embed - 5 * mib) // (8 * (8 << 10))
+        return {i: MemberInfo(index=i, budget=200 * mib, layer_bytes=(4 * mib,) * 8, embed_bytes=embed,
+                              head_bytes=0, other_bytes=mib, reserve=5 * mib, page_layer_bytes=8 << 10,
+                              num_pages=pages, used_pages=200) for i in range(2)}
+
+    def plan(infos):
+        return plan_drop(list(infos.values()), 2, tied=True, max_pages_per_instance=10_000).groups[0]
+
+    roomy = infos(40 * mib)  # the second member's embedding copy is the first room
+    gp = plan(roomy)
+    pieces = gp.drop_pieces()
+    assert sorted(l for p in pieces for l in p) == list(range(8)) and max(map(len, pieces)) == 1
+    assert pieces[0] == [4], "the member with room (its embedding copy freed) takes its layer first"
+    _, final, between = simulate_drop(roomy, gp.stages, gp.layer_order, gp.num_pages, 64, pieces)
+    assert all(between[m] + roomy[m].reserve <= memory_limit(roomy[m]) for m in roomy)
+    assert final == simulate_drop(roomy, gp.stages, gp.layer_order, gp.num_pages, 64)[1]
+    assert gp == type(gp).from_dict(gp.to_dict())
+
+    # No first room: whichever owner goes first would take its grown pool before the other member
+    # frees anything, and the budgets are full, so no round can be cut.
+    tight = infos(0)
+    gp = plan(tight)
+    assert gp.drop_pieces() == layer_rounds(gp.layer_order, gp.stages)
+    assert drop_pieces(tight, gp.stages, gp.layer_order, gp.num_pages, 64) == layer_rounds(gp.layer_order, gp.stages)
+
+
+def test_piece_pacer_moves_what_fits_in_about_one_step():
+    """A transition's piece takes as many atoms as its units' last step leaves time for, at the
+    seconds per layer measured so far; one at first; all that is left while the units are idle."""
+    from kunjax.control.transition import PIECE_STEPS, PiecePacer
+
+    atoms = [[4], [0], [5], [1], [2, 6], [3], [7]]
+    p = PiecePacer()
+    assert p.take(atoms, 0.0, busy=True) == [[4]]
+    p.ran(1, 0.01, end=1.0)  # 10 ms a layer
+    step = 0.035 / PIECE_STEPS  # the units stepped 35 ms (scaled) since: three layers fit, not four
+    assert p.take(atoms[1:], 1.0 + step, busy=True) == [[0], [5], [1]]
+    assert p.take(atoms[3:], 1.0 + step, busy=True) == [[1], [2, 6]]
+    assert p.take(atoms[3:], 1.0 + 0.025 / PIECE_STEPS, busy=True) == [[1]], "a round atom is never cut"
+    p.ran(1, 0.5, end=2.0)  # slow now: a layer takes longer than the step; still one atom
+    assert p.take(atoms[4:], 2.0 + step, busy=True) == [[2, 6]]
+    assert p.take(atoms[4:], 2.0, busy=False) == atoms[4:]
+
+
 def test_a_unit_whose_step_never_lands_does_not_stop_the_others():
     """Independent stepping: unit 0's step blocks (until released) while unit 1 runs its request to
     the end; then unit 0 finishes too. Nothing waits for the slowest unit."""

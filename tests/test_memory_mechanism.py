@@ -221,10 +221,13 @@ def test_a_failure_at_any_point_leaves_the_cluster_serving(host_model, reference
     assert _live_total(cluster) == live0
 
 
-def test_units_outside_the_group_and_the_group_itself_step_through_a_transition(host_model, reference):
-    """3 instances, a group of 2 forms and splits again in many pieces: the instance outside the
-    group steps between every piece, the members keep decoding through their own drop, and the
-    outputs stay token-exact."""
+def test_units_outside_the_group_and_the_group_itself_step_through_a_transition(host_model, reference, monkeypatch):
+    """3 instances, a group of 2 forms and splits again in many pieces (one atom each: a zero time
+    budget): the instance outside the group steps between every piece, the members keep decoding
+    through their own drop, and the outputs stay token-exact."""
+    from kunjax.control import transition
+
+    monkeypatch.setattr(transition, "PIECE_STEPS", 0.0)
     prompts = prompts_for(6, seed=4)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     want = {i: o.token_ids for i, o in enumerate(reference.generate(prompts, params))}
@@ -247,7 +250,9 @@ def test_units_outside_the_group_and_the_group_itself_step_through_a_transition(
         for o in cluster.step():
             if o.finished:
                 outs[o.request_id] = o
-    assert task.report.pieces >= 4
+    atoms = plan.groups[0].drop_pieces()
+    assert max(map(len, atoms)) == 1, "room for one layer an atom: the members wait for one layer at a time"
+    assert 4 <= task.report.pieces <= len(atoms) + 2  # begin, one atom a piece while the members step, finish
     assert outside.num_steps - steps0 >= task.report.pieces - 1, "the outside instance stepped between pieces"
     assert sum(len(r.output_token_ids) for r in member_reqs) - tokens0 >= task.report.pieces - 2, \
         "the members decoded through their own drop"

@@ -160,8 +160,15 @@ def main(argv):
     def run(seconds=None, until=None) -> dict:
         """Polls the cluster; returns the longest token gap of member / outside requests and the
         outside instances' steps."""
-        gaps = {"member": 0.0, "outside": 0.0}
+        gaps = {"member": 0.0, "outside": 0.0, "member_step": 0.0, "member_steps": []}
         steps0 = [e.num_steps for e in cluster.engines]
+
+        def on_step(unit, op, seconds):  # dispatch to landing of every member (or group) step
+            if unit not in cluster.engines or cluster.engines.index(unit) in members:
+                gaps["member_step"] = max(gaps["member_step"], seconds)
+                gaps["member_steps"].append(seconds)
+
+        cluster.on_step = on_step
         t0 = time.perf_counter()
         while True:
             for o in cluster.poll(timeout=0.5):
@@ -172,6 +179,7 @@ def main(argv):
                 last[o.request_id] = now
             if (until is not None and until()) or (seconds is not None and time.perf_counter() - t0 >= seconds):
                 break
+        cluster.on_step = None
         dt = time.perf_counter() - t0
         out_steps = sum(cluster.engines[i].num_steps - steps0[i] for i in range(n) if i not in members)
         gaps["outside_step"] = dt / max(out_steps / max(n - len(members), 1), 1) if n > len(members) else 0.0
@@ -246,6 +254,13 @@ def main(argv):
         row(f"{name}: pieces vs what the bytes require", f"{work * 1e3:.1f} ms",
             f"moved/bw + new pools/fill bw + step {(moved / bw + alloc + one) * 1e3:.1f} ms",
             f"{work / max(moved / bw + alloc + one, 1e-9):.2f}x")
+        row(f"{name}: longest piece", f"{rep.piece_seconds_max * 1e3:.1f} ms", f"step {step_ms:.1f} ms",
+            f"{rep.piece_seconds_max / one:.1f} steps")
+        row(f"{name}: longest step of a member (dispatch to landing)", f"{phase['member_step'] * 1e3:.1f} ms",
+            f"normal {normal['member_step'] * 1e3:.1f} ms", f"{phase['member_step'] / one:.1f} steps")
+        med, med0 = (float(np.median(p["member_steps"] or [0])) for p in (phase, normal))
+        row(f"{name}: median step of a member (dispatch to landing)", f"{med * 1e3:.1f} ms",
+            f"normal {med0 * 1e3:.1f} ms", f"{med / max(med0, 1e-9):.2f}x")
         row(f"{name}: longest token gap, members' requests", f"{phase['member'] * 1e3:.1f} ms",
             f"step {step_ms:.1f} ms", f"{phase['member'] / one:.1f} steps")
         if n > len(members):

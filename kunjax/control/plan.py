@@ -75,6 +75,11 @@ class GroupPlan:
     steady_bytes: dict[int, int]  # member -> bytes per device once grouped (reserve excluded)
     layer_order: tuple[int, ...]  # the order the transition handles the layers in
     tied: bool
+    pieces: tuple[tuple[int, ...], ...] = ()  # the drop's pieces (drop_pieces); () = whole rounds
+
+    def drop_pieces(self) -> list[list[int]]:
+        """The layers each piece of the drop moves, in order."""
+        return [list(p) for p in self.pieces] or layer_rounds(self.layer_order, self.stages)
 
     def owner_index(self, layer: int) -> int:
         """The stage (= member position) that keeps `layer`: where its KV lives in the group and
@@ -91,7 +96,7 @@ class GroupPlan:
     def to_dict(self) -> dict:
         return {"instances": list(self.instances), "num_pages": self.num_pages, "tied": self.tied,
                 "stages": [dataclasses.asdict(s) for s in self.stages], "layer_order": list(self.layer_order),
-                "pages_before": {str(k): v for k, v in self.pages_before.items()},
+                "pieces": [list(p) for p in self.pieces], "pages_before": {str(k): v for k, v in self.pages_before.items()},
                 "peak_bytes": {str(k): v for k, v in self.peak_bytes.items()},
                 "steady_bytes": {str(k): v for k, v in self.steady_bytes.items()}}
 
@@ -99,7 +104,8 @@ class GroupPlan:
     def from_dict(cls, d: dict) -> "GroupPlan":
         return cls(tuple(d["instances"]), tuple(StagePlan(**s) for s in d["stages"]), d["num_pages"],
                    {int(k): v for k, v in d["pages_before"].items()}, {int(k): v for k, v in d["peak_bytes"].items()},
-                   {int(k): v for k, v in d["steady_bytes"].items()}, tuple(d["layer_order"]), d["tied"])
+                   {int(k): v for k, v in d["steady_bytes"].items()}, tuple(d["layer_order"]), d["tied"],
+                   tuple(tuple(p) for p in d.get("pieces", ())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +208,10 @@ def memory_limit(info: MemberInfo) -> int:
 
 
 def layer_rounds(order: Sequence[int], stages: Sequence[StagePlan]) -> list[list[int]]:
-    """`order` cut into rounds of at most one layer per stage. A drop piece moves whole rounds: in
-    a round every member frees the pools (and weights) of the layers it gives up as its owned layer
-    grows, so the state between two pieces, where the members step, stays balanced."""
+    """`order` cut into rounds of at most one layer per stage. In a round every member frees the
+    pools (and weights) of the layers it gives up as its owned layer grows, so the state at the end
+    of a round stays balanced; a drop piece is a round, or a part of one where memory allows
+    (`drop_pieces`)."""
     owner = {l: j for j, st in enumerate(stages) for l in range(st.start, st.stop)}
     rounds: list[list[int]] = []
     seen: set[int] = set()
@@ -228,48 +235,108 @@ def _chunked(pages: int, chunk_pages: int) -> int:
     return -(-pages // chunk_pages) * chunk_pages if pages else 0
 
 
-def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int],
-                  num_pages: int, chunk_pages: int) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
-    """(peak, final, between) bytes per device of each member through the drop, event by event as
-    kunjax.memory.drop runs it, one round of `layer_rounds` a piece (one layer per stage): the members that give a layer
-    up delete its weights, every member gathers its pages that hold data of the round's layers and
-    deletes its pools of them, the owners allocate the group pools (the chunks arrive one at a time
-    and are freed layer by layer); the embedding and head copies the plan does not keep go first. `between` is the largest state between two pieces, where the
-    members step (their activation reserve must stay free); `peak` the largest transient inside one."""
-    owner = {l: st for st in stages for l in range(st.start, st.stop)}
+def _drop_start(infos: dict[int, MemberInfo], stages: Sequence[StagePlan]) -> dict[int, int]:
+    """Bytes per device of each member once the drop has begun: everything an instance holds, less
+    the embedding and head copies the plan does not keep (the first room)."""
     num_layers = len(next(iter(infos.values())).layer_bytes)
-    cur, peak = {}, {}
+    cur = {}
     for st in stages:
         i = infos[st.instance]
-        cur[st.instance] = i.other_bytes + _full_weights(i) + num_layers * i.num_pages * i.page_layer_bytes
-        peak[st.instance] = cur[st.instance]
-    for st in stages:  # first room: the embedding and head copies the plan does not keep
-        i = infos[st.instance]
-        cur[st.instance] -= (0 if st.embed else i.embed_bytes) + (0 if st.head else i.head_bytes)
-    between = dict(cur)
+        cur[st.instance] = (i.other_bytes + _full_weights(i) + num_layers * i.num_pages * i.page_layer_bytes
+                            - (0 if st.embed else i.embed_bytes) - (0 if st.head else i.head_bytes))
+    return cur
+
+
+def _drop_piece(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], piece: Sequence[int], num_pages: int,
+                chunk_pages: int, cur: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+    """(bytes after, peak inside) per member of one drop piece moving `piece`'s layers from `cur`, event
+    by event as kunjax.memory.drop runs it: the members that give a layer up delete its weights,
+    every member gathers its pages that hold data of the piece's layers and deletes its pools of
+    them, then the owners allocate the group pools (the chunks arrive one at a time and are freed
+    layer by layer)."""
+    owner = {l: st.instance for st in stages for l in range(st.start, st.stop)}
+    cur = dict(cur)
+    peak = dict(cur)
     chunk = min(chunk_pages, max(i.used_pages for i in infos.values()))
-    for rnd in layer_rounds(order, stages):
-        for l in rnd:
-            for m in cur:
-                if m != owner[l].instance:
-                    cur[m] -= infos[m].layer_bytes[l]
-        part = {m: _chunked(infos[m].used_pages, chunk_pages) * infos[m].page_layer_bytes for m in cur}
-        held = {m: 0 for m in cur}
-        for _ in rnd:  # layer by layer: pages out, old pool freed
-            for m in cur:
-                held[m] += part[m]
-                peak[m] = max(peak[m], cur[m] + held[m])
-                cur[m] -= infos[m].num_pages * infos[m].page_layer_bytes
-        # the owners with the fewest pages that hold data first (kunjax.memory.drop does the same)
-        for l in sorted(rnd, key=lambda l: (infos[owner[l].instance].used_pages, l)):
-            s = owner[l].instance
-            cur[s] += num_pages * infos[s].page_layer_bytes
-            peak[s] = max(peak[s], cur[s] + held[s] + chunk * infos[s].page_layer_bytes)
-            for m in cur:
-                held[m] -= part[m]
+    for l in piece:
         for m in cur:
+            if m != owner[l]:
+                cur[m] -= infos[m].layer_bytes[l]
+    part = {m: _chunked(infos[m].used_pages, chunk_pages) * infos[m].page_layer_bytes for m in cur}
+    held = {m: 0 for m in cur}
+    for _ in piece:  # layer by layer: pages out, old pool freed
+        for m in cur:
+            held[m] += part[m]
+            peak[m] = max(peak[m], cur[m] + held[m])
+            cur[m] -= infos[m].num_pages * infos[m].page_layer_bytes
+    # the owners with the fewest pages that hold data first (kunjax.control.transition does the same)
+    for l in sorted(piece, key=lambda l: (infos[owner[l]].used_pages, l)):
+        s = owner[l]
+        cur[s] += num_pages * infos[s].page_layer_bytes
+        peak[s] = max(peak[s], cur[s] + held[s] + chunk * infos[s].page_layer_bytes)
+        for m in cur:
+            held[m] -= part[m]
+    return cur, peak
+
+
+def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int],
+                  num_pages: int, chunk_pages: int, pieces: Optional[Sequence[Sequence[int]]] = None
+                  ) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+    """(peak, final, between) bytes per device of each member through the drop, piece by piece
+    (`pieces`, default the rounds of `layer_rounds`; each as `_drop_piece` says); the embedding and
+    head copies the plan does not keep go first. `between` is the largest state between two pieces,
+    where the members step (their activation reserve must stay free); `peak` the largest transient
+    inside one."""
+    num_layers = len(next(iter(infos.values())).layer_bytes)
+    peak = {st.instance: infos[st.instance].other_bytes + _full_weights(infos[st.instance])
+            + num_layers * infos[st.instance].num_pages * infos[st.instance].page_layer_bytes for st in stages}
+    cur = _drop_start(infos, stages)
+    between = dict(cur)
+    for piece in (layer_rounds(order, stages) if pieces is None else pieces):
+        cur, inside = _drop_piece(infos, stages, piece, num_pages, chunk_pages, cur)
+        for m in cur:
+            peak[m] = max(peak[m], inside[m])
             between[m] = max(between[m], cur[m])
     return peak, cur, between
+
+
+def drop_pieces(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int], num_pages: int,
+                chunk_pages: int) -> list[list[int]]:
+    """The pieces of a drop: each round of `layer_rounds`, cut into single layers where memory allows.
+
+    A piece holds back the members' steps while it runs (its layers' KV is in flight), and on a
+    host where fresh memory is slow a layer's new group pool alone can take most of a step; so the
+    fewer layers a piece moves, the shorter the members' longest wait. A single layer is taken
+    when the state after it (where the members step: the activation reserve kept free) and its
+    transient both fit every member's limit, the owner with the most room first (what one owner
+    takes, the others free as they give the layer up, which makes room for the next owner). A
+    round that cannot be cut so stays whole: its states are those `plan_group` checked. The state
+    at the end of a round is the same however it was cut."""
+    limit = {st.instance: memory_limit(infos[st.instance]) for st in stages}
+    owner = {l: st.instance for st in stages for l in range(st.start, st.stop)}
+    cur = _drop_start(infos, stages)
+    pieces: list[list[int]] = []
+    for rnd in layer_rounds(order, stages):
+        state, cut, left = cur, [], sorted(rnd, key=lambda l: (infos[owner[l]].used_pages, l))
+        while left:
+            room = sorted(left, key=lambda l: (-(limit[owner[l]] - state[owner[l]]), left.index(l)))
+            for l in room:
+                after, inside = _drop_piece(infos, stages, [l], num_pages, chunk_pages, state)
+                if all(after[m] + infos[m].reserve <= limit[m] and inside[m] <= limit[m] for m in after):
+                    cut.append([l])
+                    left.remove(l)
+                    state = after
+                    break
+            else:  # no single layer fits here: the rest of the round in one piece, if that fits
+                after, inside = _drop_piece(infos, stages, left, num_pages, chunk_pages, state)
+                if all(after[m] + infos[m].reserve <= limit[m] and inside[m] <= limit[m] for m in after):
+                    cut.append(list(left))
+                    left = []
+                else:
+                    cut = None
+        pieces += cut if cut is not None else [list(rnd)]
+        cur, _ = _drop_piece(infos, stages, rnd, num_pages, chunk_pages, cur)
+    return pieces
 
 
 def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool, max_pages: int,
@@ -314,9 +381,10 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
             raise PlanError(f"no compiled group pool size fits instances {list(members)} (need {need}..{lo} pages, "
                             f"ladder {list(ladder)})", "FAILED_PRECONDITION")
         lo = max(fitting)
-    peak, final, _ = simulate_drop(infos, stages, order, lo, chunk_pages)
+    pieces = drop_pieces(infos, stages, order, lo, chunk_pages)
+    peak, final, _ = simulate_drop(infos, stages, order, lo, chunk_pages, pieces)
     return GroupPlan(tuple(members), tuple(stages), lo, {m: infos[m].num_pages for m in members},
-                     peak, final, tuple(order), tied)
+                     peak, final, tuple(order), tied, tuple(tuple(p) for p in pieces))
 
 
 def plan_drop(infos: Sequence[MemberInfo], group_size: int, tied: bool, max_pages_per_instance: int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Optional
 
 import numpy as np
 
@@ -110,6 +111,44 @@ def check_members(cluster, gp: GroupPlan) -> list:
     return members
 
 
+PIECE_STEPS = 1.0  # a piece may take about this many of its units' steps
+
+
+class PiecePacer:
+    """Sizes a transition's pieces by time. The plan cuts the move into atoms, the smallest moves
+    that are memory-safe on their own (a drop's single layers or whole rounds,
+    kunjax.control.plan.drop_pieces; a restore's rounds); a piece runs some of them one after the
+    other, while its units wait. It takes as many of the next atoms as it can move in about
+    PIECE_STEPS of the time its units took to step since the last piece, at the seconds per layer
+    the pieces so far took (the first piece: one atom); while its units have nothing to step,
+    every atom left. So where moving a layer is quick next to a step (a GPU: a few milliseconds),
+    a transition takes a few pieces and ends in a few steps, and where it is slow (a CPU host
+    paging in fresh memory), a piece moves one atom and a request waits about one step for it."""
+
+    def __init__(self):
+        self.per_layer: Optional[float] = None  # seconds a layer took in the pieces so far
+        self.last_end: Optional[float] = None
+
+    def take(self, atoms: list[list[int]], now: float, busy: bool) -> list[list[int]]:
+        if not busy:
+            return list(atoms)
+        if self.per_layer is None or self.last_end is None:
+            return atoms[:1]
+        budget = PIECE_STEPS * (now - self.last_end)
+        out, layers = atoms[:1], len(atoms[0])
+        for a in atoms[1:]:
+            if (layers + len(a)) * self.per_layer > budget:
+                break
+            out.append(a)
+            layers += len(a)
+        return out
+
+    def ran(self, layers: int, seconds: float, end: float) -> None:
+        """A piece of `layers` layers took `seconds` and ended at `end`."""
+        self.per_layer = seconds / max(layers, 1)
+        self.last_end = end
+
+
 class DropTask:
     """The controller's side of one drop (a kunjax.control.cluster Task): decides each piece, logs
     it, and on the last one moves the requests into the group."""
@@ -123,7 +162,8 @@ class DropTask:
         self.units = [m for ms in self.groups for m in ms]
         self.report = TransitionReport("drop", [])
         self.outputs: list[RequestOutput] = []  # requests that failed (their KV was lost)
-        self._todo = [list(gp.layer_order) for gp in plan.groups]
+        self._todo = [gp.drop_pieces() for gp in plan.groups]  # atoms left per group
+        self._pacers = [PiecePacer() for _ in plan.groups]
         self._moved: list[list[int]] = [[] for _ in plan.groups]
         self._begun = False
         self._t0 = 0.0
@@ -132,14 +172,14 @@ class DropTask:
     def holds(self, unit) -> bool:
         return False  # the members step between pieces
 
-    def _piece_layers(self, gi: int) -> list[int]:
-        """The next round of group gi (kunjax.control.plan.layer_rounds: one layer per stage), the
-        owners with the fewest pages that hold data first (their chunks wait least for their pool)."""
+    def _piece_atoms(self, gi: int, now: float) -> list[list[int]]:
+        """The atoms of group gi's next piece (PiecePacer), in each the owners with the fewest pages
+        that hold data first (their chunks wait least for their pool)."""
         members = self.groups[gi]
         gp = self.plan.groups[gi]
-        rnd = layer_rounds(self._todo[gi], gp.stages)[0]
+        atoms = self._pacers[gi].take(self._todo[gi], now, any(m.has_unfinished() for m in members))
         used = [sum(len(r.pages) for r in m.scheduler.running) for m in members]
-        return sorted(rnd, key=lambda l: (used[gp.owner_index(l)], l))
+        return [sorted(a, key=lambda l: (used[gp.owner_index(l)], l)) for a in atoms]
 
     def _pages(self, gi: int) -> dict[str, np.ndarray]:
         arrays = {}
@@ -157,11 +197,13 @@ class DropTask:
                 return False
             for gi in range(len(self.plan.groups)):
                 if self._todo[gi]:
-                    layers = self._piece_layers(gi)
-                    cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers,
+                    atoms = self._piece_atoms(gi, t)
+                    layers = [l for a in atoms for l in a]
+                    cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers, "atoms": atoms,
                                                                "chunk": cluster.chunk_pages}, self._pages(gi)))
-                    self._todo[gi] = [l for l in self._todo[gi] if l not in layers]
+                    del self._todo[gi][:len(atoms)]
                     self._moved[gi] += layers
+                    self._pacers[gi].ran(len(layers), cluster.clock() - t, cluster.clock())
                     return False
             self.report = report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
             self.outputs += adopt_after_drop(cluster, self.plan, report)
@@ -304,7 +346,8 @@ class RestoreTask:
         self.routing = routing
         self.report = TransitionReport("restore", [group.id])
         self.outputs: list[RequestOutput] = []
-        self._todo = restore_rounds(group.plan)  # rounds left
+        self._todo = restore_rounds(group.plan)  # rounds left: the atoms of its pieces
+        self._pacer = PiecePacer()
         self._begun = False
         self._t0 = 0.0
         self.done = False
@@ -324,8 +367,12 @@ class RestoreTask:
                 return False
             if self._todo:
                 arrays = self.routing.moves()
-                layers = self._todo.pop(0)
-                cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers}, arrays))
+                atoms = self._pacer.take(self._todo, t, self.group.has_unfinished())
+                layers = [l for a in atoms for l in a]
+                cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers,
+                                                              "atoms": atoms}, arrays))
+                del self._todo[:len(atoms)]
+                self._pacer.ran(len(layers), cluster.clock() - t, cluster.clock())
                 return False
             self.report = cluster.run_op(DeviceOp(RESTORE_FINISH, -1, {"group": self.group.id}))
             self.outputs += adopt_after_restore(cluster, self.group, self.routing, self.report)
