@@ -249,22 +249,26 @@ def test_drop_pieces_move_one_layer_where_memory_allows_and_whole_rounds_where_n
     assert drop_pieces(tight, gp.stages, gp.layer_order, gp.num_pages, 64) == layer_rounds(gp.layer_order, gp.stages)
 
 
-def test_piece_pacer_moves_what_fits_in_about_one_step():
-    """A transition's piece takes as many atoms as its units' last step leaves time for, at the
-    seconds per layer measured so far; one at first; all that is left while the units are idle."""
+def test_piece_pacer_runs_atoms_for_about_one_step_of_its_units():
+    """A transition's piece runs atoms while one more, as long as the last, ends within the time
+    its units took to step since the last piece; one at first; every atom while they are idle."""
     from kunjax.control.transition import PIECE_STEPS, PiecePacer
 
-    atoms = [[4], [0], [5], [1], [2, 6], [3], [7]]
     p = PiecePacer()
-    assert p.take(atoms, 0.0, busy=True) == [[4]]
-    p.ran(1, 0.01, end=1.0)  # 10 ms a layer
-    step = 0.035 / PIECE_STEPS  # the units stepped 35 ms (scaled) since: three layers fit, not four
-    assert p.take(atoms[1:], 1.0 + step, busy=True) == [[0], [5], [1]]
-    assert p.take(atoms[3:], 1.0 + step, busy=True) == [[1], [2, 6]]
-    assert p.take(atoms[3:], 1.0 + 0.025 / PIECE_STEPS, busy=True) == [[1]], "a round atom is never cut"
-    p.ran(1, 0.5, end=2.0)  # slow now: a layer takes longer than the step; still one atom
-    assert p.take(atoms[4:], 2.0 + step, busy=True) == [[2, 6]]
-    assert p.take(atoms[4:], 2.0, busy=False) == atoms[4:]
+    first = p.deadline(0.0, busy=True)
+    assert not p.more(0.001, 0.001, first)  # one atom
+    p.ended(1.0)
+    d = p.deadline(1.0 + 0.04 / PIECE_STEPS, busy=True)  # the units stepped 40 ms since
+    now = 1.0 + 0.04 / PIECE_STEPS
+    ran = 0
+    while True:  # atoms of 15 ms: two, and a third would end after the deadline
+        now += 0.015
+        ran += 1
+        if not p.more(now, 0.015, d):
+            break
+    assert ran == 2
+    assert not p.more(now, 0.5, d), "an atom that turned slow ends the piece"
+    assert p.more(1e9, 1e9, p.deadline(now, busy=False))
 
 
 def test_a_unit_whose_step_never_lands_does_not_stop_the_others():

@@ -284,6 +284,11 @@ class Cluster:
         """The unit has a step in flight."""
         return id(unit) in self._inflight
 
+    def work_clock(self) -> float:
+        """The time the controller's own work has reached: now, on a cluster that runs its task
+        pieces as they are asked for (kunjax.sim's cluster simulates them ahead of its clock)."""
+        return self.clock()
+
     def start_task(self, task: Task) -> None:
         """Runs `task` piece by piece from the next iteration on (see Task)."""
         self.tasks.append(task)

@@ -111,41 +111,37 @@ def check_members(cluster, gp: GroupPlan) -> list:
     return members
 
 
-PIECE_STEPS = 1.0  # a piece may take about this many of its units' steps
+PIECE_STEPS = 0.5  # a piece may take about this share of the time its units take to step
 
 
 class PiecePacer:
     """Sizes a transition's pieces by time. The plan cuts the move into atoms, the smallest moves
     that are memory-safe on their own (a drop's single layers or whole rounds,
-    kunjax.control.plan.drop_pieces; a restore's rounds); a piece runs some of them one after the
-    other, while its units wait. It takes as many of the next atoms as it can move in about
-    PIECE_STEPS of the time its units took to step since the last piece, at the seconds per layer
-    the pieces so far took (the first piece: one atom); while its units have nothing to step,
-    every atom left. So where moving a layer is quick next to a step (a GPU: a few milliseconds),
-    a transition takes a few pieces and ends in a few steps, and where it is slow (a CPU host
-    paging in fresh memory), a piece moves one atom and a request waits about one step for it."""
+    kunjax.control.plan.drop_pieces; a restore's rounds), each one logged device operation (every
+    process of a multi-host cluster runs the same ones). A piece runs atoms one after the other
+    while its units wait, until one more, if it took as long as the last, would run past PIECE_STEPS
+    of the time the units took to step since the last piece; the first piece runs one; while the
+    units have nothing to step, a piece runs every atom left. So where an atom is quick next to a
+    step (a GPU: milliseconds against tens of them), a transition takes a few pieces and ends
+    within a few steps; where it is slow (a CPU host paging fresh memory in), a piece runs about
+    one step's worth, and a piece overruns by at most the atom that turned slow. The clock is the
+    cluster's `work_clock` (a simulated cluster's includes the pieces it has simulated)."""
 
     def __init__(self):
-        self.per_layer: Optional[float] = None  # seconds a layer took in the pieces so far
         self.last_end: Optional[float] = None
 
-    def take(self, atoms: list[list[int]], now: float, busy: bool) -> list[list[int]]:
+    def deadline(self, now: float, busy: bool) -> float:
         if not busy:
-            return list(atoms)
-        if self.per_layer is None or self.last_end is None:
-            return atoms[:1]
-        budget = PIECE_STEPS * (now - self.last_end)
-        out, layers = atoms[:1], len(atoms[0])
-        for a in atoms[1:]:
-            if (layers + len(a)) * self.per_layer > budget:
-                break
-            out.append(a)
-            layers += len(a)
-        return out
+            return float("inf")
+        if self.last_end is None:
+            return now  # one atom
+        return now + PIECE_STEPS * max(now - self.last_end, 0.0)
 
-    def ran(self, layers: int, seconds: float, end: float) -> None:
-        """A piece of `layers` layers took `seconds` and ended at `end`."""
-        self.per_layer = seconds / max(layers, 1)
+    @staticmethod
+    def more(now: float, atom_seconds: float, deadline: float) -> bool:
+        return now + atom_seconds <= deadline
+
+    def ended(self, end: float) -> None:
         self.last_end = end
 
 
@@ -172,14 +168,13 @@ class DropTask:
     def holds(self, unit) -> bool:
         return False  # the members step between pieces
 
-    def _piece_atoms(self, gi: int, now: float) -> list[list[int]]:
-        """The atoms of group gi's next piece (PiecePacer), in each the owners with the fewest pages
-        that hold data first (their chunks wait least for their pool)."""
+    def _atom(self, gi: int) -> list[int]:
+        """Group gi's next atom (GroupPlan.drop_pieces), the owners with the fewest pages that hold
+        data first (their chunks wait least for their pool)."""
         members = self.groups[gi]
         gp = self.plan.groups[gi]
-        atoms = self._pacers[gi].take(self._todo[gi], now, any(m.has_unfinished() for m in members))
         used = [sum(len(r.pages) for r in m.scheduler.running) for m in members]
-        return [sorted(a, key=lambda l: (used[gp.owner_index(l)], l)) for a in atoms]
+        return sorted(self._todo[gi][0], key=lambda l: (used[gp.owner_index(l)], l))
 
     def _pages(self, gi: int) -> dict[str, np.ndarray]:
         arrays = {}
@@ -197,13 +192,19 @@ class DropTask:
                 return False
             for gi in range(len(self.plan.groups)):
                 if self._todo[gi]:
-                    atoms = self._piece_atoms(gi, t)
-                    layers = [l for a in atoms for l in a]
-                    cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers, "atoms": atoms,
-                                                               "chunk": cluster.chunk_pages}, self._pages(gi)))
-                    del self._todo[gi][:len(atoms)]
-                    self._moved[gi] += layers
-                    self._pacers[gi].ran(len(layers), cluster.clock() - t, cluster.clock())
+                    pacer = self._pacers[gi]
+                    deadline = pacer.deadline(cluster.work_clock(), any(m.has_unfinished() for m in self.groups[gi]))
+                    while True:
+                        a0 = cluster.work_clock()
+                        layers = self._atom(gi)
+                        cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers,
+                                                                   "chunk": cluster.chunk_pages}, self._pages(gi)))
+                        self._todo[gi].pop(0)
+                        self._moved[gi] += layers
+                        now = cluster.work_clock()
+                        if not self._todo[gi] or not pacer.more(now, now - a0, deadline):
+                            break
+                    pacer.ended(now)
                     return False
             self.report = report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
             self.outputs += adopt_after_drop(cluster, self.plan, report)
@@ -366,13 +367,16 @@ class RestoreTask:
                 self._begun = True
                 return False
             if self._todo:
-                arrays = self.routing.moves()
-                atoms = self._pacer.take(self._todo, t, self.group.has_unfinished())
-                layers = [l for a in atoms for l in a]
-                cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers,
-                                                              "atoms": atoms}, arrays))
-                del self._todo[:len(atoms)]
-                self._pacer.ran(len(layers), cluster.clock() - t, cluster.clock())
+                deadline = self._pacer.deadline(cluster.work_clock(), self.group.has_unfinished())
+                while True:
+                    a0 = cluster.work_clock()
+                    arrays = self.routing.moves()
+                    layers = self._todo.pop(0)
+                    cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers}, arrays))
+                    now = cluster.work_clock()
+                    if not self._todo or not self._pacer.more(now, now - a0, deadline):
+                        break
+                self._pacer.ended(now)
                 return False
             self.report = cluster.run_op(DeviceOp(RESTORE_FINISH, -1, {"group": self.group.id}))
             self.outputs += adopt_after_restore(cluster, self.group, self.routing, self.report)

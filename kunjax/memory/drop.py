@@ -14,10 +14,10 @@ Pieces, each a logged device operation (every process of a multi-host cluster ru
    room), and the members get a route (kunjax.runtime.runner.Segment): each layer of a step runs
    where that layer's KV is: on the member itself until the layer has moved, then on the stage that
    owns it, at the member's page offset; embedding and head on the stages that keep them.
-2. `drop_layers` (repeated): the next atoms of the plan's pieces (GroupPlan.drop_pieces: single
-   layers where memory allows, else whole rounds of one layer per stage), as many as the task's
-   pacer gives this piece (kunjax.control.transition.PiecePacer), one after the other. For an
-   atom's layers every member gathers the pages that
+2. `drop_layers` (repeated; one atom of the plan's pieces each, GroupPlan.drop_pieces: a single
+   layer where memory allows, else a whole round of one layer per stage; a piece of the task runs
+   as many as its pacer gives it, kunjax.control.transition.PiecePacer): for
+   the atom's layers every member gathers the pages that
    hold data (chunks, the transient) and deletes its pools of them; then each layer's owner
    allocates its group pool and the chunks are scattered in at their offset ids (device to device
    for the members that are not the owner: (g-1)/g of the KV crosses; the owner's own pages are
@@ -218,13 +218,10 @@ def execute_drop_layers(cluster, op: DeviceOp) -> None:
     gi = int(op.args["group"])
     gp, members = state.plan.groups[gi], state.groups[gi]
     src = [op.arrays[f"{j}"].tolist() for j in range(len(members))]
-    try:
-        for atom in op.args.get("atoms") or [op.args["layers"]]:  # one after the other, each whole
-            layers = [int(l) for l in atom]
-            _move_layers_in(members, gp, layers, src, int(op.args["chunk"]), state.report)
-            state.moved[gi].update(layers)  # a later atom's failure rolls these back too
-    finally:
-        _set_routes(members, gp, state.moved[gi])
+    layers = [int(l) for l in op.args["layers"]]
+    _move_layers_in(members, gp, layers, src, int(op.args["chunk"]), state.report)
+    state.moved[gi].update(layers)
+    _set_routes(members, gp, state.moved[gi])
 
 
 def execute_drop_finish(cluster, op: DeviceOp) -> TransitionReport:

@@ -13,9 +13,9 @@ and the group keeps decoding between them; units outside the group never notice 
   k-th group page (`RestoreRouting`, controller side). It grows with the group one, so a token the
   group writes between two pieces lands in the right place on either side.
 - `restore_begin`: the group gets its routing; nothing moves yet.
-- `restore_layers` (repeated; the drop's rounds in reverse order, as many a piece as the task's
-  pacer gives it, kunjax.control.transition.PiecePacer, one after the other): for each round the
-  owners gather its layers' pages that hold data
+- `restore_layers` (repeated, one round of the drop's each, the rounds in reverse order; a piece
+  of the task runs as many as its pacer gives it, kunjax.control.transition.PiecePacer): the
+  owners gather the round's layers' pages that hold data
   (chunks) and delete their group pools (room first); then for each layer every member, the owner
   last, allocates its instance pool, receives the layer's weights when it lacks them (device to
   device, never from disk) and its chunks, scattered at its requests' member page ids (only the
@@ -59,22 +59,15 @@ def execute_restore_begin(cluster, op: DeviceOp) -> TransitionReport:
 
 
 def execute_restore_layers(cluster, op: DeviceOp) -> None:
-    group = cluster.group(int(op.args["group"]))
-    members = group.members
-    src = {j: op.arrays[f"{j}/src"].tolist() for j in range(len(members))}
-    dst = {j: op.arrays[f"{j}/dst"].tolist() for j in range(len(members))}
-    for atom in op.args.get("atoms") or [op.args["layers"]]:  # one round after the other
-        _restore_round(cluster, group, [int(l) for l in atom], src, dst)
-
-
-def _restore_round(cluster, group, layers: list[int], src: dict, dst: dict) -> None:
-    """One round of the restore (kunjax.control.plan.restore_rounds): its pages out of the owners'
-    group pools, then every member's own pools, weights and pages of its layers."""
     from kunjax.memory import exchange
 
+    group = cluster.group(int(op.args["group"]))
     st8 = group.restoring
     report, devices, chunk = st8["report"], st8["devices"], st8["chunk"]
     plan, members = group.plan, group.members
+    src = {j: op.arrays[f"{j}/src"].tolist() for j in range(len(members))}
+    dst = {j: op.arrays[f"{j}/dst"].tolist() for j in range(len(members))}
+    layers = [int(l) for l in op.args["layers"]]
     held = {}
     for l in layers:  # phase 1: the pages that hold data out, the group pools freed (room first)
         owner = members[plan.owner_index(l)].stage

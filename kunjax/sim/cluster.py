@@ -171,6 +171,10 @@ class SimCluster(MechanismCluster):
         """A piece or a copy runs on the controller thread: no unit is dispatched until it is done."""
         self.controller_free_at = max(self.controller_free_at, self.clock()) + seconds
 
+    def work_clock(self) -> float:
+        """Past the pieces simulated so far: a piece holds the controller until it would be done."""
+        return max(self.clock(), self.controller_free_at)
+
     def _piece(self, units, seconds: float, report: Optional[TransitionReport]) -> None:
         start = max([self.clock(), self.controller_free_at] + [u.free_at for u in units])
         for u in units:
