@@ -214,11 +214,11 @@ def test_drop_planner_without_devices():
     assert assign_requests({"a": 7}, {0: 6, 1: 6}) is None
 
 
-def test_drop_pieces_move_one_layer_where_memory_allows_and_whole_rounds_where_not():
-    """A drop's pieces are single layers when every state between them (the members step there,
+def test_drop_atoms_move_one_layer_where_memory_allows_and_whole_rounds_where_not():
+    """A drop's atoms are single layers when every state between them (the members may step there,
     activation reserve kept) and every transient fits; a round without that room stays whole; the
     end state is the same either way."""
-    from kunjax.control.plan import MemberInfo, drop_pieces, layer_rounds, memory_limit, plan_drop, simulate_drop
+    from kunjax.control.plan import MemberInfo, drop_atoms, layer_rounds, memory_limit, plan_drop, simulate_drop
 
     mib = 1 << 20
 
@@ -233,10 +233,10 @@ def test_drop_pieces_move_one_layer_where_memory_allows_and_whole_rounds_where_n
 
     roomy = infos(40 * mib)  # the second member's embedding copy is the first room
     gp = plan(roomy)
-    pieces = gp.drop_pieces()
-    assert sorted(l for p in pieces for l in p) == list(range(8)) and max(map(len, pieces)) == 1
-    assert pieces[0] == [4], "the member with room (its embedding copy freed) takes its layer first"
-    _, final, between = simulate_drop(roomy, gp.stages, gp.layer_order, gp.num_pages, 64, pieces)
+    atoms = gp.drop_atoms()
+    assert sorted(l for a in atoms for l in a) == list(range(8)) and max(map(len, atoms)) == 1
+    assert atoms[0] == [4], "the member with room (its embedding copy freed) takes its layer first"
+    _, final, between = simulate_drop(roomy, gp.stages, gp.layer_order, gp.num_pages, 64, atoms)
     assert all(between[m] + roomy[m].reserve <= memory_limit(roomy[m]) for m in roomy)
     assert final == simulate_drop(roomy, gp.stages, gp.layer_order, gp.num_pages, 64)[1]
     assert gp == type(gp).from_dict(gp.to_dict())
@@ -245,11 +245,11 @@ def test_drop_pieces_move_one_layer_where_memory_allows_and_whole_rounds_where_n
     # frees anything, and the budgets are full, so no round can be cut.
     tight = infos(0)
     gp = plan(tight)
-    assert gp.drop_pieces() == layer_rounds(gp.layer_order, gp.stages)
-    assert drop_pieces(tight, gp.stages, gp.layer_order, gp.num_pages, 64) == layer_rounds(gp.layer_order, gp.stages)
+    assert gp.drop_atoms() == layer_rounds(gp.layer_order, gp.stages)
+    assert drop_atoms(tight, gp.stages, gp.layer_order, gp.num_pages, 64) == layer_rounds(gp.layer_order, gp.stages)
 
 
-def test_piece_pacer_runs_atoms_for_about_one_step_of_its_units():
+def test_piece_pacer_runs_atoms_within_a_share_of_its_units_step():
     """A transition's piece runs atoms while one more, as long as the last, ends within the time
     its units took to step since the last piece; one at first; every atom while they are idle."""
     from kunjax.control.transition import PIECE_STEPS, PiecePacer

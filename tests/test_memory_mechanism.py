@@ -250,7 +250,7 @@ def test_units_outside_the_group_and_the_group_itself_step_through_a_transition(
         for o in cluster.step():
             if o.finished:
                 outs[o.request_id] = o
-    atoms = plan.groups[0].drop_pieces()
+    atoms = plan.groups[0].drop_atoms()
     assert max(map(len, atoms)) == 1, "room for one layer an atom: the members wait for one layer at a time"
     assert 4 <= task.report.pieces <= len(atoms) + 2  # begin, one atom a piece while the members step, finish
     assert outside.num_steps - steps0 >= task.report.pieces - 1, "the outside instance stepped between pieces"

@@ -75,11 +75,12 @@ class GroupPlan:
     steady_bytes: dict[int, int]  # member -> bytes per device once grouped (reserve excluded)
     layer_order: tuple[int, ...]  # the order the transition handles the layers in
     tied: bool
-    pieces: tuple[tuple[int, ...], ...] = ()  # the drop's pieces (drop_pieces); () = whole rounds
+    atoms: tuple[tuple[int, ...], ...] = ()  # the drop's atoms (drop_atoms); () = whole rounds
 
-    def drop_pieces(self) -> list[list[int]]:
-        """The layers each piece of the drop moves, in order."""
-        return [list(p) for p in self.pieces] or layer_rounds(self.layer_order, self.stages)
+    def drop_atoms(self) -> list[list[int]]:
+        """The layers each atom of the drop moves, in order (a piece runs one or more of them,
+        kunjax.control.transition.PiecePacer)."""
+        return [list(a) for a in self.atoms] or layer_rounds(self.layer_order, self.stages)
 
     def owner_index(self, layer: int) -> int:
         """The stage (= member position) that keeps `layer`: where its KV lives in the group and
@@ -96,7 +97,7 @@ class GroupPlan:
     def to_dict(self) -> dict:
         return {"instances": list(self.instances), "num_pages": self.num_pages, "tied": self.tied,
                 "stages": [dataclasses.asdict(s) for s in self.stages], "layer_order": list(self.layer_order),
-                "pieces": [list(p) for p in self.pieces], "pages_before": {str(k): v for k, v in self.pages_before.items()},
+                "atoms": [list(a) for a in self.atoms], "pages_before": {str(k): v for k, v in self.pages_before.items()},
                 "peak_bytes": {str(k): v for k, v in self.peak_bytes.items()},
                 "steady_bytes": {str(k): v for k, v in self.steady_bytes.items()}}
 
@@ -105,7 +106,7 @@ class GroupPlan:
         return cls(tuple(d["instances"]), tuple(StagePlan(**s) for s in d["stages"]), d["num_pages"],
                    {int(k): v for k, v in d["pages_before"].items()}, {int(k): v for k, v in d["peak_bytes"].items()},
                    {int(k): v for k, v in d["steady_bytes"].items()}, tuple(d["layer_order"]), d["tied"],
-                   tuple(tuple(p) for p in d.get("pieces", ())))
+                   tuple(tuple(a) for a in d.get("atoms", ())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +211,8 @@ def memory_limit(info: MemberInfo) -> int:
 def layer_rounds(order: Sequence[int], stages: Sequence[StagePlan]) -> list[list[int]]:
     """`order` cut into rounds of at most one layer per stage. In a round every member frees the
     pools (and weights) of the layers it gives up as its owned layer grows, so the state at the end
-    of a round stays balanced; a drop piece is a round, or a part of one where memory allows
-    (`drop_pieces`)."""
+    of a round stays balanced; a drop's atom is a round, or a part of one where memory allows
+    (`drop_atoms`)."""
     owner = {l: j for j, st in enumerate(stages) for l in range(st.start, st.stop)}
     rounds: list[list[int]] = []
     seen: set[int] = set()
@@ -247,30 +248,30 @@ def _drop_start(infos: dict[int, MemberInfo], stages: Sequence[StagePlan]) -> di
     return cur
 
 
-def _drop_piece(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], piece: Sequence[int], num_pages: int,
+def _drop_atom(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], layers: Sequence[int], num_pages: int,
                 chunk_pages: int, cur: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
-    """(bytes after, peak inside) per member of one drop piece moving `piece`'s layers from `cur`, event
+    """(bytes after, peak inside) per member of one drop atom moving `layers` from `cur`, event
     by event as kunjax.memory.drop runs it: the members that give a layer up delete its weights,
-    every member gathers its pages that hold data of the piece's layers and deletes its pools of
+    every member gathers its pages that hold data of the atom's layers and deletes its pools of
     them, then the owners allocate the group pools (the chunks arrive one at a time and are freed
     layer by layer)."""
     owner = {l: st.instance for st in stages for l in range(st.start, st.stop)}
     cur = dict(cur)
     peak = dict(cur)
     chunk = min(chunk_pages, max(i.used_pages for i in infos.values()))
-    for l in piece:
+    for l in layers:
         for m in cur:
             if m != owner[l]:
                 cur[m] -= infos[m].layer_bytes[l]
     part = {m: _chunked(infos[m].used_pages, chunk_pages) * infos[m].page_layer_bytes for m in cur}
     held = {m: 0 for m in cur}
-    for _ in piece:  # layer by layer: pages out, old pool freed
+    for _ in layers:  # layer by layer: pages out, old pool freed
         for m in cur:
             held[m] += part[m]
             peak[m] = max(peak[m], cur[m] + held[m])
             cur[m] -= infos[m].num_pages * infos[m].page_layer_bytes
     # the owners with the fewest pages that hold data first (kunjax.control.transition does the same)
-    for l in sorted(piece, key=lambda l: (infos[owner[l]].used_pages, l)):
+    for l in sorted(layers, key=lambda l: (infos[owner[l]].used_pages, l)):
         s = owner[l]
         cur[s] += num_pages * infos[s].page_layer_bytes
         peak[s] = max(peak[s], cur[s] + held[s] + chunk * infos[s].page_layer_bytes)
@@ -280,63 +281,64 @@ def _drop_piece(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], piece
 
 
 def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int],
-                  num_pages: int, chunk_pages: int, pieces: Optional[Sequence[Sequence[int]]] = None
+                  num_pages: int, chunk_pages: int, atoms: Optional[Sequence[Sequence[int]]] = None
                   ) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
-    """(peak, final, between) bytes per device of each member through the drop, piece by piece
-    (`pieces`, default the rounds of `layer_rounds`; each as `_drop_piece` says); the embedding and
-    head copies the plan does not keep go first. `between` is the largest state between two pieces,
-    where the members step (their activation reserve must stay free); `peak` the largest transient
-    inside one."""
+    """(peak, final, between) bytes per device of each member through the drop, atom by atom
+    (`atoms`, default the rounds of `layer_rounds`; each as `_drop_atom` says); the embedding and
+    head copies the plan does not keep go first. `between` is the largest state between two atoms
+    (the members may step there, so their activation reserve must stay free); `peak` the largest
+    transient inside one."""
     num_layers = len(next(iter(infos.values())).layer_bytes)
     peak = {st.instance: infos[st.instance].other_bytes + _full_weights(infos[st.instance])
             + num_layers * infos[st.instance].num_pages * infos[st.instance].page_layer_bytes for st in stages}
     cur = _drop_start(infos, stages)
     between = dict(cur)
-    for piece in (layer_rounds(order, stages) if pieces is None else pieces):
-        cur, inside = _drop_piece(infos, stages, piece, num_pages, chunk_pages, cur)
+    for atom in (layer_rounds(order, stages) if atoms is None else atoms):
+        cur, inside = _drop_atom(infos, stages, atom, num_pages, chunk_pages, cur)
         for m in cur:
             peak[m] = max(peak[m], inside[m])
             between[m] = max(between[m], cur[m])
     return peak, cur, between
 
 
-def drop_pieces(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int], num_pages: int,
-                chunk_pages: int) -> list[list[int]]:
-    """The pieces of a drop: each round of `layer_rounds`, cut into single layers where memory allows.
+def drop_atoms(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order: Sequence[int], num_pages: int,
+               chunk_pages: int) -> list[list[int]]:
+    """The atoms of a drop, the smallest moves a piece can end after: each round of `layer_rounds`,
+    cut into single layers where memory allows.
 
     A piece holds back the members' steps while it runs (its layers' KV is in flight), and on a
     host where fresh memory is slow a layer's new group pool alone can take most of a step; so the
-    fewer layers a piece moves, the shorter the members' longest wait. A single layer is taken
-    when the state after it (where the members step: the activation reserve kept free) and its
-    transient both fit every member's limit, the owner with the most room first (what one owner
-    takes, the others free as they give the layer up, which makes room for the next owner). A
-    round that cannot be cut so stays whole: its states are those `plan_group` checked. The state
-    at the end of a round is the same however it was cut."""
+    fewer layers an atom moves, the shorter a piece can be. A single layer is taken when the state
+    after it (where the members may step: the activation reserve kept free) and its transient both
+    fit every member's limit, the owner with the most room first (what one owner takes, the others
+    free as they give the layer up, which makes room for the next owner). A round that cannot be
+    cut so stays whole: its states are those `plan_group` checked. The state at the end of a round
+    is the same however it was cut."""
     limit = {st.instance: memory_limit(infos[st.instance]) for st in stages}
     owner = {l: st.instance for st in stages for l in range(st.start, st.stop)}
     cur = _drop_start(infos, stages)
-    pieces: list[list[int]] = []
+    atoms: list[list[int]] = []
     for rnd in layer_rounds(order, stages):
         state, cut, left = cur, [], sorted(rnd, key=lambda l: (infos[owner[l]].used_pages, l))
         while left:
             room = sorted(left, key=lambda l: (-(limit[owner[l]] - state[owner[l]]), left.index(l)))
             for l in room:
-                after, inside = _drop_piece(infos, stages, [l], num_pages, chunk_pages, state)
+                after, inside = _drop_atom(infos, stages, [l], num_pages, chunk_pages, state)
                 if all(after[m] + infos[m].reserve <= limit[m] and inside[m] <= limit[m] for m in after):
                     cut.append([l])
                     left.remove(l)
                     state = after
                     break
-            else:  # no single layer fits here: the rest of the round in one piece, if that fits
-                after, inside = _drop_piece(infos, stages, left, num_pages, chunk_pages, state)
+            else:  # no single layer fits here: the rest of the round in one atom, if that fits
+                after, inside = _drop_atom(infos, stages, left, num_pages, chunk_pages, state)
                 if all(after[m] + infos[m].reserve <= limit[m] and inside[m] <= limit[m] for m in after):
                     cut.append(list(left))
                     left = []
                 else:
                     cut = None
-        pieces += cut if cut is not None else [list(rnd)]
-        cur, _ = _drop_piece(infos, stages, rnd, num_pages, chunk_pages, cur)
-    return pieces
+        atoms += cut if cut is not None else [list(rnd)]
+        cur, _ = _drop_atom(infos, stages, rnd, num_pages, chunk_pages, cur)
+    return atoms
 
 
 def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool, max_pages: int,
@@ -381,10 +383,10 @@ def plan_group(infos: dict[int, MemberInfo], members: Sequence[int], tied: bool,
             raise PlanError(f"no compiled group pool size fits instances {list(members)} (need {need}..{lo} pages, "
                             f"ladder {list(ladder)})", "FAILED_PRECONDITION")
         lo = max(fitting)
-    pieces = drop_pieces(infos, stages, order, lo, chunk_pages)
-    peak, final, _ = simulate_drop(infos, stages, order, lo, chunk_pages, pieces)
+    atoms = drop_atoms(infos, stages, order, lo, chunk_pages)
+    peak, final, _ = simulate_drop(infos, stages, order, lo, chunk_pages, atoms)
     return GroupPlan(tuple(members), tuple(stages), lo, {m: infos[m].num_pages for m in members},
-                     peak, final, tuple(order), tied, tuple(tuple(p) for p in pieces))
+                     peak, final, tuple(order), tied, tuple(tuple(a) for a in atoms))
 
 
 def plan_drop(infos: Sequence[MemberInfo], group_size: int, tied: bool, max_pages_per_instance: int,
@@ -442,10 +444,10 @@ def simulate_restore(infos: dict[int, MemberInfo], plan: GroupPlan, chunk_pages:
     """Peak bytes per device of each member through a restore of `plan`'s group, starting from the
     grouped steady state; `used_after` are the pages each member's share of the requests takes.
 
-    One round of `restore_rounds` a piece, as kunjax.memory.restore runs it: the owners gather the
-    round's layers' pages that hold data and delete their group pools, then every member allocates
+    One round of `restore_rounds` after the other (the atoms of its pieces), as
+    kunjax.memory.restore runs it: the owners gather the round's layers' pages that hold data and delete their group pools, then every member allocates
     its instance pools of those layers (and receives the weights it lacks) and the chunks are
-    scattered in; embedding and head last. The group steps between two pieces: there the
+    scattered in; embedding and head last. The group may step after any round: there the
     activation reserve is counted in, so the returned peak is what must fit the budget."""
     cur = dict(plan.steady_bytes)
     peak = {m: cur[m] + infos[m].reserve for m in cur}

@@ -117,14 +117,15 @@ PIECE_STEPS = 0.5  # a piece may take about this share of the time its units tak
 class PiecePacer:
     """Sizes a transition's pieces by time. The plan cuts the move into atoms, the smallest moves
     that are memory-safe on their own (a drop's single layers or whole rounds,
-    kunjax.control.plan.drop_pieces; a restore's rounds), each one logged device operation (every
+    kunjax.control.plan.drop_atoms; a restore's rounds), each one logged device operation (every
     process of a multi-host cluster runs the same ones). A piece runs atoms one after the other
     while its units wait, until one more, if it took as long as the last, would run past PIECE_STEPS
     of the time the units took to step since the last piece; the first piece runs one; while the
     units have nothing to step, a piece runs every atom left. So where an atom is quick next to a
     step (a GPU: milliseconds against tens of them), a transition takes a few pieces and ends
-    within a few steps; where it is slow (a CPU host paging fresh memory in), a piece runs about
-    one step's worth, and a piece overruns by at most the atom that turned slow. The clock is the
+    within a few steps; where it is slow (a CPU host paging fresh memory in), a piece runs one
+    atom, or about half a step's worth, and overruns by at most the atom that turned slow: a
+    member's request waits about one step plus one piece between two tokens. The clock is the
     cluster's `work_clock` (a simulated cluster's includes the pieces it has simulated)."""
 
     def __init__(self):
@@ -158,7 +159,7 @@ class DropTask:
         self.units = [m for ms in self.groups for m in ms]
         self.report = TransitionReport("drop", [])
         self.outputs: list[RequestOutput] = []  # requests that failed (their KV was lost)
-        self._todo = [gp.drop_pieces() for gp in plan.groups]  # atoms left per group
+        self._todo = [gp.drop_atoms() for gp in plan.groups]  # atoms left per group
         self._pacers = [PiecePacer() for _ in plan.groups]
         self._moved: list[list[int]] = [[] for _ in plan.groups]
         self._begun = False
@@ -169,7 +170,7 @@ class DropTask:
         return False  # the members step between pieces
 
     def _atom(self, gi: int) -> list[int]:
-        """Group gi's next atom (GroupPlan.drop_pieces), the owners with the fewest pages that hold
+        """Group gi's next atom (GroupPlan.drop_atoms), the owners with the fewest pages that hold
         data first (their chunks wait least for their pool)."""
         members = self.groups[gi]
         gp = self.plan.groups[gi]

@@ -14,7 +14,7 @@ Pieces, each a logged device operation (every process of a multi-host cluster ru
    room), and the members get a route (kunjax.runtime.runner.Segment): each layer of a step runs
    where that layer's KV is: on the member itself until the layer has moved, then on the stage that
    owns it, at the member's page offset; embedding and head on the stages that keep them.
-2. `drop_layers` (repeated; one atom of the plan's pieces each, GroupPlan.drop_pieces: a single
+2. `drop_layers` (repeated; one atom of the plan's each, GroupPlan.drop_atoms: a single
    layer where memory allows, else a whole round of one layer per stage; a piece of the task runs
    as many as its pacer gives it, kunjax.control.transition.PiecePacer): for
    the atom's layers every member gathers the pages that
