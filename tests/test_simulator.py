@@ -148,6 +148,39 @@ def test_a_padded_group_step_queues_its_shape_and_later_steps_run_it():
     assert first.wanted_group_shapes == [] and any(n != s for _, n, s in fpicks)
 
 
+def test_a_drop_forms_its_group_once_its_first_shape_is_compiled():
+    """group_shapes=on_demand: a drop's atoms are over in milliseconds, far sooner than the shapes
+    queued for the group as it starts (0.1 s each here) compile; the members serve on as instances
+    until the first of them (the shape they ran most) is ready, and only then the group forms."""
+    import dataclasses
+
+    from kunjax.control.request import SamplingParams
+
+    inst = dataclasses.replace(INST, group_shapes="on_demand", group_compile_s=0.1)
+    cl = sim_cluster.build(tiny_config(), Calibration(SPEC, EFF), inst, 2, 1, "recompute", num_pages=48)
+    for i in range(4):
+        cl.add_request([11] * (20 + 7 * i), SamplingParams(max_tokens=200, ignore_eos=True))
+
+    def turn():
+        cl.poll()
+        cl.advance_to(cl.next_landing() if cl.next_landing() is not None else cl.controller_free_at)
+
+    for _ in range(6):
+        turn()
+    plan = cl.plan_drop(2)
+    gp = plan.groups[0]
+    task = cl.start_drop(plan)
+    first = next(s for m, p, s in cl.wanted_group_shapes if (m, p) == (tuple(gp.instances), gp.num_pages))
+    moved_at = None
+    while not task.done:
+        turn()
+        if moved_at is None and not task._todo[0]:
+            moved_at = cl.clock()
+    assert moved_at is not None and moved_at < cl.group_shape_ready_at(gp, first) - 0.05, "the atoms were quick"
+    assert cl.clock() >= cl.group_shape_ready_at(gp, first), "the group formed once its first shape was ready"
+    assert cl.groups() and cl.has_unfinished()
+
+
 def test_steps_sharing_the_cores_land_as_the_processor_sharing_model_says():
     """Host capacity C = 1.5: two steps of lone times a < b started together each run at 0.75 of
     their lone speed, so the first lands at a / 0.75 and the other, alone from then on, b - a later.

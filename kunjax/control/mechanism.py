@@ -157,6 +157,16 @@ class MechanismCluster(Cluster, abc.ABC):
         self._group_needs[(tuple(gp.instances), gp.num_pages)] = needs
         self._queue_group_shapes(gp, needs, self.prewarm_shapes)
 
+    def group_prewarmed(self, gp) -> bool:
+        """The first shape `prewarm_group` queued for the group of `gp` (the one its members ran
+        most) is ready, or nothing compiles for it any more, or none was queued. A drop forms its
+        group only then: its atoms can be over in milliseconds, and a group formed before its first
+        shape is compiled would run its members' steps padded or hold its prefills, where the
+        members, still instances, serve at full speed meanwhile."""
+        key = (tuple(gp.instances), gp.num_pages)
+        first = next((w[2] for w in self.wanted_group_shapes if w[:2] == key), None)
+        return first is None or self.group_shape_ready(gp, first) or not self.group_compiling(gp)
+
     def _queue_group_shapes(self, gp, needs, k: int) -> None:
         key = (tuple(gp.instances), gp.num_pages)
         buckets = self.engines[gp.instances[0]].buckets

@@ -207,6 +207,9 @@ class DropTask:
                             break
                     pacer.ended(now)
                     return False
+            if (any(m.has_unfinished() for m in self.units)
+                    and not all(cluster.group_prewarmed(gp) for gp in self.plan.groups)):
+                return False  # every layer moved; the members serve on until the group's first shape is ready
             self.report = report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
             self.outputs += adopt_after_drop(cluster, self.plan, report)
             cluster.emit(self.outputs)
