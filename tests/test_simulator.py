@@ -179,6 +179,7 @@ def test_a_drop_forms_its_group_once_its_first_shape_is_compiled():
     assert moved_at is not None and moved_at < cl.group_shape_ready_at(gp, first) - 0.05, "the atoms were quick"
     assert cl.clock() >= cl.group_shape_ready_at(gp, first), "the group formed once its first shape was ready"
     assert cl.groups() and cl.has_unfinished()
+    assert task.report.pieces <= len(gp.drop_atoms()) + 2, "the wait runs nothing and counts no piece"
 
 
 def test_steps_sharing_the_cores_land_as_the_processor_sharing_model_says():

@@ -1,7 +1,7 @@
 """What the parameter-centric mechanism costs, measured in one run (a benchmark, not a test).
 
     python -m tools.bench_mechanism                                   # SmolLM2-135M, 2 CPU devices
-    python -m tools.bench_mechanism --model=tiny --hbm_bytes=8000000  # quick
+    python -m tools.bench_mechanism --model=tiny --hbm_bytes=8000000 --prompt_len=64 --max_model_len=256  # quick
     python -m tools.bench_mechanism --group_size=4 --num_instances=4
 
 Weights are set to a realistic share of each device's budget (the KunServe setting, 35-45 %; by
@@ -163,7 +163,11 @@ def main(argv):
         gaps = {"member": 0.0, "outside": 0.0, "member_step": 0.0, "member_steps": []}
         steps0 = [e.num_steps for e in cluster.engines]
 
+        prev_on_step = cluster.on_step
+
         def on_step(unit, op, seconds):  # dispatch to landing of every member (or group) step
+            if prev_on_step is not None:
+                prev_on_step(unit, op, seconds)
             if unit not in cluster.engines or cluster.engines.index(unit) in members:
                 gaps["member_step"] = max(gaps["member_step"], seconds)
                 gaps["member_steps"].append(seconds)
@@ -179,7 +183,7 @@ def main(argv):
                 last[o.request_id] = now
             if (until is not None and until()) or (seconds is not None and time.perf_counter() - t0 >= seconds):
                 break
-        cluster.on_step = None
+        cluster.on_step = prev_on_step
         dt = time.perf_counter() - t0
         out_steps = sum(cluster.engines[i].num_steps - steps0[i] for i in range(n) if i not in members)
         gaps["outside_step"] = dt / max(out_steps / max(n - len(members), 1), 1) if n > len(members) else 0.0

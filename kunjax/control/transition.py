@@ -183,7 +183,15 @@ class DropTask:
             arrays[f"{j}"] = np.asarray(sorted({p for r in m.scheduler.running for p in r.pages}), np.int32)
         return arrays
 
+    def _waits_for_shapes(self, cluster) -> bool:
+        """Every layer has moved, but the group's first shape is not compiled yet while its members
+        have work (MechanismCluster.group_prewarmed): they serve on as instances meanwhile."""
+        return (self._begun and not any(self._todo) and any(m.has_unfinished() for m in self.units)
+                and not all(cluster.group_prewarmed(gp) for gp in self.plan.groups))
+
     def advance(self, cluster) -> bool:
+        if self._waits_for_shapes(cluster):
+            return False  # not a piece: nothing runs
         t = cluster.clock()
         try:
             if not self._begun:
@@ -207,9 +215,6 @@ class DropTask:
                             break
                     pacer.ended(now)
                     return False
-            if (any(m.has_unfinished() for m in self.units)
-                    and not all(cluster.group_prewarmed(gp) for gp in self.plan.groups)):
-                return False  # every layer moved; the members serve on until the group's first shape is ready
             self.report = report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
             self.outputs += adopt_after_drop(cluster, self.plan, report)
             cluster.emit(self.outputs)
