@@ -249,6 +249,32 @@ def test_drop_atoms_move_one_layer_where_memory_allows_and_whole_rounds_where_no
     assert drop_atoms(tight, gp.stages, gp.layer_order, gp.num_pages, 64) == layer_rounds(gp.layer_order, gp.stages)
 
 
+def test_a_round_whose_rest_does_not_fit_after_a_cut_stays_whole(monkeypatch):
+    """drop_atoms' fallback: one layer of a round fits alone, then neither the other layer nor the
+    rest of the round does; the round stays one atom (the states plan_group checked)."""
+    from kunjax.control import plan as P
+
+    mib = 1 << 20
+    infos = {i: P.MemberInfo(index=i, budget=100 * mib, layer_bytes=(mib,) * 4, embed_bytes=0, head_bytes=0,
+                             other_bytes=0, reserve=0, page_layer_bytes=1024, num_pages=10, used_pages=1)
+             for i in range(2)}
+    stages = P.stage_plans([0, 1], 4, tied=False)
+    order = P.interleaved_order([(s.start, s.stop) for s in stages])  # rounds [0, 2], [1, 3]
+    calls = []
+
+    def fake_atom(infos, stages, layers, num_pages, chunk_pages, cur):
+        calls.append(list(layers))
+        assert len(calls) < 50, "drop_atoms keeps trying"
+        if len(layers) == 1 and layers[0] in (0, 1) and cur == {0: 0, 1: 0}:
+            return {0: 1, 1: 1}, {0: 1, 1: 1}  # the first layer of a round fits alone
+        if len(layers) == 2:
+            return {0: 0, 1: 0}, {0: 0, 1: 0}  # the whole round, from its start
+        return {0: 10 ** 12, 1: 0}, {0: 10 ** 12, 1: 0}  # nothing else fits
+
+    monkeypatch.setattr(P, "_drop_atom", fake_atom)
+    assert P.drop_atoms(infos, stages, order, 20, 64) == [[0, 2], [1, 3]]
+
+
 def test_piece_pacer_runs_atoms_within_a_share_of_its_units_step():
     """A transition's piece runs atoms while one more, as long as the last, ends within the time
     its units took to step since the last piece; one at first; every atom while they are idle."""

@@ -197,15 +197,18 @@ def _full_weights(info: MemberInfo) -> int:
     return sum(info.layer_bytes) + info.embed_bytes + info.head_bytes
 
 
+def _instance_bytes(info: MemberInfo) -> int:
+    """Bytes per device an instance holds serving on its own: every weight, its pools, `other`."""
+    return info.other_bytes + _full_weights(info) + len(info.layer_bytes) * info.num_pages * info.page_layer_bytes
+
+
 def memory_limit(info: MemberInfo) -> int:
     """Bytes a transition may reach on a member: its budget, or where the instance already stands
     serving on its own (activation reserve kept) when that is higher. An instance's KV pool is sized
     to fill the budget at start-up; small arrays measured later as `other` (page tables, step inputs)
     can put it a few KB above, and a transition that ends where the instance started (a restore) must
     not be refused for it."""
-    own = (info.other_bytes + _full_weights(info) + len(info.layer_bytes) * info.num_pages * info.page_layer_bytes
-           + info.reserve)
-    return max(info.budget, own)
+    return max(info.budget, _instance_bytes(info) + info.reserve)
 
 
 def layer_rounds(order: Sequence[int], stages: Sequence[StagePlan]) -> list[list[int]]:
@@ -239,13 +242,8 @@ def _chunked(pages: int, chunk_pages: int) -> int:
 def _drop_start(infos: dict[int, MemberInfo], stages: Sequence[StagePlan]) -> dict[int, int]:
     """Bytes per device of each member once the drop has begun: everything an instance holds, less
     the embedding and head copies the plan does not keep (the first room)."""
-    num_layers = len(next(iter(infos.values())).layer_bytes)
-    cur = {}
-    for st in stages:
-        i = infos[st.instance]
-        cur[st.instance] = (i.other_bytes + _full_weights(i) + num_layers * i.num_pages * i.page_layer_bytes
-                            - (0 if st.embed else i.embed_bytes) - (0 if st.head else i.head_bytes))
-    return cur
+    return {st.instance: _instance_bytes(infos[st.instance]) - (0 if st.embed else infos[st.instance].embed_bytes)
+            - (0 if st.head else infos[st.instance].head_bytes) for st in stages}
 
 
 def _drop_atom(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], layers: Sequence[int], num_pages: int,
@@ -288,9 +286,7 @@ def simulate_drop(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], ord
     head copies the plan does not keep go first. `between` is the largest state between two atoms
     (the members may step there, so their activation reserve must stay free); `peak` the largest
     transient inside one."""
-    num_layers = len(next(iter(infos.values())).layer_bytes)
-    peak = {st.instance: infos[st.instance].other_bytes + _full_weights(infos[st.instance])
-            + num_layers * infos[st.instance].num_pages * infos[st.instance].page_layer_bytes for st in stages}
+    peak = {st.instance: _instance_bytes(infos[st.instance]) for st in stages}
     cur = _drop_start(infos, stages)
     between = dict(cur)
     for atom in (layer_rounds(order, stages) if atoms is None else atoms):
@@ -316,6 +312,10 @@ def drop_atoms(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order:
     is the same however it was cut."""
     limit = {st.instance: memory_limit(infos[st.instance]) for st in stages}
     owner = {l: st.instance for st in stages for l in range(st.start, st.stop)}
+
+    def fits(after: dict[int, int], inside: dict[int, int]) -> bool:
+        return all(after[m] + infos[m].reserve <= limit[m] and inside[m] <= limit[m] for m in after)
+
     cur = _drop_start(infos, stages)
     atoms: list[list[int]] = []
     for rnd in layer_rounds(order, stages):
@@ -324,18 +324,19 @@ def drop_atoms(infos: dict[int, MemberInfo], stages: Sequence[StagePlan], order:
             room = sorted(left, key=lambda l: (-(limit[owner[l]] - state[owner[l]]), left.index(l)))
             for l in room:
                 after, inside = _drop_atom(infos, stages, [l], num_pages, chunk_pages, state)
-                if all(after[m] + infos[m].reserve <= limit[m] and inside[m] <= limit[m] for m in after):
+                if fits(after, inside):
                     cut.append([l])
                     left.remove(l)
                     state = after
                     break
             else:  # no single layer fits here: the rest of the round in one atom, if that fits
                 after, inside = _drop_atom(infos, stages, left, num_pages, chunk_pages, state)
-                if all(after[m] + infos[m].reserve <= limit[m] and inside[m] <= limit[m] for m in after):
+                if fits(after, inside):
                     cut.append(list(left))
                     left = []
                 else:
-                    cut = None
+                    cut = None  # the round stays whole
+                    break
         atoms += cut if cut is not None else [list(rnd)]
         cur, _ = _drop_atom(infos, stages, rnd, num_pages, chunk_pages, cur)
     return atoms
