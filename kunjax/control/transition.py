@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -145,6 +145,17 @@ class PiecePacer:
     def ended(self, end: float) -> None:
         self.last_end = end
 
+    def run(self, cluster, busy: bool, run_atom: Callable[[], bool]) -> None:
+        """One piece: `run_atom()` runs the next atom and says whether any is left."""
+        deadline = self.deadline(cluster.work_clock(), busy)
+        while True:
+            a0 = cluster.work_clock()
+            left = run_atom()
+            now = cluster.work_clock()
+            if not left or not self.more(now, now - a0, deadline):
+                break
+        self.ended(now)
+
 
 class DropTask:
     """The controller's side of one drop (a kunjax.control.cluster Task): decides each piece, logs
@@ -201,19 +212,15 @@ class DropTask:
                 return False
             for gi in range(len(self.plan.groups)):
                 if self._todo[gi]:
-                    pacer = self._pacers[gi]
-                    deadline = pacer.deadline(cluster.work_clock(), any(m.has_unfinished() for m in self.groups[gi]))
-                    while True:
-                        a0 = cluster.work_clock()
+                    def run_atom(gi=gi) -> bool:
                         layers = self._atom(gi)
                         cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers,
                                                                    "chunk": cluster.chunk_pages}, self._pages(gi)))
                         self._todo[gi].pop(0)
                         self._moved[gi] += layers
-                        now = cluster.work_clock()
-                        if not self._todo[gi] or not pacer.more(now, now - a0, deadline):
-                            break
-                    pacer.ended(now)
+                        return bool(self._todo[gi])
+
+                    self._pacers[gi].run(cluster, any(m.has_unfinished() for m in self.groups[gi]), run_atom)
                     return False
             self.report = report = cluster.run_op(DeviceOp(DROP_FINISH, -1, {}))
             self.outputs += adopt_after_drop(cluster, self.plan, report)
@@ -376,16 +383,13 @@ class RestoreTask:
                 self._begun = True
                 return False
             if self._todo:
-                deadline = self._pacer.deadline(cluster.work_clock(), self.group.has_unfinished())
-                while True:
-                    a0 = cluster.work_clock()
+                def run_atom() -> bool:
                     arrays = self.routing.moves()
-                    layers = self._todo.pop(0)
-                    cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": layers}, arrays))
-                    now = cluster.work_clock()
-                    if not self._todo or not self._pacer.more(now, now - a0, deadline):
-                        break
-                self._pacer.ended(now)
+                    cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": self._todo.pop(0)},
+                                            arrays))
+                    return bool(self._todo)
+
+                self._pacer.run(cluster, self.group.has_unfinished(), run_atom)
                 return False
             self.report = cluster.run_op(DeviceOp(RESTORE_FINISH, -1, {"group": self.group.id}))
             self.outputs += adopt_after_restore(cluster, self.group, self.routing, self.report)
