@@ -212,10 +212,12 @@ class DropTask:
                 return False
             for gi in range(len(self.plan.groups)):
                 if self._todo[gi]:
+                    pages = self._pages(gi)  # no step runs within a piece: the same for each of its atoms
+
                     def run_atom(gi=gi) -> bool:
                         layers = self._atom(gi)
                         cluster.run_op(DeviceOp(DROP_LAYERS, -1, {"group": gi, "layers": layers,
-                                                                   "chunk": cluster.chunk_pages}, self._pages(gi)))
+                                                                   "chunk": cluster.chunk_pages}, pages))
                         self._todo[gi].pop(0)
                         self._moved[gi] += layers
                         return bool(self._todo[gi])
@@ -383,8 +385,9 @@ class RestoreTask:
                 self._begun = True
                 return False
             if self._todo:
+                arrays = self.routing.moves()  # no step runs within a piece: the same for each of its atoms
+
                 def run_atom() -> bool:
-                    arrays = self.routing.moves()
                     cluster.run_op(DeviceOp(RESTORE_LAYERS, -1, {"group": self.group.id, "layers": self._todo.pop(0)},
                                             arrays))
                     return bool(self._todo)
